@@ -1,0 +1,397 @@
+"""Staging: copy a state dict into leased CPU buffers without ever blocking the event loop.
+
+``DefaultStager.stage`` walks the state dict once (``_tree``), groups tensors by shared storage,
+leases a set of CPU buffers sized for that layout from a pool, and fills them: CUDA bytes by
+non-blocking copies on a side stream whose event the loop polls, every other byte by
+``Tensor.copy_`` in a worker thread (it releases the GIL) in bounded chunks, so cancellation
+lands between chunks. A staged copy stays reserved until ``release(staged)``.
+"""
+
+from __future__ import annotations
+
+import mmap
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Protocol, TypeVar, runtime_checkable
+
+import anyio
+import anyio.lowlevel
+import torch
+
+from . import _cuda
+from ._completion import Backoff, wait_until
+from ._tree import Span, StoragePlan, flatten, plan_storages, unflatten, view_tensor
+from .errors import ClosedError, LeaseTimeout, UsageError
+
+__all__ = ["AsyncStager", "DefaultStager", "StagerStatistics", "StagingOptions"]
+
+_T = TypeVar("_T")
+_MiB = 1 << 20
+#: staged storages start on page boundaries inside an arena (friendly to O_DIRECT writers)
+_PAGE = 4096
+Layout = tuple[tuple[str, int], ...]
+
+
+@runtime_checkable
+class AsyncStager(Protocol):
+    """Anything that can stage a state dict as a coroutine (``DefaultStager``, replication).
+
+    ``stage`` returns a CPU copy that later changes to the input never reach; ``release`` hands
+    its buffers back for reuse; ``aclose`` waits for in-flight work and frees the buffers.
+    """
+
+    async def stage(self, state_dict: _T) -> _T:
+        """Return a staged copy of ``state_dict`` with the same structure."""
+        ...
+
+    def release(self, staged: Any) -> None:
+        """Hand the buffers of a copy returned by ``stage`` back to the stager."""
+        ...
+
+    async def aclose(self) -> None:
+        """Wait for in-flight stages and free every buffer; idempotent."""
+        ...
+
+    async def __aenter__(self) -> Any:
+        """Return the stager itself."""
+        ...
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Close the stager."""
+        ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class StagingOptions:
+    """How ``DefaultStager`` allocates and fills its CPU buffers.
+
+    - ``pin_memory``: page-lock the buffers when CUDA is available, so device-to-host copies run
+      asynchronously at full speed (ignored without CUDA).
+    - ``share_memory``: allocate the buffers in shared memory (``/dev/shm``) so staged tensors can
+      be handed to another process with ``torch.multiprocessing`` without a copy.
+    - ``reuse_buffers``: keep buffers in a pool and refill them on the next ``stage`` of the same
+      layout; a staged copy is then leased until ``release``. ``False``: fresh memory every call,
+      owned by the caller, ``release`` is a no-op.
+    - ``pool_size``: how many staged copies may be leased at once; ``stage`` waits for a
+      ``release`` beyond that (backpressure), it never overwrites a copy still in use.
+    - ``non_blocking``: issue CUDA copies on a side stream and poll their event from the loop
+      (needs ``pin_memory``); ``False`` copies from a worker thread instead.
+    - ``chunk_bytes``: bytes copied between two cancellation checks on the CPU path.
+    - ``poll_min_interval`` / ``poll_max_interval``: bounds of the adaptive back-off, in
+      seconds, used while polling a CUDA event.
+    - ``lease_timeout``: seconds ``stage`` may wait for a free buffer before raising
+      ``LeaseTimeout`` (``None``: wait as long as it takes).
+    - ``huge_pages``: ask the kernel for transparent huge pages for the buffers, which makes the
+      first ``stage`` (page faults) several times faster.
+    """
+
+    pin_memory: bool = True
+    share_memory: bool = False
+    reuse_buffers: bool = True
+    pool_size: int = 2
+    non_blocking: bool = True
+    chunk_bytes: int = 64 * _MiB
+    poll_min_interval: float = 0.0002
+    poll_max_interval: float = 0.002
+    lease_timeout: float | None = None
+    huge_pages: bool = True
+
+    def __post_init__(self) -> None:
+        if self.pool_size < 1:
+            raise ValueError(f"pool_size must be at least 1, got {self.pool_size}")
+        if self.chunk_bytes < 4096:
+            raise ValueError(f"chunk_bytes must be at least 4096, got {self.chunk_bytes}")
+        if self.lease_timeout is not None and self.lease_timeout < 0:
+            raise ValueError(f"lease_timeout must be >= 0 or None, got {self.lease_timeout}")
+        Backoff(self.poll_min_interval, self.poll_max_interval)  # validates the pair
+
+
+@dataclass(frozen=True, slots=True)
+class StagerStatistics:
+    """Counters of a stager: stages done, bytes copied, buffer sets allocated, leases held."""
+
+    stages: int
+    bytes_staged: int
+    allocations: int
+    leased: int
+    pooled_bytes: int
+    last_stage_seconds: float
+
+
+# ---------------------------------------------------------------- buffers
+
+
+@dataclass(eq=False)
+class _Buffers:
+    """CPU memory for one layout: one uint8 tensor per span, each with its own storage."""
+
+    layout: Layout
+    flats: tuple[torch.Tensor, ...]
+    pinned: tuple[torch.Tensor, ...]
+    busy: bool = True
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n for _, n in self.layout)
+
+    def storages(self) -> list[torch.UntypedStorage]:
+        return [f.untyped_storage() for f in self.flats]
+
+
+def _allocate(layout: Layout, share: bool, pin: bool, huge: bool) -> _Buffers:
+    """Allocate buffers for ``layout`` (blocking: run it in a worker thread)."""
+    sizes = [n for _, n in layout]
+    if share:
+        flats = tuple(
+            torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(n))  # type: ignore[no-untyped-call]
+            for n in sizes
+        )
+        pinned = flats
+    else:
+        offsets, total = [], 0
+        for n in sizes:
+            offsets.append(total)
+            total += -(-n // _PAGE) * _PAGE
+        arena = mmap.mmap(-1, max(total, _PAGE))
+        if huge and total >= 2 * _MiB and hasattr(mmap, "MADV_HUGEPAGE"):
+            arena.madvise(mmap.MADV_HUGEPAGE)
+        view = memoryview(arena)
+        flats = tuple(
+            torch.frombuffer(view[o : o + n], dtype=torch.uint8)
+            for o, n in zip(offsets, sizes, strict=True)
+        )
+        pinned = (torch.frombuffer(view, dtype=torch.uint8),)
+    if not pin:
+        return _Buffers(layout, flats, ())
+    for t in pinned:
+        _cuda.host_register(t)
+    return _Buffers(layout, flats, pinned)
+
+
+def _free(buffers: _Buffers) -> None:
+    """Unpin ``buffers`` (blocking: run it in a worker thread); memory goes with its last tensor."""
+    for t in buffers.pinned:
+        _cuda.host_unregister(t)
+
+
+def _copy_chunks(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], chunk: int) -> None:
+    """Copy each ``src`` into ``dst`` in a worker thread, checking for cancellation per chunk."""
+    since_check = 0
+    for src, dst in pairs:
+        n = src.numel()
+        for a in range(0, n, chunk):
+            if since_check >= chunk:
+                anyio.from_thread.check_cancelled()
+                since_check = 0
+            dst[a : a + chunk].copy_(src[a : a + chunk])
+            since_check += min(chunk, n - a)
+
+
+def _source_bytes(source: torch.UntypedStorage, span: Span) -> torch.Tensor:
+    out = torch.empty(0, dtype=torch.uint8, device=source.device)
+    return out.set_(source, span.start, (span.nbytes,), (1,))
+
+
+# ---------------------------------------------------------------- the stager
+
+
+class DefaultStager:
+    """Stage state dicts into pooled CPU buffers; the event loop never blocks.
+
+    ``staged = await stager.stage(sd)`` returns a CPU copy with the same structure, dtypes,
+    shapes, strides, aliasing and wrappers (``nn.Parameter``, DTensor, ShardedTensor). It waits
+    only for a free buffer (backpressure, ``pool_size``) and for the copy itself. Raises
+    ``StagingError`` naming the key of an unsupported leaf, ``LeaseTimeout`` and ``ClosedError``.
+    """
+
+    def __init__(self, options: StagingOptions | None = None) -> None:
+        self.options = options or StagingOptions()
+        self._backoff = Backoff(self.options.poll_min_interval, self.options.poll_max_interval)
+        self._cuda = _cuda.available()
+        self._pin = self.options.pin_memory and self._cuda
+        self._streams = _cuda.SideStreams() if self._cuda else None
+        self._pool: list[_Buffers] = []
+        self._leases: dict[int, tuple[Any, _Buffers]] = {}
+        self._changed = anyio.Event()
+        self._idle = anyio.Event()
+        self._idle.set()
+        self._in_flight = 0
+        self._closed = False
+        self._stats = {"stages": 0, "bytes_staged": 0, "allocations": 0}
+        self._last_seconds = 0.0
+
+    async def __aenter__(self) -> DefaultStager:
+        self._check_open()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    def statistics(self) -> StagerStatistics:
+        """Counters since creation; ``pooled_bytes`` is the CPU memory the pool holds now."""
+        return StagerStatistics(
+            **self._stats,
+            leased=len(self._leases),
+            pooled_bytes=sum(b.nbytes for b in self._pool),
+            last_stage_seconds=self._last_seconds,
+        )
+
+    async def stage(self, state_dict: _T) -> _T:
+        """Copy ``state_dict`` to CPU and return the copy; see the class docstring."""
+        self._check_open()
+        tree = flatten(state_dict)
+        plan = plan_storages([leaf.data for leaf in tree.leaves])
+        self._enter()
+        try:
+            began = time.perf_counter()
+            buffers = await self._acquire(plan.layout)
+            try:
+                await self._fill(plan, buffers)
+            except BaseException:
+                self._give_back(buffers)
+                raise
+            storages = buffers.storages()
+            staged: _T = unflatten(tree, [view_tensor(v, storages) for v in plan.views])
+            self._last_seconds = time.perf_counter() - began
+            self._stats["stages"] += 1
+            self._stats["bytes_staged"] += plan.nbytes
+            if self.options.reuse_buffers:
+                self._leases[id(staged)] = (staged, buffers)
+            return staged
+        finally:
+            self._exit()
+
+    def release(self, staged: Any) -> None:
+        """Hand back the buffers of ``staged``; the copy must not be read afterwards.
+
+        A no-op with ``reuse_buffers=False`` or after ``aclose``. Raises ``UsageError`` for an
+        object this stager did not return (or one already released).
+        """
+        if not self.options.reuse_buffers or self._closed:
+            return
+        entry = self._leases.get(id(staged))
+        if entry is None or entry[0] is not staged:
+            raise UsageError(
+                "release() got an object that is not a staged copy leased from this stager "
+                "(pass the exact object stage() returned, once)"
+            )
+        del self._leases[id(staged)]
+        self._give_back(entry[1])
+
+    async def aclose(self) -> None:
+        """Wait for in-flight stages, then unpin and drop every buffer; idempotent.
+
+        Staged copies already returned stay readable (their memory lives as long as they do).
+        """
+        if self._closed:
+            await anyio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        self._notify()
+        await self._idle.wait()
+        pool, self._pool = self._pool, []
+        self._leases.clear()
+        if self._pin:
+            with anyio.CancelScope(shield=True):
+                for buffers in pool:
+                    await anyio.to_thread.run_sync(_free, buffers)
+
+    # -- internals
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("this stager is closed; create a new DefaultStager")
+
+    def _enter(self) -> None:
+        self._in_flight += 1
+        self._idle = anyio.Event() if self._in_flight == 1 else self._idle
+
+    def _exit(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def _give_back(self, buffers: _Buffers) -> None:
+        buffers.busy = False
+        self._notify()
+
+    async def _acquire(self, layout: Layout) -> _Buffers:
+        """A free buffer set for ``layout``: reused, newly allocated, or waited for."""
+        try:
+            with anyio.fail_after(self.options.lease_timeout):
+                return await self._acquire_forever(layout)
+        except TimeoutError as exc:
+            raise LeaseTimeout(
+                f"all {self.options.pool_size} staged copies stayed leased for "
+                f"{self.options.lease_timeout} s; call stager.release(staged) when a copy is "
+                "consumed, or raise StagingOptions.pool_size"
+            ) from exc
+
+    async def _acquire_forever(self, layout: Layout) -> _Buffers:
+        if not self.options.reuse_buffers:
+            return await self._allocate(layout)
+        while True:
+            self._check_open()
+            free = [b for b in self._pool if not b.busy]
+            match = next((b for b in free if b.layout == layout), None)
+            if match is not None:
+                match.busy = True
+                await anyio.lowlevel.checkpoint()
+                return match
+            if len(self._pool) >= self.options.pool_size and free:
+                self._pool.remove(free[0])  # an idle set of another layout makes room
+                if self._pin:
+                    await anyio.to_thread.run_sync(_free, free[0])
+            if len(self._pool) < self.options.pool_size:
+                return await self._allocate(layout, pooled=True)
+            await self._changed.wait()
+
+    async def _allocate(self, layout: Layout, *, pooled: bool = False) -> _Buffers:
+        o = self.options
+        placeholder = _Buffers(layout, (), ())
+        if pooled:
+            self._pool.append(placeholder)  # holds the slot while the thread allocates
+        try:
+            buffers = await anyio.to_thread.run_sync(
+                _allocate, layout, o.share_memory, self._pin, o.huge_pages
+            )
+        finally:
+            if pooled:
+                self._pool.remove(placeholder)
+        self._stats["allocations"] += 1
+        if pooled:
+            self._pool.append(buffers)
+        return buffers
+
+    async def _fill(self, plan: StoragePlan, buffers: _Buffers) -> None:
+        """Copy every span of ``plan`` into ``buffers``; issued CUDA copies are always awaited."""
+        by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        host: list[tuple[torch.Tensor, torch.Tensor]] = []
+        streams = self._streams if self._pin and self.options.non_blocking else None
+        for span, source, dst in zip(plan.spans, plan.sources, buffers.flats, strict=True):
+            pair = (_source_bytes(source, span), dst)
+            if streams is not None and span.device.type == "cuda":
+                by_device.setdefault(span.device, []).append(pair)
+            else:
+                host.append(pair)
+        events = [streams.issue_copies(d, p) for d, p in by_device.items()] if streams else []
+        try:
+            if host:
+                await anyio.to_thread.run_sync(
+                    _copy_chunks, host, self.options.chunk_bytes, abandon_on_cancel=False
+                )
+        finally:
+            with anyio.CancelScope(shield=True):
+                for event in events:
+                    await wait_until(event.query, self._backoff)
+        await anyio.lowlevel.checkpoint_if_cancelled()

@@ -1,0 +1,392 @@
+"""Pure flatten / unflatten of nested state dicts, key paths, and storage identity for aliasing.
+
+No I/O and no CUDA calls here: a state dict is walked once into a ``Tree`` (a skeleton of
+containers and non-tensor values, plus one ``TensorLeaf`` per tensor), and tensors are grouped by
+the storage they share so that aliased bytes are copied, written or sent exactly once.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from .errors import StagingError
+
+KeyPath = tuple[Hashable, ...]
+Wrap = Literal["tensor", "parameter", "dtensor"]
+
+#: byte alignment of a storage span's start; a multiple of every dtype's item size
+SPAN_ALIGN = 64
+
+
+def key_str(path: KeyPath) -> str:
+    """Render a key path the way errors name it: ``optim.state.3.exp_avg`` (``<root>`` if empty)."""
+    return ".".join(str(k) for k in path) or "<root>"
+
+
+# ---------------------------------------------------------------- the skeleton
+
+
+@dataclass(frozen=True, slots=True)
+class Leaf:
+    """A tensor position in the skeleton: ``index`` into ``Tree.leaves``."""
+
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class Value:
+    """A non-tensor leaf, already deep-copied away from the caller's object."""
+
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class MapNode:
+    """A dict (or subclass: OrderedDict, defaultdict) with its keys in order."""
+
+    cls: type
+    keys: tuple[Hashable, ...]
+    children: tuple[Node, ...]
+    default_factory: Callable[[], Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SeqNode:
+    """A list, tuple or namedtuple (``named`` says to rebuild with positional fields)."""
+
+    cls: type
+    children: tuple[Node, ...]
+    named: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DataclassNode:
+    """A dataclass instance, frozen or not; rebuilt without calling ``__init__``."""
+
+    cls: type
+    names: tuple[str, ...]
+    children: tuple[Node, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ShardedNode:
+    """A ``ShardedTensor``: its local shards are leaves, its global metadata is kept as is."""
+
+    metadata: Any
+    shard_metadata: tuple[Any, ...]
+    children: tuple[Node, ...]
+    process_group: Any
+
+
+Node = Leaf | Value | MapNode | SeqNode | DataclassNode | ShardedNode
+
+
+@dataclass(frozen=True, slots=True)
+class TensorLeaf:
+    """One tensor of the state dict: the plain local data plus how to wrap it back."""
+
+    path: KeyPath
+    data: torch.Tensor
+    wrap: Wrap = "tensor"
+    requires_grad: bool = False
+    attrs: dict[str, Any] = field(default_factory=dict)
+    spec: Any = None  # DTensor placement spec (mesh + placements + global meta)
+
+    @property
+    def key(self) -> str:
+        """The key path as a dotted string."""
+        return key_str(self.path)
+
+
+@dataclass(frozen=True, slots=True)
+class Tree:
+    """A flattened state dict: the skeleton and its tensors in walk order."""
+
+    root: Node
+    leaves: tuple[TensorLeaf, ...]
+
+
+def flatten(obj: Any) -> Tree:
+    """Walk ``obj`` once into a ``Tree``; raise ``StagingError`` naming the key of a bad leaf."""
+    leaves: list[TensorLeaf] = []
+    root = _walk(obj, (), leaves, set())
+    return Tree(root, tuple(leaves))
+
+
+def _walk(obj: Any, path: KeyPath, leaves: list[TensorLeaf], active: set[int]) -> Node:
+    if isinstance(obj, torch.Tensor):
+        return _walk_tensor(obj, path, leaves, active)
+    if _is_container(obj):
+        if id(obj) in active:
+            raise StagingError("the state dict contains a reference cycle", key=key_str(path))
+        active.add(id(obj))
+        try:
+            return _walk_container(obj, path, leaves, active)
+        finally:
+            active.discard(id(obj))
+    try:
+        return Value(copy.deepcopy(obj))
+    except Exception as exc:
+        raise StagingError(
+            f"cannot copy a leaf of type {type(obj).__qualname__}: {exc}", key=key_str(path)
+        ) from exc
+
+
+def _is_container(obj: Any) -> bool:
+    if isinstance(obj, dict | list | tuple):
+        return not isinstance(obj, torch.Size)  # a Size is a value, not a sequence of leaves
+    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+
+
+def _walk_container(obj: Any, path: KeyPath, leaves: list[TensorLeaf], active: set[int]) -> Node:
+    def kids(items: Sequence[tuple[Hashable, Any]]) -> tuple[Node, ...]:
+        return tuple(_walk(v, (*path, k), leaves, active) for k, v in items)
+
+    if isinstance(obj, dict):
+        factory = obj.default_factory if isinstance(obj, defaultdict) else None
+        return MapNode(type(obj), tuple(obj), kids(list(obj.items())), factory)
+    if isinstance(obj, list | tuple):
+        named = isinstance(obj, tuple) and hasattr(type(obj), "_fields")
+        return SeqNode(type(obj), kids(list(enumerate(obj))), named)
+    names = tuple(f.name for f in dataclasses.fields(obj))
+    return DataclassNode(type(obj), names, kids([(n, getattr(obj, n)) for n in names]))
+
+
+def _walk_tensor(
+    t: torch.Tensor, path: KeyPath, leaves: list[TensorLeaf], active: set[int]
+) -> Node:
+    key = key_str(path)
+    if _is_sharded_tensor(t):
+        return _walk_sharded(t, path, leaves, active)
+    if _is_dtensor(t):
+        local = t._local_tensor  # type: ignore[attr-defined]
+        _check_plain_data(local, key)
+        leaves.append(TensorLeaf(path, local, "dtensor", t.requires_grad, spec=t._spec))  # type: ignore[attr-defined]
+        return Leaf(len(leaves) - 1)
+    if type(t) is torch.nn.Parameter:
+        wrap: Wrap = "parameter"
+    elif type(t) is torch.Tensor:
+        wrap = "tensor"
+    else:
+        raise StagingError(f"unsupported tensor subclass {type(t).__qualname__}", key=key)
+    _check_plain_data(t, key)
+    try:
+        attrs = copy.deepcopy(dict(t.__dict__))
+    except Exception as exc:
+        raise StagingError(f"cannot copy the tensor's Python attributes: {exc}", key=key) from exc
+    data = t.detach()
+    leaves.append(TensorLeaf(path, data, wrap, t.requires_grad, attrs))
+    return Leaf(len(leaves) - 1)
+
+
+def _walk_sharded(t: Any, path: KeyPath, leaves: list[TensorLeaf], active: set[int]) -> Node:
+    shards = t.local_shards()
+    children = []
+    for i, shard in enumerate(shards):
+        _check_plain_data(shard.tensor, key_str((*path, i)))
+        leaves.append(TensorLeaf((*path, i), shard.tensor.detach(), "tensor"))
+        children.append(Leaf(len(leaves) - 1))
+    metas = tuple(s.metadata for s in shards)
+    return ShardedNode(t.metadata(), metas, tuple(children), t._process_group)
+
+
+def _check_plain_data(t: torch.Tensor, key: str) -> None:
+    if t.is_meta:
+        raise StagingError("a meta tensor has no data to stage; materialise it first", key=key)
+    if t.layout != torch.strided:
+        raise StagingError(
+            f"tensor layout {t.layout} is not supported; use a dense tensor", key=key
+        )
+    if t.is_quantized or t.is_nested:
+        raise StagingError("quantized and nested tensors are not supported", key=key)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    cls = _optional_class("torch.distributed.tensor", "DTensor")
+    return cls is not None and isinstance(t, cls)
+
+
+def _is_sharded_tensor(t: torch.Tensor) -> bool:
+    cls = _optional_class("torch.distributed._shard.sharded_tensor", "ShardedTensor")
+    return cls is not None and isinstance(t, cls)
+
+
+def _optional_class(module: str, name: str) -> type | None:
+    import importlib
+    import sys
+
+    if module not in sys.modules:  # never import torch.distributed just to check a type
+        return None
+    return getattr(importlib.import_module(module), name, None)
+
+
+# ---------------------------------------------------------------- rebuilding
+
+
+def unflatten(tree: Tree, data: Sequence[torch.Tensor], *, copy_values: bool = True) -> Any:
+    """Rebuild the state dict of ``tree`` with ``data[i]`` standing for leaf ``i``.
+
+    Non-tensor values are deep-copied again (``copy_values``) so two rebuilt dicts never share a
+    mutable leaf.
+    """
+    tensors = [wrap_leaf(leaf, d) for leaf, d in zip(tree.leaves, data, strict=True)]
+    return _build(tree.root, tensors, copy_values)
+
+
+def wrap_leaf(leaf: TensorLeaf, data: torch.Tensor) -> torch.Tensor:
+    """Give ``data`` the wrapper, ``requires_grad`` and Python attributes the original had."""
+    out: torch.Tensor
+    if leaf.wrap == "dtensor":
+        from torch.distributed.tensor import DTensor
+
+        out = DTensor(data, leaf.spec, requires_grad=leaf.requires_grad)  # type: ignore[no-untyped-call]
+        return out
+    if leaf.wrap == "parameter":
+        out = torch.nn.Parameter(data, requires_grad=leaf.requires_grad)
+    else:
+        out = data.requires_grad_(True) if leaf.requires_grad else data
+    if leaf.attrs:
+        out.__dict__.update(copy.deepcopy(leaf.attrs))
+    return out
+
+
+def _build(node: Node, tensors: list[torch.Tensor], copy_values: bool) -> Any:
+    if isinstance(node, Leaf):
+        return tensors[node.index]
+    if isinstance(node, Value):
+        return copy.deepcopy(node.value) if copy_values else node.value
+    kids = [_build(c, tensors, copy_values) for c in node.children]
+    if isinstance(node, MapNode):
+        return _build_map(node, kids)
+    if isinstance(node, SeqNode):
+        return node.cls(*kids) if node.named else node.cls(kids)
+    if isinstance(node, DataclassNode):
+        obj: Any = object.__new__(node.cls)
+        for name, kid in zip(node.names, kids, strict=True):
+            object.__setattr__(obj, name, kid)
+        return obj
+    return _build_sharded(node, kids)
+
+
+def _build_map(node: MapNode, kids: list[Any]) -> Any:
+    out = node.cls(node.default_factory) if node.default_factory is not None else node.cls()
+    for k, v in zip(node.keys, kids, strict=True):
+        out[k] = v
+    return out
+
+
+def _build_sharded(node: ShardedNode, kids: list[Any]) -> Any:
+    from torch.distributed._shard.sharded_tensor import (  # type: ignore[attr-defined]
+        Shard,
+        ShardedTensor,
+    )
+
+    shards = [Shard(t, m) for t, m in zip(kids, node.shard_metadata, strict=True)]
+    return ShardedTensor._init_from_local_shards_and_global_metadata(
+        shards, node.metadata, process_group=node.process_group
+    )
+
+
+# ---------------------------------------------------------------- storage identity
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """A byte range of one source storage that the state dict's tensors cover."""
+
+    device: torch.device
+    start: int
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """How a tensor sits in its span: element offset, shape, stride and dtype (span -1: empty)."""
+
+    span: int
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True, slots=True)
+class StoragePlan:
+    """Unique storage spans of a tree's tensors and each tensor's view into them."""
+
+    spans: tuple[Span, ...]
+    sources: tuple[torch.UntypedStorage, ...]
+    views: tuple[View, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes to copy: each shared storage counted once."""
+        return sum(s.nbytes for s in self.spans)
+
+    @property
+    def layout(self) -> tuple[tuple[str, int], ...]:
+        """What buffers must look like to hold this plan: (device type, bytes) per span."""
+        return tuple((s.device.type, s.nbytes) for s in self.spans)
+
+
+def plan_storages(tensors: Sequence[torch.Tensor]) -> StoragePlan:
+    """Group tensors by the storage they share and trim each storage to the bytes they cover.
+
+    A view of a small part of a large storage costs only that part; aliased tensors (tied
+    weights, views, slices) land in one span with their relative offsets and strides intact.
+    """
+    groups: dict[tuple[str, int | None, int], list[int]] = {}
+    extents: list[tuple[int, int]] = []
+    for i, t in enumerate(tensors):
+        lo, hi = _byte_extent(t)
+        extents.append((lo, hi))
+        if hi > lo:
+            st = t.untyped_storage()
+            groups.setdefault((t.device.type, t.device.index, st.data_ptr()), []).append(i)
+    spans: list[Span] = []
+    sources: list[torch.UntypedStorage] = []
+    views: list[View | None] = [None] * len(tensors)
+    for members in groups.values():
+        start = min(extents[i][0] for i in members) // SPAN_ALIGN * SPAN_ALIGN
+        end = max(extents[i][1] for i in members)
+        first = tensors[members[0]]
+        spans.append(Span(first.device, start, end - start))
+        sources.append(first.untyped_storage())
+        for i in members:
+            t = tensors[i]
+            views[i] = View(
+                len(spans) - 1,
+                (extents[i][0] - start) // t.element_size(),
+                tuple(t.shape),
+                tuple(t.stride()),
+                t.dtype,
+            )
+    for i, t in enumerate(tensors):
+        if views[i] is None:
+            views[i] = View(-1, 0, tuple(t.shape), tuple(t.stride()), t.dtype)
+    return StoragePlan(tuple(spans), tuple(sources), tuple(v for v in views if v is not None))
+
+
+def _byte_extent(t: torch.Tensor) -> tuple[int, int]:
+    """The [start, end) bytes of ``t``'s storage that its elements touch (empty if no elements)."""
+    if t.numel() == 0:
+        return (0, 0)
+    size = t.element_size()
+    last = sum((int(n) - 1) * int(s) for n, s in zip(t.shape, t.stride(), strict=True))
+    start = int(t.storage_offset()) * size
+    return (start, start + (last + 1) * size)
+
+
+def view_tensor(view: View, storages: Sequence[torch.UntypedStorage]) -> torch.Tensor:
+    """Build the tensor ``view`` describes over ``storages[view.span]`` (a fresh empty if -1)."""
+    if view.span < 0:
+        return torch.empty_strided(view.shape, view.stride, dtype=view.dtype)
+    out = torch.empty(0, dtype=view.dtype, device=storages[view.span].device)
+    return out.set_(storages[view.span], view.offset, view.shape, view.stride)

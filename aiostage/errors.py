@@ -1,0 +1,108 @@
+"""The exception tree of aiostage: every deliberate raise is an ``AiostageError``.
+
+::
+
+    AiostageError(Exception)                  root of every deliberate raise
+    ├── StagingError                          a leaf could not be staged (names the key path)
+    │   └── LeaseTimeout(…, TimeoutError)     every pooled staged copy stayed leased too long
+    ├── UsageError(…, RuntimeError)           the object was used in a way it cannot serve
+    │   └── ClosedError                       used after ``aclose()``
+    └── PersistenceError                      a checkpoint could not be written or read (names the path)
+        ├── CheckpointNotFound(…, LookupError) no committed checkpoint (no manifest) at the path
+        ├── CheckpointCorrupt                 a file, header or tensor failed validation (names file, key)
+        ├── CheckpointWriteError              an OS error while writing; nothing was committed
+        ├── StateDictMismatch(…, ValueError)  a load target differs in keys, shapes or dtypes
+        └── UnsupportedValueError(…, TypeError) a leaf the format cannot store (names the key)
+
+Cancellation (``CancelledError``, ``KeyboardInterrupt``, ``SystemExit``) is never caught or
+wrapped. Each error keeps its cause (``raise ... from``).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AiostageError",
+    "CheckpointCorrupt",
+    "CheckpointNotFound",
+    "CheckpointWriteError",
+    "ClosedError",
+    "LeaseTimeout",
+    "PersistenceError",
+    "StagingError",
+    "StateDictMismatch",
+    "UnsupportedValueError",
+    "UsageError",
+]
+
+
+class AiostageError(Exception):
+    """Root of every exception aiostage raises on purpose."""
+
+
+class StagingError(AiostageError):
+    """A state-dict leaf could not be staged; ``key`` names its path (``optim.state.3.exp_avg``)."""
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+
+
+class LeaseTimeout(StagingError, TimeoutError):
+    """Every pooled staged copy stayed leased past ``StagingOptions.lease_timeout``.
+
+    Call ``stager.release(staged)`` when a staged copy has been consumed, or raise ``pool_size``.
+    """
+
+
+class UsageError(AiostageError, RuntimeError):
+    """An object was used in a way it cannot serve (the message says how to fix it)."""
+
+
+class ClosedError(UsageError):
+    """The object was used after ``aclose()``; create a new one."""
+
+
+class PersistenceError(AiostageError):
+    """A checkpoint could not be written or read; ``path`` names the file or directory."""
+
+    def __init__(self, message: str, *, path: object = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class CheckpointNotFound(PersistenceError, LookupError):
+    """No committed checkpoint exists at the path (a directory without a manifest is none)."""
+
+
+class CheckpointCorrupt(PersistenceError):
+    """A checkpoint file failed validation; ``key`` names the tensor when one is at fault."""
+
+    def __init__(self, message: str, *, path: object = None, key: str | None = None) -> None:
+        super().__init__(message, path=path)
+        self.key = key
+
+
+class CheckpointWriteError(PersistenceError):
+    """Writing a checkpoint failed (disk full, I/O error); nothing was committed."""
+
+
+class StateDictMismatch(PersistenceError, ValueError):
+    """A load target differs from the checkpoint; ``problems`` lists every mismatch."""
+
+    def __init__(
+        self, message: str, *, path: object = None, problems: list[str] | None = None
+    ) -> None:
+        super().__init__(message, path=path)
+        self.problems = list(problems or [])
+
+
+class UnsupportedValueError(PersistenceError, TypeError):
+    """A leaf the checkpoint format cannot store without pickle; ``key`` names it."""
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+
+
+for _name in __all__:
+    globals()[_name].__module__ = "aiostage.errors"
