@@ -29,8 +29,9 @@ __all__ = ["AsyncStager", "DefaultStager", "StagerStatistics", "StagingOptions"]
 
 _T = TypeVar("_T")
 _MiB = 1 << 20
-#: staged storages start on page boundaries inside an arena (friendly to O_DIRECT writers)
+#: staged storages of 64 KiB or more start on page boundaries inside an arena (O_DIRECT-friendly)
 _PAGE = 4096
+_SMALL = 64 * 1024
 Layout = tuple[tuple[str, int], ...]
 
 
@@ -154,8 +155,10 @@ def _allocate(layout: Layout, share: bool, pin: bool, huge: bool) -> _Buffers:
     else:
         offsets, total = [], 0
         for n in sizes:
+            align = _PAGE if n >= _SMALL else 64  # 4,096 tiny tensors must not cost 4,096 pages
+            total = -(-total // align) * align
             offsets.append(total)
-            total += -(-n // _PAGE) * _PAGE
+            total += n
         arena = mmap.mmap(-1, max(total, _PAGE))
         if huge and total >= 2 * _MiB and hasattr(mmap, "MADV_HUGEPAGE"):
             arena.madvise(mmap.MADV_HUGEPAGE)
