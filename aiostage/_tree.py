@@ -98,6 +98,7 @@ class TensorLeaf:
     requires_grad: bool = False
     attrs: dict[str, Any] = field(default_factory=dict)
     spec: Any = None  # DTensor placement spec (mesh + placements + global meta)
+    param: bool = False  # a DTensor that is an nn.Parameter (FSDP2's parameters)
 
     @property
     def key(self) -> str:
@@ -168,7 +169,9 @@ def _walk_tensor(
     if _is_dtensor(t):
         local = t._local_tensor  # type: ignore[attr-defined]
         _check_plain_data(local, key)
-        leaves.append(TensorLeaf(path, local, "dtensor", t.requires_grad, spec=t._spec))  # type: ignore[attr-defined]
+        spec = t._spec  # type: ignore[attr-defined]
+        param = isinstance(t, torch.nn.Parameter)
+        leaves.append(TensorLeaf(path, local, "dtensor", t.requires_grad, spec=spec, param=param))
         return Leaf(len(leaves) - 1)
     if type(t) is torch.nn.Parameter:
         wrap: Wrap = "parameter"
@@ -191,7 +194,9 @@ def _walk_sharded(t: Any, path: KeyPath, leaves: list[TensorLeaf], active: set[i
     children = []
     for i, shard in enumerate(shards):
         _check_plain_data(shard.tensor, key_str((*path, i)))
-        leaves.append(TensorLeaf((*path, i), shard.tensor.detach(), "tensor"))
+        leaves.append(
+            TensorLeaf((*path, i), shard.tensor.detach(), "tensor", shard.tensor.requires_grad)
+        )
         children.append(Leaf(len(leaves) - 1))
     metas = tuple(s.metadata for s in shards)
     return ShardedNode(t.metadata(), metas, tuple(children), t._process_group)
@@ -247,7 +252,7 @@ def wrap_leaf(leaf: TensorLeaf, data: torch.Tensor) -> torch.Tensor:
         from torch.distributed.tensor import DTensor
 
         out = DTensor(data, leaf.spec, requires_grad=leaf.requires_grad)  # type: ignore[no-untyped-call]
-        return out
+        return torch.nn.Parameter(out, requires_grad=leaf.requires_grad) if leaf.param else out
     if leaf.wrap == "parameter":
         out = torch.nn.Parameter(data, requires_grad=leaf.requires_grad)
     else:

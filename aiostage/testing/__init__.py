@@ -1,0 +1,21 @@
+"""Helpers for testing code built on aiostage: spawned gloo worlds (``run_world``, ``arun_world``).
+
+The functions a world runs must be top-level functions of an importable module: the ranks are
+"spawn" processes, which import them by reference.
+"""
+
+from __future__ import annotations
+
+from ._world import RankFailure as RankFailure
+from ._world import WorldError as WorldError
+from ._world import WorldTimeout as WorldTimeout
+from ._world import arun_world as arun_world
+from ._world import run_world as run_world
+
+__all__ = ["RankFailure", "WorldError", "WorldTimeout", "arun_world", "run_world"]
+
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type):
+        _obj.__module__ = "aiostage.testing"
+del _name, _obj
