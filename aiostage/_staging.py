@@ -159,7 +159,8 @@ def _allocate(layout: Layout, share: bool, pin: bool, huge: bool) -> _Buffers:
             total = -(-total // align) * align
             offsets.append(total)
             total += n
-        arena = mmap.mmap(-1, max(total, _PAGE))
+        # private, not mmap's default MAP_SHARED: shmem gets no huge pages and unmaps slowly
+        arena = mmap.mmap(-1, max(total, _PAGE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if huge and total >= 2 * _MiB and hasattr(mmap, "MADV_HUGEPAGE"):
             arena.madvise(mmap.MADV_HUGEPAGE)
         view = memoryview(arena)
@@ -175,10 +176,16 @@ def _allocate(layout: Layout, share: bool, pin: bool, huge: bool) -> _Buffers:
     return _Buffers(layout, flats, pinned)
 
 
-def _free(buffers: _Buffers) -> None:
-    """Unpin ``buffers`` (blocking: run it in a worker thread); memory goes with its last tensor."""
-    for t in buffers.pinned:
-        _cuda.host_unregister(t)
+def _free(doomed: list[_Buffers]) -> None:
+    """Unpin and drop ``doomed`` (a worker thread: unmapping a GiB takes ~0.1-0.2 s).
+
+    The caller passes its only references, so the memory is returned here, not on the loop;
+    staged copies a caller still holds keep theirs alive.
+    """
+    for buffers in doomed:
+        for t in buffers.pinned:
+            _cuda.host_unregister(t)
+    doomed.clear()
 
 
 def _copy_chunks(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], chunk: int) -> None:
@@ -190,8 +197,19 @@ def _copy_chunks(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], chunk: int)
             if since_check >= chunk:
                 anyio.from_thread.check_cancelled()
                 since_check = 0
-            dst[a : a + chunk].copy_(src[a : a + chunk])
-            since_check += min(chunk, n - a)
+            b = min(a + chunk, n)
+            _copy_bytes(src[a:b], dst[a:b])
+            since_check += b - a
+
+
+def _copy_bytes(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """``dst.copy_(src)`` for uint8 tensors, through int64 views where aligned (~10% faster)."""
+    wide = src.numel() // 8 * 8
+    if wide and src.storage_offset() % 8 == 0 and dst.storage_offset() % 8 == 0:
+        dst[:wide].view(torch.int64).copy_(src[:wide].view(torch.int64))
+        src, dst = src[wide:], dst[wide:]
+    if src.numel():
+        dst.copy_(src)
 
 
 def _source_bytes(source: torch.UntypedStorage, span: Span) -> torch.Tensor:
@@ -298,12 +316,10 @@ class DefaultStager:
         self._closed = True
         self._notify()
         await self._idle.wait()
-        pool, self._pool = self._pool, []
+        doomed, self._pool = self._pool, []
         self._leases.clear()
-        if self._pin:
-            with anyio.CancelScope(shield=True):
-                for buffers in pool:
-                    await anyio.to_thread.run_sync(_free, buffers)
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(_free, doomed)
 
     # -- internals
 
@@ -345,16 +361,15 @@ class DefaultStager:
             return await self._allocate(layout)
         while True:
             self._check_open()
-            free = [b for b in self._pool if not b.busy]
-            match = next((b for b in free if b.layout == layout), None)
+            free = [i for i, b in enumerate(self._pool) if not b.busy]
+            match = next((self._pool[i] for i in free if self._pool[i].layout == layout), None)
             if match is not None:
                 match.busy = True
                 await anyio.lowlevel.checkpoint()
                 return match
             if len(self._pool) >= self.options.pool_size and free:
-                self._pool.remove(free[0])  # an idle set of another layout makes room
-                if self._pin:
-                    await anyio.to_thread.run_sync(_free, free[0])
+                # an idle set of another layout makes room; freed off the loop thread
+                await anyio.to_thread.run_sync(_free, [self._pool.pop(free[0])])
             if len(self._pool) < self.options.pool_size:
                 return await self._allocate(layout, pooled=True)
             await self._changed.wait()
