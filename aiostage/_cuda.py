@@ -8,7 +8,7 @@ for the caller to poll.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -18,6 +18,14 @@ def available() -> bool:
     return torch.cuda.is_available()
 
 
+def current_streams(devices: Iterable[torch.device]) -> dict[torch.device, torch.cuda.Stream]:
+    """The caller's current stream on each CUDA device among ``devices``.
+
+    Streams are per thread: call it on the thread whose queued work the copies must follow.
+    """
+    return {d: torch.cuda.current_stream(d) for d in set(devices) if d.type == "cuda"}
+
+
 class SideStreams:
     """One copy stream per device, created on first use and kept for the stager's lifetime."""
 
@@ -25,16 +33,20 @@ class SideStreams:
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def issue_copies(
-        self, device: torch.device, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]
+        self,
+        device: torch.device,
+        pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        *,
+        after: torch.cuda.Stream,
     ) -> torch.cuda.Event:
-        """Queue ``dst.copy_(src, non_blocking=True)`` for each pair; return the completion event.
-
-        ``dst`` must be pinned host memory or the copy would be synchronous.
+        """Queue ``dst.copy_(src, non_blocking=True)`` for each pair once the work queued on
+        ``after`` is done; return the completion event. ``dst`` must be pinned host memory or
+        the copy would be synchronous. Safe to call from a worker thread.
         """
         stream = self._streams.get(device)
         if stream is None:
             stream = self._streams[device] = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-        stream.wait_stream(torch.cuda.current_stream(device))
+        stream.wait_stream(after)
         with torch.cuda.stream(stream):
             for src, dst in pairs:
                 dst.copy_(src, non_blocking=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import mmap
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -22,7 +22,7 @@ import torch
 
 from . import _cuda
 from ._completion import Backoff, wait_until
-from ._tree import Span, StoragePlan, flatten, plan_storages, unflatten, view_tensor
+from ._tree import Span, StoragePlan, Tree, flatten, plan_storages, unflatten, view_tensor
 from .errors import ClosedError, LeaseTimeout, UsageError
 
 __all__ = ["AsyncStager", "DefaultStager", "StagerStatistics", "StagingOptions"]
@@ -266,19 +266,16 @@ class DefaultStager:
     async def stage(self, state_dict: _T) -> _T:
         """Copy ``state_dict`` to CPU and return the copy; see the class docstring."""
         self._check_open()
-        tree = flatten(state_dict)
-        plan = plan_storages([leaf.data for leaf in tree.leaves])
         self._enter()
         try:
             began = time.perf_counter()
+            tree, plan = await anyio.to_thread.run_sync(_plan, state_dict)
             buffers = await self._acquire(plan.layout)
             try:
-                await self._fill(plan, buffers)
+                staged: _T = await self._fill(tree, plan, buffers)
             except BaseException:
                 self._give_back(buffers)
                 raise
-            storages = buffers.storages()
-            staged: _T = unflatten(tree, [view_tensor(v, storages) for v in plan.views])
             self._last_seconds = time.perf_counter() - began
             self._stats["stages"] += 1
             self._stats["bytes_staged"] += plan.nbytes
@@ -391,25 +388,58 @@ class DefaultStager:
             self._pool.append(buffers)
         return buffers
 
-    async def _fill(self, plan: StoragePlan, buffers: _Buffers) -> None:
-        """Copy every span of ``plan`` into ``buffers``; issued CUDA copies are always awaited."""
-        by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        host: list[tuple[torch.Tensor, torch.Tensor]] = []
+    async def _fill(self, tree: Tree, plan: StoragePlan, buffers: _Buffers) -> Any:
+        """Fill ``buffers`` from a worker thread and rebuild the tree over them.
+
+        CUDA copies the thread queued are always awaited (shielded) before returning or raising,
+        so a cancelled stage never hands back buffers a copy may still write.
+        """
         streams = self._streams if self._pin and self.options.non_blocking else None
-        for span, source, dst in zip(plan.spans, plan.sources, buffers.flats, strict=True):
+        job = _CopyJob(tree, plan, buffers, self.options.chunk_bytes)
+        if streams is not None:
+            job.cuda = (streams, _cuda.current_streams(s.device for s in plan.spans))
+        try:
+            staged = await anyio.to_thread.run_sync(job.run, abandon_on_cancel=False)
+        finally:
+            with anyio.CancelScope(shield=True):
+                for event in job.events:
+                    await wait_until(event.query, self._backoff)
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        return staged
+
+
+def _plan(state_dict: Any) -> tuple[Tree, StoragePlan]:
+    """Walk the state dict and plan its storages (a worker thread: large dicts take a while)."""
+    tree = flatten(state_dict)
+    return tree, plan_storages([leaf.data for leaf in tree.leaves])
+
+
+@dataclass(eq=False)
+class _CopyJob:
+    """One stage's copies, run in a worker thread; ``events`` collects the queued CUDA copies."""
+
+    tree: Tree
+    plan: StoragePlan
+    buffers: _Buffers
+    chunk: int
+    cuda: tuple[_cuda.SideStreams, dict[torch.device, Any]] | None = None
+    events: list[Any] = field(default_factory=list)
+
+    def run(self) -> Any:
+        """Queue the CUDA copies, copy the rest in chunks, rebuild the tree over the buffers."""
+        host: list[tuple[torch.Tensor, torch.Tensor]] = []
+        by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        spans = zip(self.plan.spans, self.plan.sources, self.buffers.flats, strict=True)
+        for span, source, dst in spans:
             pair = (_source_bytes(source, span), dst)
-            if streams is not None and span.device.type == "cuda":
+            if self.cuda is not None and span.device.type == "cuda":
                 by_device.setdefault(span.device, []).append(pair)
             else:
                 host.append(pair)
-        events = [streams.issue_copies(d, p) for d, p in by_device.items()] if streams else []
-        try:
-            if host:
-                await anyio.to_thread.run_sync(
-                    _copy_chunks, host, self.options.chunk_bytes, abandon_on_cancel=False
-                )
-        finally:
-            with anyio.CancelScope(shield=True):
-                for event in events:
-                    await wait_until(event.query, self._backoff)
-        await anyio.lowlevel.checkpoint_if_cancelled()
+        if self.cuda is not None:
+            streams, current = self.cuda
+            for device, pairs in by_device.items():
+                self.events.append(streams.issue_copies(device, pairs, after=current[device]))
+        _copy_chunks(host, self.chunk)
+        storages = self.buffers.storages()
+        return unflatten(self.tree, [view_tensor(v, storages) for v in self.plan.views])

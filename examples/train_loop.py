@@ -13,32 +13,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import torch
 
 import aiostage
-
-
-@dataclass
-class Heartbeat:
-    """Sleeps 1 ms in a loop and records how late each wake-up was (seconds)."""
-
-    late: list[float] = field(default_factory=list)
-
-    async def run(self) -> None:
-        while True:
-            due = time.perf_counter() + 0.001
-            await anyio.sleep(0.001)
-            self.late.append(max(0.0, time.perf_counter() - due))
-
-    def mark(self) -> int:
-        return len(self.late)
-
-    def max_ms_since(self, mark: int) -> float:
-        return 1e3 * max(self.late[mark:], default=0.0)
+from aiostage.testing import LoopLag
 
 
 def build(hidden: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -80,29 +61,27 @@ def nbytes(state: Any) -> int:
 
 async def main(steps: int, every: int, hidden: int) -> None:
     model, opt = build(hidden)
-    beat = Heartbeat()
     rows: list[tuple[int, float, float, float]] = []
-    async with anyio.create_task_group() as tg, aiostage.DefaultStager() as stager:
-        tg.start_soon(beat.run)
+    async with LoopLag() as lag, aiostage.DefaultStager() as stager:
         began = time.perf_counter()
         for step in range(1, steps + 1):
             loss = await anyio.to_thread.run_sync(train_step, model, opt, step)
             if step % every:
                 continue
             sd = state_of(model, opt, step)
-            mark, t0 = beat.mark(), time.perf_counter()
+            mark, t0 = lag.beats, time.perf_counter()
             staged = await stager.stage(sd)
             stall = time.perf_counter() - t0
-            rows.append((step, stall, nbytes(sd) / stall / 1e9, beat.max_ms_since(mark)))
+            rows.append(
+                (step, stall, nbytes(sd) / stall / 1e9, 1e3 * max(lag.lateness[mark:], default=0.0))
+            )
             print(
                 f"step {step:4d}  loss {loss:.4f}  staged {nbytes(sd) / 1e6:.1f} MB in "
                 f"{stall * 1e3:6.1f} ms  ({rows[-1][2]:5.2f} GB/s)  loop max lag {rows[-1][3]:.2f} ms"
             )
             stager.release(staged)
         elapsed = time.perf_counter() - began
-        tg.cancel_scope.cancel()
     stalls = [r[1] * 1e3 for r in rows]
-    lag = sorted(beat.late)
     print("\nreport")
     print(
         f"  steps: {steps} in {elapsed:.2f} s ({steps / elapsed:.1f} steps/s), stages: {len(rows)}"
@@ -113,8 +92,8 @@ async def main(steps: int, every: int, hidden: int) -> None:
     )
     print(f"  staging throughput: median {statistics.median(r[2] for r in rows):.2f} GB/s")
     print(
-        f"  event loop lag over the run: max {1e3 * lag[-1]:.2f} ms,"
-        f" p99 {1e3 * lag[int(0.99 * (len(lag) - 1))]:.2f} ms ({len(lag)} heartbeats)"
+        f"  event loop lag over the run: max {lag.max_ms:.2f} ms, p99 {lag.p99_ms:.2f} ms"
+        f" ({lag.beats} heartbeats)"
     )
     print(f"  buffers: {stager.statistics().allocations} allocation(s) for {len(rows)} stages")
 

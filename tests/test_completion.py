@@ -6,9 +6,9 @@ import time
 
 import anyio
 import pytest
-from _lag import LoopLag
 
 from aiostage._completion import Backoff, wait_until
+from aiostage.testing import LoopLag
 
 
 class LateCompletion:

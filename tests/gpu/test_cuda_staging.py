@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import pathlib
-import sys
-
 import pytest
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from _lag import LoopLag
-
 import aiostage
+from aiostage.testing import LoopLag
 
 pytestmark = [
     pytest.mark.cuda,
