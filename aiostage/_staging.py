@@ -9,9 +9,7 @@ lands between chunks. A staged copy stays reserved until ``release(staged)``.
 
 from __future__ import annotations
 
-import mmap
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -21,18 +19,15 @@ import anyio.lowlevel
 import torch
 
 from . import _cuda
+from ._buffers import Buffers, Layout, allocate, copy_chunks, free, source_bytes
 from ._completion import Backoff, wait_until
-from ._tree import Span, StoragePlan, Tree, flatten, plan_storages, unflatten, view_tensor
+from ._tree import StoragePlan, Tree, flatten, plan_storages, unflatten, view_tensor
 from .errors import ClosedError, LeaseTimeout, UsageError
 
 __all__ = ["AsyncStager", "DefaultStager", "StagerStatistics", "StagingOptions"]
 
 _T = TypeVar("_T")
 _MiB = 1 << 20
-#: staged storages of 64 KiB or more start on page boundaries inside an arena (O_DIRECT-friendly)
-_PAGE = 4096
-_SMALL = 64 * 1024
-Layout = tuple[tuple[str, int], ...]
 
 
 @runtime_checkable
@@ -123,100 +118,6 @@ class StagerStatistics:
     last_stage_seconds: float
 
 
-# ---------------------------------------------------------------- buffers
-
-
-@dataclass(eq=False)
-class _Buffers:
-    """CPU memory for one layout: one uint8 tensor per span, each with its own storage."""
-
-    layout: Layout
-    flats: tuple[torch.Tensor, ...]
-    pinned: tuple[torch.Tensor, ...]
-    busy: bool = True
-
-    @property
-    def nbytes(self) -> int:
-        return sum(n for _, n in self.layout)
-
-    def storages(self) -> list[torch.UntypedStorage]:
-        return [f.untyped_storage() for f in self.flats]
-
-
-def _allocate(layout: Layout, share: bool, pin: bool, huge: bool) -> _Buffers:
-    """Allocate buffers for ``layout`` (blocking: run it in a worker thread)."""
-    sizes = [n for _, n in layout]
-    if share:
-        flats = tuple(
-            torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(n))  # type: ignore[no-untyped-call]
-            for n in sizes
-        )
-        pinned = flats
-    else:
-        offsets, total = [], 0
-        for n in sizes:
-            align = _PAGE if n >= _SMALL else 64  # 4,096 tiny tensors must not cost 4,096 pages
-            total = -(-total // align) * align
-            offsets.append(total)
-            total += n
-        # private, not mmap's default MAP_SHARED: shmem gets no huge pages and unmaps slowly
-        arena = mmap.mmap(-1, max(total, _PAGE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if huge and total >= 2 * _MiB and hasattr(mmap, "MADV_HUGEPAGE"):
-            arena.madvise(mmap.MADV_HUGEPAGE)
-        view = memoryview(arena)
-        flats = tuple(
-            torch.frombuffer(view[o : o + n], dtype=torch.uint8)
-            for o, n in zip(offsets, sizes, strict=True)
-        )
-        pinned = (torch.frombuffer(view, dtype=torch.uint8),)
-    if not pin:
-        return _Buffers(layout, flats, ())
-    for t in pinned:
-        _cuda.host_register(t)
-    return _Buffers(layout, flats, pinned)
-
-
-def _free(doomed: list[_Buffers]) -> None:
-    """Unpin and drop ``doomed`` (a worker thread: unmapping a GiB takes ~0.1-0.2 s).
-
-    The caller passes its only references, so the memory is returned here, not on the loop;
-    staged copies a caller still holds keep theirs alive.
-    """
-    for buffers in doomed:
-        for t in buffers.pinned:
-            _cuda.host_unregister(t)
-    doomed.clear()
-
-
-def _copy_chunks(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], chunk: int) -> None:
-    """Copy each ``src`` into ``dst`` in a worker thread, checking for cancellation per chunk."""
-    since_check = 0
-    for src, dst in pairs:
-        n = src.numel()
-        for a in range(0, n, chunk):
-            if since_check >= chunk:
-                anyio.from_thread.check_cancelled()
-                since_check = 0
-            b = min(a + chunk, n)
-            _copy_bytes(src[a:b], dst[a:b])
-            since_check += b - a
-
-
-def _copy_bytes(src: torch.Tensor, dst: torch.Tensor) -> None:
-    """``dst.copy_(src)`` for uint8 tensors, through int64 views where aligned (~10% faster)."""
-    wide = src.numel() // 8 * 8
-    if wide and src.storage_offset() % 8 == 0 and dst.storage_offset() % 8 == 0:
-        dst[:wide].view(torch.int64).copy_(src[:wide].view(torch.int64))
-        src, dst = src[wide:], dst[wide:]
-    if src.numel():
-        dst.copy_(src)
-
-
-def _source_bytes(source: torch.UntypedStorage, span: Span) -> torch.Tensor:
-    out = torch.empty(0, dtype=torch.uint8, device=source.device)
-    return out.set_(source, span.start, (span.nbytes,), (1,))
-
-
 # ---------------------------------------------------------------- the stager
 
 
@@ -235,8 +136,8 @@ class DefaultStager:
         self._cuda = _cuda.available()
         self._pin = self.options.pin_memory and self._cuda
         self._streams = _cuda.SideStreams() if self._cuda else None
-        self._pool: list[_Buffers] = []
-        self._leases: dict[int, tuple[Any, _Buffers]] = {}
+        self._pool: list[Buffers] = []
+        self._leases: dict[int, tuple[Any, Buffers]] = {}
         self._changed = anyio.Event()
         self._idle = anyio.Event()
         self._idle.set()
@@ -316,7 +217,7 @@ class DefaultStager:
         doomed, self._pool = self._pool, []
         self._leases.clear()
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(_free, doomed)
+            await anyio.to_thread.run_sync(free, doomed)
 
     # -- internals
 
@@ -337,11 +238,11 @@ class DefaultStager:
         self._changed.set()
         self._changed = anyio.Event()
 
-    def _give_back(self, buffers: _Buffers) -> None:
+    def _give_back(self, buffers: Buffers) -> None:
         buffers.busy = False
         self._notify()
 
-    async def _acquire(self, layout: Layout) -> _Buffers:
+    async def _acquire(self, layout: Layout) -> Buffers:
         """A free buffer set for ``layout``: reused, newly allocated, or waited for."""
         try:
             with anyio.fail_after(self.options.lease_timeout):
@@ -353,32 +254,32 @@ class DefaultStager:
                 "consumed, or raise StagingOptions.pool_size"
             ) from exc
 
-    async def _acquire_forever(self, layout: Layout) -> _Buffers:
+    async def _acquire_forever(self, layout: Layout) -> Buffers:
         if not self.options.reuse_buffers:
             return await self._allocate(layout)
         while True:
             self._check_open()
-            free = [i for i, b in enumerate(self._pool) if not b.busy]
-            match = next((self._pool[i] for i in free if self._pool[i].layout == layout), None)
+            idle = [i for i, b in enumerate(self._pool) if not b.busy]
+            match = next((self._pool[i] for i in idle if self._pool[i].layout == layout), None)
             if match is not None:
                 match.busy = True
                 await anyio.lowlevel.checkpoint()
                 return match
-            if len(self._pool) >= self.options.pool_size and free:
+            if len(self._pool) >= self.options.pool_size and idle:
                 # an idle set of another layout makes room; freed off the loop thread
-                await anyio.to_thread.run_sync(_free, [self._pool.pop(free[0])])
+                await anyio.to_thread.run_sync(free, [self._pool.pop(idle[0])])
             if len(self._pool) < self.options.pool_size:
                 return await self._allocate(layout, pooled=True)
             await self._changed.wait()
 
-    async def _allocate(self, layout: Layout, *, pooled: bool = False) -> _Buffers:
+    async def _allocate(self, layout: Layout, *, pooled: bool = False) -> Buffers:
         o = self.options
-        placeholder = _Buffers(layout, (), ())
+        placeholder = Buffers(layout, (), ())
         if pooled:
             self._pool.append(placeholder)  # holds the slot while the thread allocates
         try:
             buffers = await anyio.to_thread.run_sync(
-                _allocate, layout, o.share_memory, self._pin, o.huge_pages
+                allocate, layout, o.share_memory, self._pin, o.huge_pages
             )
         finally:
             if pooled:
@@ -388,7 +289,7 @@ class DefaultStager:
             self._pool.append(buffers)
         return buffers
 
-    async def _fill(self, tree: Tree, plan: StoragePlan, buffers: _Buffers) -> Any:
+    async def _fill(self, tree: Tree, plan: StoragePlan, buffers: Buffers) -> Any:
         """Fill ``buffers`` from a worker thread and rebuild the tree over them.
 
         CUDA copies the thread queued are always awaited (shielded) before returning or raising,
@@ -420,7 +321,7 @@ class _CopyJob:
 
     tree: Tree
     plan: StoragePlan
-    buffers: _Buffers
+    buffers: Buffers
     chunk: int
     cuda: tuple[_cuda.SideStreams, dict[torch.device, Any]] | None = None
     events: list[Any] = field(default_factory=list)
@@ -431,7 +332,7 @@ class _CopyJob:
         by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         spans = zip(self.plan.spans, self.plan.sources, self.buffers.flats, strict=True)
         for span, source, dst in spans:
-            pair = (_source_bytes(source, span), dst)
+            pair = (source_bytes(source, span), dst)
             if self.cuda is not None and span.device.type == "cuda":
                 by_device.setdefault(span.device, []).append(pair)
             else:
@@ -440,6 +341,6 @@ class _CopyJob:
             streams, current = self.cuda
             for device, pairs in by_device.items():
                 self.events.append(streams.issue_copies(device, pairs, after=current[device]))
-        _copy_chunks(host, self.chunk)
+        copy_chunks(host, self.chunk)
         storages = self.buffers.storages()
         return unflatten(self.tree, [view_tensor(v, storages) for v in self.plan.views])

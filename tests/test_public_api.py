@@ -14,11 +14,12 @@ import aiostage.errors
 PACKAGE = pathlib.Path(aiostage.__file__).parent
 
 #: a module may import only modules of a lower layer
-LAYERS: dict[str, int] = {
+LAYERS: dict[str, float] = {
     "errors": 0,
     "_tree": 1,
     "_completion": 1,
     "_cuda": 1,
+    "_buffers": 1.5,
     "_dist": 2,
     "_dtypes": 1,
     "_fs": 1,
