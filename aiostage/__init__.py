@@ -7,20 +7,30 @@ the event loop; the public names below are the whole API (errors live in ``aiost
 from __future__ import annotations
 
 from . import errors as errors
+from ._reader import load as load
+from ._reader import load_metadata as load_metadata
+from ._save import SaveReport as SaveReport
+from ._save import save as save
 from ._staging import AsyncStager as AsyncStager
 from ._staging import DefaultStager as DefaultStager
 from ._staging import StagerStatistics as StagerStatistics
 from ._staging import StagingOptions as StagingOptions
+from ._writer import sweep as sweep
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncStager",
     "DefaultStager",
+    "SaveReport",
     "StagerStatistics",
     "StagingOptions",
     "__version__",
     "errors",
+    "load",
+    "load_metadata",
+    "save",
+    "sweep",
 ]
 
 for _name in __all__:

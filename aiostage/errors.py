@@ -7,12 +7,14 @@
     │   └── LeaseTimeout(…, TimeoutError)     every pooled staged copy stayed leased too long
     ├── UsageError(…, RuntimeError)           the object was used in a way it cannot serve
     │   └── ClosedError                       used after ``aclose()``
-    └── PersistenceError                      a checkpoint could not be written or read (names the path)
-        ├── CheckpointNotFound(…, LookupError) no committed checkpoint (no manifest) at the path
-        ├── CheckpointCorrupt                 a file, header or tensor failed validation (names file, key)
-        ├── CheckpointWriteError              an OS error while writing; nothing was committed
-        ├── StateDictMismatch(…, ValueError)  a load target differs in keys, shapes or dtypes
-        └── UnsupportedValueError(…, TypeError) a leaf the format cannot store (names the key)
+    ├── PersistenceError                      a checkpoint could not be written or read (names the path)
+    │   ├── CheckpointNotFound(…, LookupError) no committed checkpoint (no manifest) at the path
+    │   ├── CheckpointCorrupt                 a file, header or tensor failed validation (names file, key)
+    │   ├── CheckpointWriteError              an OS error while writing; nothing was committed
+    │   ├── StateDictMismatch(…, ValueError)  a load target differs in keys, shapes or dtypes
+    │   └── UnsupportedValueError(…, TypeError) a leaf the format cannot store (names the key)
+    └── ReplicationError                      an exchange with a peer failed (names peer rank, phase)
+        └── ReplicationTimeout(…, TimeoutError) the exchange ran past its timeout; the group is broken
 
 Cancellation (``CancelledError``, ``KeyboardInterrupt``, ``SystemExit``) is never caught or
 wrapped. Each error keeps its cause (``raise ... from``).
@@ -28,6 +30,8 @@ __all__ = [
     "ClosedError",
     "LeaseTimeout",
     "PersistenceError",
+    "ReplicationError",
+    "ReplicationTimeout",
     "StagingError",
     "StateDictMismatch",
     "UnsupportedValueError",
@@ -102,6 +106,28 @@ class UnsupportedValueError(PersistenceError, TypeError):
     def __init__(self, message: str, *, key: str | None = None) -> None:
         super().__init__(f"{key}: {message}" if key else message)
         self.key = key
+
+
+class ReplicationError(AiostageError):
+    """Exchanging state with a peer failed; ``peer`` is its group rank, ``phase`` the step.
+
+    Phases: ``"header"`` (the frame or its metadata), ``"data"`` (tensor payloads), ``"verify"``
+    (checksums), ``"persist"`` (writing the replica), ``"recover"`` (agreeing who lost state).
+    """
+
+    def __init__(self, message: str, *, peer: int | None = None, phase: str = "") -> None:
+        where = f"peer rank {peer}" if peer is not None else "replication"
+        super().__init__(f"{where}, {phase}: {message}" if phase else f"{where}: {message}")
+        self.peer = peer
+        self.phase = phase
+
+
+class ReplicationTimeout(ReplicationError, TimeoutError):
+    """An exchange ran past the stager's timeout; the stager is broken from then on.
+
+    A timed-out point-to-point operation cannot be withdrawn from the process group, so recreate
+    the group and the ``ReplicationStager``.
+    """
 
 
 for _name in __all__:

@@ -30,6 +30,7 @@ LAYERS: dict[str, float] = {
     "_writer": 3,
     "_reader": 3,
     "_transport": 3,
+    "_frames": 3.5,
     "_save": 4,
     "_replication": 4,
     "_checkpointer": 5,

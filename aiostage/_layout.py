@@ -1,0 +1,192 @@
+"""Preparing a save: walk the state dict, stage what is not on the CPU, lay out the data file.
+
+The layout is pure planning, no I/O: a ``Header`` (checksums still zero) and, per entry, the CPU
+bytes to write. A contiguous tensor that shares its storage with no other tensor becomes an entry
+of its own dtype and shape under its key path; every other storage becomes one uint8 entry and its
+tensors views into it (element offset, shape, stride), so aliasing survives a round trip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio.lowlevel
+import anyio.to_thread
+import torch
+
+from ._buffers import source_bytes
+from ._dtypes import ST_DTYPES
+from ._format import Entry, Header, Record, Source, round_up
+from ._skeleton import encode_skeleton, encode_value
+from ._staging import AsyncStager, DefaultStager, StagingOptions
+from ._tree import StoragePlan, TensorLeaf, Tree, flatten, plan_storages
+from .errors import StagingError, UnsupportedValueError
+
+__all__ = ["Prepared", "plan_file", "prepare"]
+
+#: aliased storages are stored as uint8 entries padded to this, and placed first
+_SPAN_PAD = 64
+_RESERVED = "__aiostage__/"
+
+
+def plan_file(tree: Tree, plan: StoragePlan) -> tuple[Header, list[Source]]:
+    """Lay out the tensors of ``tree`` (CPU data) as entries; checksums are left at zero.
+
+    A contiguous tensor that shares its storage with no other tensor is stored as itself; every
+    other storage is stored once, as uint8, and its tensors as views into it. Raises
+    ``UnsupportedValueError`` naming the key of a leaf the format cannot store.
+    """
+    members = Counter(v.span for v in plan.views)
+    plain = [
+        i
+        for i, (leaf, v) in enumerate(zip(tree.leaves, plan.views, strict=True))
+        if v.dtype in ST_DTYPES
+        and (leaf.data.numel() == 0 or (members[v.span] == 1 and leaf.data.is_contiguous()))
+    ]
+    plain.sort(key=lambda i: -tree.leaves[i].data.element_size())
+    plain_set = set(plain)
+    spans = sorted({v.span for i, v in enumerate(plan.views) if i not in plain_set} - {-1})
+    entries: list[Entry] = []
+    sources: list[Source] = []
+    for s in spans:
+        data = source_bytes(plan.sources[s], plan.spans[s])
+        size = round_up(data.numel(), _SPAN_PAD)
+        entries.append(_entry(f"{_RESERVED}span/{s}", "U8", (size,), size, entries))
+        sources.append((data, size - data.numel()))
+    names: set[str] = set()
+    for i in plain:
+        t = tree.leaves[i].data
+        name = _entry_name(tree.leaves[i], i, names)
+        entries.append(_entry(name, ST_DTYPES[t.dtype], tuple(t.shape), t.nbytes, entries))
+        sources.append((t.reshape(-1).view(torch.uint8), 0))
+    where = {("s", s): n for n, s in enumerate(spans)}
+    where |= {("t", i): len(spans) + n for n, i in enumerate(plain)}
+    records = [_record(leaf, plan, i, where) for i, leaf in enumerate(tree.leaves)]
+    skeleton = encode_skeleton(tree.root)
+    return Header(tuple(entries), tuple(records), skeleton, (0,) * len(entries)), sources
+
+
+def _entry(
+    name: str, dtype: str, shape: tuple[int, ...], nbytes: int, before: list[Entry]
+) -> Entry:
+    begin = before[-1].end if before else 0
+    return Entry(name, dtype, shape, begin, begin + nbytes)
+
+
+def _entry_name(leaf: TensorLeaf, i: int, taken: set[str]) -> str:
+    name = leaf.key
+    try:
+        name.encode("utf-8")
+        usable = name not in taken and not name.startswith(("__aiostage__", "__metadata__"))
+    except UnicodeEncodeError:
+        usable = False
+    name = name if usable else f"{_RESERVED}tensor/{i}"
+    taken.add(name)
+    return name
+
+
+def _record(
+    leaf: TensorLeaf, plan: StoragePlan, i: int, where: dict[tuple[str, int], int]
+) -> Record:
+    v = plan.views[i]
+    entry = where.get(("t", i), where.get(("s", v.span), -1))
+    offset = 0 if ("t", i) in where else v.offset
+    attrs = encode_value(leaf.attrs, leaf.path) if leaf.attrs else None
+    spec = _encode_dtensor(leaf) if leaf.wrap == "dtensor" else None
+    return Record(
+        entry, offset, v.shape, v.stride, v.dtype, leaf.wrap, leaf.requires_grad, attrs, spec
+    )
+
+
+def _encode_dtensor(leaf: TensorLeaf) -> dict[str, Any]:
+    spec = leaf.spec
+    placements = []
+    for p in spec.placements:
+        if p.is_shard():
+            placements.append(["shard", p.dim])
+        elif p.is_replicate():
+            placements.append(["replicate"])
+        elif p.is_partial():
+            placements.append(["partial", str(p.reduce_op)])
+        else:
+            raise UnsupportedValueError(f"DTensor placement {p!r} cannot be stored", key=leaf.key)
+    return {
+        "device_type": spec.mesh.device_type,
+        "mesh": spec.mesh.mesh.tolist(),
+        "dim_names": list(spec.mesh.mesh_dim_names or ()),
+        "placements": placements,
+        "shape": list(spec.tensor_meta.shape),
+        "stride": list(spec.tensor_meta.stride),
+        "param": leaf.param,
+    }
+
+
+# ---------------------------------------------------------------- preparing a save
+
+
+@dataclass
+class Prepared:
+    """A state dict ready to write: its header, the bytes per entry, how to release staging."""
+
+    header: Header
+    sources: list[Source]
+    release: Callable[[], None]
+    stage_seconds: float
+
+
+async def prepare(state_dict: Any, stager: AsyncStager | None) -> Prepared:
+    """Flatten, check that everything can be stored, stage, and lay out the data file.
+
+    The walk and the layout run in worker threads (thousands of tensors take milliseconds to
+    plan); only staging involves the loop. Raises ``UnsupportedValueError`` naming a key.
+    """
+    began = time.perf_counter()
+    tree = await anyio.to_thread.run_sync(_checked_tree, state_dict)
+    leaves, release = await _stage(tree, stager)
+    try:
+        header, sources = await anyio.to_thread.run_sync(_plan, Tree(tree.root, leaves))
+    except BaseException:
+        release()
+        raise
+    return Prepared(header, sources, release, time.perf_counter() - began)
+
+
+def _checked_tree(state_dict: Any) -> Tree:
+    """``flatten``, failing on anything the format cannot store before any copy or I/O."""
+    try:
+        tree = flatten(state_dict)
+    except StagingError as exc:
+        message = str(exc).removeprefix(f"{exc.key}: ")
+        raise UnsupportedValueError(message, key=exc.key) from exc
+    encode_skeleton(tree.root)
+    return tree
+
+
+def _plan(tree: Tree) -> tuple[Header, list[Source]]:
+    return plan_file(tree, plan_storages([leaf.data for leaf in tree.leaves]))
+
+
+async def _stage(
+    tree: Tree, stager: AsyncStager | None
+) -> tuple[tuple[TensorLeaf, ...], Callable[[], None]]:
+    """Stage the non-CPU leaves (every leaf, through ``stager`` when given)."""
+    picks = [i for i, t in enumerate(tree.leaves) if stager or t.data.device.type != "cpu"]
+    if not picks:
+        await anyio.lowlevel.checkpoint()
+        return tree.leaves, lambda: None
+    own = stager is None
+    active = stager or DefaultStager(StagingOptions(reuse_buffers=False))
+    try:
+        copies = await active.stage([tree.leaves[i].data for i in picks])
+    finally:
+        if own:
+            await active.aclose()
+    leaves = list(tree.leaves)
+    for i, copy in zip(picks, copies, strict=True):
+        leaves[i] = dataclasses.replace(leaves[i], data=copy)
+    return tuple(leaves), (lambda: None) if own else (lambda: active.release(copies))

@@ -1,0 +1,260 @@
+"""Durable writes: data files streamed in large aligned chunks, fsync, manifest last, rename.
+
+``DurableWriter.write_file`` copies each entry's bytes into a small ring of page-aligned buffers
+(``chunk_bytes`` x ``buffers``: the only memory it adds) and hashes them there (xxh3_64) in a
+worker thread while the previous buffer is being written, ``O_DIRECT`` where the file system
+allows it. The data goes first, the header (which holds the checksums) last, then the file is
+fsynced. ``commit`` makes a finished temporary directory the checkpoint; ``sweep`` clears what
+interrupted saves leave behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import torch
+import xxhash
+
+from . import _fs
+from ._buffers import copy_bytes
+from ._format import (
+    MANIFEST,
+    FileInfo,
+    Header,
+    Manifest,
+    Source,
+    encode_header,
+    encode_manifest,
+    round_up,
+)
+from .errors import AiostageError, CheckpointWriteError
+
+__all__ = [
+    "DurableWriter",
+    "OnWrite",
+    "WriterOptions",
+    "WrittenFile",
+    "attempt",
+    "check_target",
+    "commit",
+    "failure",
+    "sweep",
+]
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+_MiB = 1 << 20
+#: called before every write with (file, offset, bytes); tests raise OSError(ENOSPC) from it
+OnWrite = Callable[[str, int, int], None]
+#: a chunk to write: its file offset and its pieces (segment, start in the segment, bytes)
+_Job = tuple[int, list[tuple[int, int, int]]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class WriterOptions:
+    """How ``DurableWriter`` writes: ``buffers`` aligned buffers of ``chunk_bytes`` each.
+
+    ``direct_io``: bypass the page cache (``O_DIRECT``) where the file system allows it; the
+    data then goes to the device as it is written, and the final fsync has little left to do.
+    """
+
+    chunk_bytes: int = 16 * _MiB
+    buffers: int = 2
+    direct_io: bool = True
+
+    def __post_init__(self) -> None:
+        if self.chunk_bytes < _fs.ALIGN or self.chunk_bytes % _fs.ALIGN:
+            raise ValueError(f"chunk_bytes must be a positive multiple of {_fs.ALIGN}")
+        if self.buffers < 1:
+            raise ValueError(f"buffers must be at least 1, got {self.buffers}")
+
+
+@dataclass(frozen=True, slots=True)
+class WrittenFile:
+    """A data file on disk (fsynced) and how long writing and fsync took."""
+
+    info: FileInfo
+    write_seconds: float
+    fsync_seconds: float
+
+
+class DurableWriter:
+    """Writes data files and manifests durably; ``on_write`` is a fault-injection hook.
+
+    Every method raises ``OSError`` as the file system reports it; callers turn it into
+    ``CheckpointWriteError``.
+    """
+
+    def __init__(self, options: WriterOptions | None = None, *, on_write: OnWrite | None = None):
+        self.options = options or WriterOptions()
+        self._on_write = on_write
+
+    async def write_file(
+        self, path: Path, header: Header, sources: Sequence[Source]
+    ) -> WrittenFile:
+        """Write ``header`` and the bytes of ``sources`` to a new file ``path``, then fsync it."""
+        began = time.perf_counter()
+        o = self.options
+        hashes = [xxhash.xxh3_64() for _ in sources]
+        start = len(await anyio.to_thread.run_sync(encode_header, header))  # same with sums
+        segments = [n for data, pad in sources for n in (data.numel(), pad)]
+        chunks = enumerate(_fs.cut(segments, o.chunk_bytes))
+        jobs = [(start + k * o.chunk_bytes, pieces) for k, pieces in chunks]
+        async with (
+            _fs.ring(o.buffers, o.chunk_bytes) as ring,
+            _fs.open_file(path, "xb", direct=o.direct_io) as f,
+        ):
+
+            async def fill(slot: int, job: _Job) -> None:
+                await anyio.to_thread.run_sync(_fill, ring[slot], job[1], sources, hashes)
+
+            async def write(slot: int, job: _Job) -> None:
+                await self._write(f, ring[slot], job[0], sum(n for _, _, n in job[1]))
+
+            await _fs.pipeline(len(ring), jobs, fill, write)
+            final = replace(header, checksums=tuple(h.intdigest() for h in hashes))
+            blob = await anyio.to_thread.run_sync(encode_header, final)
+            for begin in range(0, len(blob), o.chunk_bytes):
+                piece = blob[begin : begin + o.chunk_bytes]
+                ring[0][: len(piece)] = piece
+                await self._write(f, ring[0], begin, len(piece))
+            size = len(blob) + header.data_bytes
+            await f.truncate(size)  # drops the alignment padding of the last chunk
+            wrote = time.perf_counter()
+            await _fs.fsync(f.fileno())
+        info = FileInfo(path.name, size, xxhash.xxh3_64_intdigest(blob))
+        return WrittenFile(info, wrote - began, time.perf_counter() - wrote)
+
+    async def write_manifest(self, directory: Path, manifest: Manifest) -> int:
+        """Write and fsync ``directory/manifest.json``, then fsync ``directory``; its size."""
+        data = encode_manifest(manifest)
+        async with _fs.open_file(directory / MANIFEST, "xb") as f:
+            await self._write(f, memoryview(data), 0, len(data))
+            await _fs.fsync(f.fileno())
+        await _fs.fsync_dir(directory)
+        return len(data)
+
+    async def _write(self, f: Any, buf: memoryview, offset: int, n: int) -> None:
+        """Write ``buf[:n]`` at ``offset``, padded with zeros to ``ALIGN`` (truncated later)."""
+        padded = min(round_up(n, _fs.ALIGN), len(buf))
+        if padded > n:
+            buf[n:padded] = bytes(padded - n)
+        if self._on_write is not None:
+            self._on_write(str(f.name), offset, n)
+        await f.seek(offset)
+        done = 0
+        while done < padded:
+            done += await f.write(buf[done:padded])
+
+
+def _fill(
+    buf: memoryview,
+    pieces: list[tuple[int, int, int]],
+    sources: Sequence[Source],
+    hashes: list[Any],
+) -> None:
+    """Copy ``pieces`` into ``buf`` and feed each to its entry's hash (worker thread).
+
+    Segment ``2k`` is the bytes of entry ``k``, segment ``2k + 1`` its zero padding.
+    """
+    dst = torch.frombuffer(buf, dtype=torch.uint8)
+    pos = 0
+    for segment, at, n in pieces:
+        entry, is_pad = divmod(segment, 2)
+        if is_pad:
+            dst[pos : pos + n].zero_()
+        else:
+            copy_bytes(sources[entry][0][at : at + n], dst[pos : pos + n])
+        hashes[entry].update(buf[pos : pos + n])
+        pos += n
+
+
+# ---------------------------------------------------------------- committing
+
+
+async def check_target(target: Path, overwrite: bool) -> None:
+    """``FileExistsError`` unless ``save`` may write ``target``: absent, or replaceable."""
+    kind = await _fs.path_kind(target, MANIFEST)
+    if kind == "absent" or (overwrite and kind != "other"):
+        return
+    why = "it is not an aiostage checkpoint; refusing to replace it" if kind == "other" else (
+        "a checkpoint exists there; pass overwrite=True to replace it"
+    )  # fmt: skip
+    raise FileExistsError(errno.EEXIST, f"cannot save to {target}: {why}", str(target))
+
+
+async def commit(tmp: Path, target: Path, overwrite: bool) -> None:
+    """Rename the finished ``tmp`` into place and make that durable (the commit point).
+
+    Raises ``FileExistsError`` if ``target`` appeared meanwhile (without ``overwrite``), and
+    ``CheckpointWriteError`` if the rename happened but the parent could not be fsynced.
+    """
+    replace_old = overwrite and await _fs.path_kind(target, MANIFEST) != "absent"
+    if replace_old:
+        await _fs.exchange(tmp, target)
+    else:
+        await _fs.rename_noreplace(tmp, target)
+    try:
+        await _fs.fsync_dir(target.parent)
+    except OSError as exc:
+        raise CheckpointWriteError(
+            f"{target} is in place but its parent directory could not be fsynced ({exc}); it "
+            "may not survive a power loss",
+            path=target,
+        ) from exc
+    if replace_old:
+        await _fs.remove_tree(tmp)  # now the previous checkpoint
+
+
+@contextlib.asynccontextmanager
+async def attempt(tmp: Path, target: Path) -> AsyncIterator[None]:
+    """On any failure remove ``tmp``; report OS errors as ``CheckpointWriteError``."""
+    try:
+        yield
+    except BaseException as exc:
+        with anyio.CancelScope(shield=True):
+            await _fs.remove_tree(tmp)
+        cause = failure(exc)
+        if cause is None:
+            raise
+        raise CheckpointWriteError(
+            f"writing {target} failed: {type(cause).__name__}: {cause}; nothing was committed "
+            "and an existing checkpoint there is untouched",
+            path=target,
+        ) from exc
+
+
+def failure(exc: BaseException) -> BaseException | None:
+    """The first unexpected failure in ``exc`` (``None``: cancellation or a deliberate error)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return next((f for e in exc.exceptions if (f := failure(e)) is not None), None)
+    if isinstance(exc, FileExistsError | AiostageError) or not isinstance(exc, Exception):
+        return None
+    return exc
+
+
+# ---------------------------------------------------------------- sweeping
+
+
+async def sweep(root: str | os.PathLike[str]) -> list[Path]:
+    """Remove what interrupted saves left in directory ``root``; return the removed paths.
+
+    First finishes an overwrite that was cut between its renames (only where the file system
+    has no atomic exchange): the new checkpoint goes into place if its manifest was written,
+    else the old one goes back. Then every ``.{name}.aiostage-tmp-*`` / ``-old-*`` sibling is
+    removed and ``root`` fsynced. Run it when no save into ``root`` is in progress (it would
+    remove that save's temporary directory). Blocks on a worker thread; raises ``OSError`` if
+    ``root`` cannot be listed.
+    """
+    return await anyio.to_thread.run_sync(_fs.sweep_now, Path(root), MANIFEST)

@@ -1,0 +1,236 @@
+"""Writing checkpoints durably: layout on disk, overwrite, injected write faults, sweep."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import torch
+
+import aiostage
+from aiostage import _fs
+from aiostage._format import MANIFEST, rank_file
+from aiostage._save import save_with
+from aiostage._writer import DurableWriter, WriterOptions
+from aiostage.errors import CheckpointWriteError, UnsupportedValueError
+
+
+def make_sd(seed: int = 0, n: int = 6, size: int = 50_000) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(seed)
+    sd: dict[str, Any] = {f"w{i}": torch.randn(size + i, generator=gen) for i in range(n)}
+    sd["tied"] = sd["w0"]
+    sd["view"] = sd["w1"][10:20]
+    sd["step"] = seed
+    return sd
+
+
+def leftovers(root: Path) -> list[str]:
+    return sorted(n for n in os.listdir(root) if _fs.TEMP_NAME.match(n))
+
+
+async def assert_loads(path: Path, sd: dict[str, Any]) -> None:
+    out = await aiostage.load(path)
+    assert out.keys() == sd.keys()
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(out[k], v), k
+        else:
+            assert out[k] == v
+
+
+async def test_save_writes_one_data_file_and_the_manifest(tmp_path: Path) -> None:
+    sd = make_sd()
+    report = await aiostage.save(sd, tmp_path / "ckpt", metadata={"step": 7})
+    assert sorted(os.listdir(tmp_path / "ckpt")) == [MANIFEST, rank_file(0)]
+    assert leftovers(tmp_path) == []
+    sizes = sum(p.stat().st_size for p in (tmp_path / "ckpt").iterdir())
+    assert report.bytes_written == sizes
+    assert report.files == (rank_file(0), MANIFEST)
+    assert report.total_seconds >= report.write_seconds > 0
+    assert report.gb_per_second > 0
+    manifest = json.loads((tmp_path / "ckpt" / MANIFEST).read_text())
+    assert manifest["world_size"] == 1
+    assert manifest["metadata"] == {"step": 7}
+    assert await aiostage.load_metadata(tmp_path / "ckpt") == {"step": 7}
+    await assert_loads(tmp_path / "ckpt", sd)
+
+
+async def test_parents_are_created(tmp_path: Path) -> None:
+    await aiostage.save({"x": torch.ones(2)}, tmp_path / "a" / "b" / "ckpt")
+    assert (tmp_path / "a" / "b" / "ckpt" / MANIFEST).is_file()
+
+
+async def test_an_existing_path_is_kept_unless_overwrite(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt"
+    await aiostage.save(make_sd(1), path)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        await aiostage.save(make_sd(2), path)
+    await assert_loads(path, make_sd(1))
+    await aiostage.save(make_sd(2), path, overwrite=True)
+    await assert_loads(path, make_sd(2))
+    assert os.listdir(tmp_path) == ["ckpt"]
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+async def test_overwrite_refuses_what_is_not_a_checkpoint(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "precious"
+    if kind == "file":
+        path.write_text("keep me")
+    else:
+        path.mkdir()
+        (path / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not an aiostage checkpoint"):
+        await aiostage.save({"x": torch.ones(1)}, path, overwrite=True)
+    assert leftovers(tmp_path) == []
+
+
+async def test_overwrite_replaces_an_empty_directory(tmp_path: Path) -> None:
+    (tmp_path / "ckpt").mkdir()
+    await aiostage.save({"x": torch.ones(1)}, tmp_path / "ckpt", overwrite=True)
+    await assert_loads(tmp_path / "ckpt", {"x": torch.ones(1)})
+
+
+async def test_overwrite_without_atomic_exchange_uses_renames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_fs, "_renameat2", None)  # as on a libc or file system without it
+    await aiostage.save(make_sd(1), tmp_path / "ckpt")
+    await aiostage.save(make_sd(2), tmp_path / "ckpt", overwrite=True)
+    await assert_loads(tmp_path / "ckpt", make_sd(2))
+    assert os.listdir(tmp_path) == ["ckpt"]
+
+
+@pytest.mark.parametrize(
+    "options", [WriterOptions(direct_io=False), WriterOptions(chunk_bytes=4096, buffers=3)]
+)
+async def test_writer_options_give_the_same_file(tmp_path: Path, options: WriterOptions) -> None:
+    sd = make_sd()
+    await aiostage.save(sd, tmp_path / "default")
+    await save_with(DurableWriter(options), sd, tmp_path / "other")
+    default = (tmp_path / "default" / rank_file(0)).read_bytes()
+    assert (tmp_path / "other" / rank_file(0)).read_bytes() == default
+
+
+class FailOn:
+    """A write hook that raises ``OSError(err)`` on write number ``k`` (``-1``: the last)."""
+
+    def __init__(self, k: int, err: int) -> None:
+        self.k, self.err, self.calls = k, err, []  # type: ignore[var-annotated]
+
+    def __call__(self, name: str, offset: int, n: int) -> None:
+        self.calls.append((name, offset, n))
+        if len(self.calls) - 1 == self.k:
+            raise OSError(self.err, os.strerror(self.err), name)
+
+
+async def count_writes(tmp_path: Path, sd: dict[str, Any]) -> list[tuple[str, int, int]]:
+    hook = FailOn(-2, 0)
+    await save_with(
+        DurableWriter(WriterOptions(chunk_bytes=1 << 16), on_write=hook), sd, tmp_path / "probe"
+    )
+    return hook.calls
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
+@pytest.mark.parametrize("which", ["first", "middle", "header", "manifest"])
+async def test_a_failed_write_commits_nothing_and_saving_works_again(
+    tmp_path: Path, err: int, which: str
+) -> None:
+    root = tmp_path / "run"
+    root.mkdir()
+    await aiostage.save(make_sd(1), root / "ckpt")
+    calls = await count_writes(tmp_path, make_sd(2))
+    names = [Path(name).name for name, _, _ in calls]
+    k = {
+        "first": 0,
+        "middle": len(calls) // 2,
+        "header": max(
+            i for i, (n, o, _) in enumerate(calls) if n.endswith("safetensors") and o == 0
+        ),
+        "manifest": names.index(MANIFEST),
+    }[which]
+    writer = DurableWriter(WriterOptions(chunk_bytes=1 << 16), on_write=FailOn(k, err))
+    with pytest.raises(CheckpointWriteError, match=os.strerror(err)) as info:
+        await save_with(writer, make_sd(2), root / "ckpt", overwrite=True)
+    cause = info.value.__cause__
+    while not isinstance(cause, OSError) and cause is not None:  # a task group keeps its group
+        (cause,) = cause.exceptions  # type: ignore[attr-defined]
+    assert isinstance(cause, OSError)
+    assert cause.errno == err
+    assert info.value.path == root / "ckpt"
+    assert leftovers(root) == []
+    await assert_loads(root / "ckpt", make_sd(1))  # the earlier checkpoint is intact
+    await aiostage.save(make_sd(3), root / "ckpt", overwrite=True)
+    await assert_loads(root / "ckpt", make_sd(3))
+
+
+async def test_a_cancelled_save_leaves_nothing_behind(tmp_path: Path) -> None:
+    sd = {f"w{i}": torch.randn(1 << 20) for i in range(16)}
+    for delay in (0.0, 0.005, 0.02, 0.05):
+        with anyio.move_on_after(delay):
+            await aiostage.save(sd, tmp_path / f"c{delay}")
+        assert leftovers(tmp_path) == []
+        if (tmp_path / f"c{delay}").exists():
+            await assert_loads(tmp_path / f"c{delay}", sd)
+
+
+async def test_unsupported_values_fail_before_any_write(tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedValueError) as info:
+        await aiostage.save({"a": {"b": [torch.ones(1), {1, 2}]}}, tmp_path / "ckpt")
+    assert info.value.key == "a.b.1"
+    with pytest.raises(UnsupportedValueError, match="layout") as info:
+        await aiostage.save({"x": torch.eye(2).to_sparse()}, tmp_path / "ckpt")
+    assert info.value.key == "x"
+    with pytest.raises(UnsupportedValueError, match="metadata"):
+        await aiostage.save({"x": torch.ones(1)}, tmp_path / "ckpt", metadata={"f": print})
+    assert os.listdir(tmp_path) == []
+
+
+async def test_a_stager_stages_everything_and_gets_its_copy_back(tmp_path: Path) -> None:
+    sd = make_sd()
+    async with aiostage.DefaultStager() as stager:
+        await aiostage.save(sd, tmp_path / "ckpt", stager=stager)
+        assert stager.statistics().leased == 0
+        assert stager.statistics().stages == 1
+    await assert_loads(tmp_path / "ckpt", sd)
+
+
+# ---------------------------------------------------------------- sweep
+
+
+async def test_sweep_removes_temporaries_only(tmp_path: Path) -> None:
+    await aiostage.save({"x": torch.ones(1)}, tmp_path / "keep")
+    token = "0" * 32
+    (tmp_path / f".a.aiostage-tmp-{token}").mkdir()
+    (tmp_path / f".a.aiostage-tmp-{token}" / rank_file(0)).write_bytes(b"partial")
+    (tmp_path / f".keep.aiostage-old-{'1' * 32}").mkdir()
+    (tmp_path / ".hidden-but-mine").mkdir()
+    removed = await aiostage.sweep(tmp_path)
+    assert sorted(p.name for p in removed) == [
+        f".a.aiostage-tmp-{token}",
+        f".keep.aiostage-old-{'1' * 32}",
+    ]
+    assert sorted(os.listdir(tmp_path)) == [".hidden-but-mine", "keep"]
+    assert await aiostage.sweep(tmp_path) == []
+
+
+@pytest.mark.parametrize("new_complete", [True, False])
+async def test_sweep_finishes_an_interrupted_overwrite(tmp_path: Path, new_complete: bool) -> None:
+    """The crash window of the rename fallback: the old checkpoint moved aside, the new not in."""
+    token = "a" * 32
+    await aiostage.save(make_sd(1), tmp_path / "old")
+    await aiostage.save(make_sd(2), tmp_path / "new")
+    (tmp_path / "old").rename(tmp_path / f".ckpt.aiostage-old-{token}")
+    (tmp_path / "new").rename(tmp_path / f".ckpt.aiostage-tmp-{token}")
+    if not new_complete:
+        (tmp_path / f".ckpt.aiostage-tmp-{token}" / MANIFEST).unlink()
+    with pytest.raises(aiostage.errors.CheckpointNotFound, match="sweep"):
+        await aiostage.load(tmp_path / "ckpt")
+    await aiostage.sweep(tmp_path)
+    assert os.listdir(tmp_path) == ["ckpt"]
+    await assert_loads(tmp_path / "ckpt", make_sd(2 if new_complete else 1))
