@@ -9,6 +9,7 @@ from __future__ import annotations
 from . import errors as errors
 from ._reader import load as load
 from ._reader import load_metadata as load_metadata
+from ._replication import ReplicationStager as ReplicationStager
 from ._save import SaveReport as SaveReport
 from ._save import save as save
 from ._staging import AsyncStager as AsyncStager
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncStager",
     "DefaultStager",
+    "ReplicationStager",
     "SaveReport",
     "StagerStatistics",
     "StagingOptions",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -163,29 +164,30 @@ def _walk_container(obj: Any, path: KeyPath, leaves: list[TensorLeaf], active: s
 def _walk_tensor(
     t: torch.Tensor, path: KeyPath, leaves: list[TensorLeaf], active: set[int]
 ) -> Node:
-    key = key_str(path)
-    if _is_sharded_tensor(t):
+    kind = type(t)
+    if kind is torch.nn.Parameter or kind is torch.Tensor:  # the common case first, cheaply
+        wrap: Wrap = "parameter" if kind is torch.nn.Parameter else "tensor"
+    elif _is_sharded_tensor(t):
         return _walk_sharded(t, path, leaves, active)
-    if _is_dtensor(t):
+    elif _is_dtensor(t):
         local = t._local_tensor  # type: ignore[attr-defined]
-        _check_plain_data(local, key)
+        _check_plain_data(local, path)
         spec = t._spec  # type: ignore[attr-defined]
         param = isinstance(t, torch.nn.Parameter)
         leaves.append(TensorLeaf(path, local, "dtensor", t.requires_grad, spec=spec, param=param))
         return Leaf(len(leaves) - 1)
-    if type(t) is torch.nn.Parameter:
-        wrap: Wrap = "parameter"
-    elif type(t) is torch.Tensor:
-        wrap = "tensor"
     else:
-        raise StagingError(f"unsupported tensor subclass {type(t).__qualname__}", key=key)
-    _check_plain_data(t, key)
-    try:
-        attrs = copy.deepcopy(dict(t.__dict__))
-    except Exception as exc:
-        raise StagingError(f"cannot copy the tensor's Python attributes: {exc}", key=key) from exc
-    data = t.detach()
-    leaves.append(TensorLeaf(path, data, wrap, t.requires_grad, attrs))
+        raise StagingError(f"unsupported tensor subclass {kind.__qualname__}", key=key_str(path))
+    _check_plain_data(t, path)
+    attrs: dict[str, Any] = {}
+    if t.__dict__:
+        try:
+            attrs = copy.deepcopy(dict(t.__dict__))
+        except Exception as exc:
+            raise StagingError(
+                f"cannot copy the tensor's Python attributes: {exc}", key=key_str(path)
+            ) from exc
+    leaves.append(TensorLeaf(path, t.detach(), wrap, t.requires_grad, attrs))
     return Leaf(len(leaves) - 1)
 
 
@@ -193,7 +195,7 @@ def _walk_sharded(t: Any, path: KeyPath, leaves: list[TensorLeaf], active: set[i
     shards = t.local_shards()
     children = []
     for i, shard in enumerate(shards):
-        _check_plain_data(shard.tensor, key_str((*path, i)))
+        _check_plain_data(shard.tensor, (*path, i))
         leaves.append(
             TensorLeaf((*path, i), shard.tensor.detach(), "tensor", shard.tensor.requires_grad)
         )
@@ -202,15 +204,17 @@ def _walk_sharded(t: Any, path: KeyPath, leaves: list[TensorLeaf], active: set[i
     return ShardedNode(t.metadata(), metas, tuple(children), t._process_group)
 
 
-def _check_plain_data(t: torch.Tensor, key: str) -> None:
+def _check_plain_data(t: torch.Tensor, path: KeyPath) -> None:
+    if t.layout == torch.strided and not (t.is_meta or t.is_quantized or t.is_nested):
+        return
+    key = key_str(path)
     if t.is_meta:
         raise StagingError("a meta tensor has no data to stage; materialise it first", key=key)
     if t.layout != torch.strided:
         raise StagingError(
             f"tensor layout {t.layout} is not supported; use a dense tensor", key=key
         )
-    if t.is_quantized or t.is_nested:
-        raise StagingError("quantized and nested tensors are not supported", key=key)
+    raise StagingError("quantized and nested tensors are not supported", key=key)
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -224,12 +228,9 @@ def _is_sharded_tensor(t: torch.Tensor) -> bool:
 
 
 def _optional_class(module: str, name: str) -> type | None:
-    import importlib
-    import sys
-
-    if module not in sys.modules:  # never import torch.distributed just to check a type
-        return None
-    return getattr(importlib.import_module(module), name, None)
+    """``module.name`` if ``module`` is already imported (never import torch.distributed)."""
+    loaded = sys.modules.get(module)
+    return getattr(loaded, name, None) if loaded is not None else None
 
 
 # ---------------------------------------------------------------- rebuilding
@@ -353,8 +354,9 @@ def plan_storages(tensors: Sequence[torch.Tensor]) -> StoragePlan:
         lo, hi = _byte_extent(t)
         extents.append((lo, hi))
         if hi > lo:
-            st = t.untyped_storage()
-            groups.setdefault((t.device.type, t.device.index, st.data_ptr()), []).append(i)
+            dev = t.device
+            key = (dev.type, dev.index, t.untyped_storage().data_ptr())
+            groups.setdefault(key, []).append(i)
     spans: list[Span] = []
     sources: list[torch.UntypedStorage] = []
     views: list[View | None] = [None] * len(tensors)
@@ -381,11 +383,14 @@ def plan_storages(tensors: Sequence[torch.Tensor]) -> StoragePlan:
 
 def _byte_extent(t: torch.Tensor) -> tuple[int, int]:
     """The [start, end) bytes of ``t``'s storage that its elements touch (empty if no elements)."""
-    if t.numel() == 0:
+    n = int(t.numel())
+    if n == 0:
         return (0, 0)
     size = t.element_size()
-    last = sum((int(n) - 1) * int(s) for n, s in zip(t.shape, t.stride(), strict=True))
     start = int(t.storage_offset()) * size
+    if t.is_contiguous():
+        return (start, start + n * size)
+    last = sum((int(d) - 1) * int(s) for d, s in zip(t.shape, t.stride(), strict=True))
     return (start, start + (last + 1) * size)
 
 

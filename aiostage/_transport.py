@@ -1,0 +1,386 @@
+"""Safe metadata and bucketed payloads over a ProcessGroup: one frame per state dict, no pickle.
+
+A frame is what a data file holds, sent as point-to-point messages on one tag (gloo and NCCL keep
+per-pair FIFO order):
+
+0. ``int64[5]``: ``MAGIC, WIRE_VERSION, header_len, data_len, n_entries``;
+1. the header bytes of the persistence format (``_format.encode_header``: JSON, validated by
+   ``decode_header`` on arrival), checksums left at zero;
+2. the data region (entries back to back, exactly as in a file) in messages of at most
+   ``BUCKET`` bytes: an entry of ``SMALL`` bytes or more is sent straight from its memory,
+   consecutive smaller entries packed into one message;
+3. ``int64[n_entries]``: the xxh3_64 of each entry, hashed while the data is on the wire.
+
+The message ranges depend only on the entries, so both sides derive them from the header. The
+receiver bounds every length before allocating, lands each message in the matching slice of one
+buffer, and hashes each message while the next one arrives.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import anyio.to_thread
+import torch
+import xxhash
+
+from . import _dist
+from ._buffers import copy_bytes
+from ._format import DATA_ALIGN, Header, Source, decode_header, encode_header
+from .errors import CheckpointCorrupt, ReplicationError
+
+__all__ = [
+    "BUCKET",
+    "MAGIC",
+    "SMALL",
+    "Link",
+    "check_head",
+    "decode_frame_header",
+    "partners",
+    "plan_messages",
+    "recv_frame",
+    "send_frame",
+    "send_nothing",
+]
+
+MAGIC = 0x41494F5354414745  # "AIOSTAGE"
+WIRE_VERSION = 1
+TAG = 0x5A57
+BUCKET = 32 << 20
+SMALL = 1 << 20
+MAX_HEADER = 100_000_000
+MAX_ENTRIES = 10_000_000
+_MASK = (1 << 64) - 1
+
+
+@dataclass(slots=True)
+class Link:
+    """Where frames go: the group, the device its backend sends from, the per-wait backstop,
+    and the last header validated per peer (a byte-identical header is not decoded again)."""
+
+    pg: Any
+    device: torch.device
+    backstop: float
+    known: dict[int, tuple[bytes, int, Header]] = field(default_factory=dict)
+    sent: tuple[Header, bytes] | None = None  # the last header sent, encoded
+    verify: bool = True  # hash entries on both sides (all ranks must agree)
+
+
+def partners(rank: int, world: int, partner: int | None = None) -> tuple[int, int]:
+    """``(send_to, receive_from)`` for ``rank`` of ``world`` (group ranks).
+
+    Even world: the pair ``(rank + world // 2) % world``; odd: a ring (send to ``rank + 1``,
+    receive from ``rank - 1``); one rank: itself. ``partner`` overrides with a symmetric pair.
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in a group of {world}")
+    if partner is not None:
+        if not 0 <= partner < world or (partner == rank and world > 1):
+            raise ValueError(f"partner {partner} is not another rank of a group of {world}")
+        return partner, partner
+    if world % 2 == 0:
+        p = (rank + world // 2) % world
+        return p, p
+    return (rank + 1) % world, (rank - 1) % world
+
+
+def plan_messages(
+    entries: Sequence[tuple[int, int]], bucket: int = BUCKET, small: int = SMALL
+) -> list[tuple[int, int]]:
+    """Cut the data region into message byte ranges ``[a, b)`` from the entries' ``(begin, end)``.
+
+    Entries must tile the region in order (``decode_header`` checks it). A large entry gets
+    ranges of its own (``bucket`` at most); runs of small entries share one range.
+    """
+    out: list[tuple[int, int]] = []
+    start: int | None = None
+    end = 0
+    for begin, end in entries:
+        if end - begin >= small:
+            if start is not None and begin > start:
+                out.append((start, begin))
+            start = None
+            out.extend((a, min(a + bucket, end)) for a in range(begin, end, bucket))
+        elif start is None:
+            start = begin
+        elif end - start > bucket:
+            out.append((start, begin))
+            start = begin
+    if start is not None and end > start:
+        out.append((start, end))
+    return out
+
+
+def _spans(header: Header) -> list[tuple[int, int]]:
+    return [(e.begin, e.end) for e in header.entries]
+
+
+# ---------------------------------------------------------------- sending
+
+
+async def send_frame(link: Link, peer: int, header: Header, sources: Sequence[Source]) -> int:
+    """Send ``header`` and the bytes of ``sources`` (one per entry) to group rank ``peer``.
+
+    Blocks on nothing: one worker thread (abandoned on cancellation) encodes, packs, posts and
+    waits, since posting a large gloo send writes to the socket in the caller. Returns the bytes
+    sent. Raises ``ReplicationError(peer, "send")`` when the backend fails (the peer is gone,
+    the backstop expired); bound it with ``anyio.fail_after``.
+    """
+    try:
+        return await anyio.to_thread.run_sync(
+            _send, link, peer, header, sources, abandon_on_cancel=True
+        )
+    except RuntimeError as exc:
+        raise ReplicationError(f"sending failed: {exc}", peer=peer, phase="send") from exc
+
+
+async def send_nothing(link: Link, peer: int) -> None:
+    """Tell ``peer`` there is no frame for it (a recovery with no replica to give)."""
+    head = torch.tensor([MAGIC, WIRE_VERSION, 0, 0, 0], dtype=torch.int64)
+    try:
+        await anyio.to_thread.run_sync(
+            _exchange_one, link, peer, head, True, abandon_on_cancel=True
+        )
+    except RuntimeError as exc:
+        raise ReplicationError(f"sending failed: {exc}", peer=peer, phase="send") from exc
+
+
+def _exchange_one(link: Link, peer: int, t: torch.Tensor, send: bool) -> None:
+    """Send or receive one message and wait for it (worker thread)."""
+    t = t.to(link.device)
+    post = _dist.post_send if send else _dist.post_recv
+    _dist.wait_work(post(t, peer, link.pg, TAG), link.backstop)
+
+
+def _send(link: Link, peer: int, header: Header, sources: Sequence[Source]) -> int:
+    """Post the frame message by message (packing the next while one is on the wire), hash the
+    entries, post the checksums, wait for every send (worker thread)."""
+    if link.sent is None or link.sent[0] != header:  # same layout as last round: reuse
+        link.sent = (header, encode_header(header))
+    raw = link.sent[1]
+    head = [MAGIC, WIRE_VERSION, len(raw), header.data_bytes, len(header.entries)]
+    first = [
+        torch.tensor(head, dtype=torch.int64),
+        torch.frombuffer(bytearray(raw), dtype=torch.uint8),
+    ]
+    msgs = [m.to(link.device) for m in first]
+    works = [_dist.post_send(m, peer, link.pg, TAG) for m in msgs]
+    for m in _messages(header, sources, plan_messages(_spans(header))):
+        msgs.append(m.to(link.device))
+        works.append(_dist.post_send(msgs[-1], peer, link.pg, TAG))
+    digests = _hash_sources(sources) if link.verify else [0] * len(sources)
+    sums = torch.tensor([_signed(s) for s in digests], dtype=torch.int64)
+    msgs.append(sums.to(link.device))
+    works.append(_dist.post_send(msgs[-1], peer, link.pg, TAG))
+    for work in works:
+        _dist.wait_work(work, link.backstop)
+    return len(raw) + header.data_bytes
+
+
+def _messages(
+    header: Header, sources: Sequence[Source], ranges: list[tuple[int, int]]
+) -> Iterator[torch.Tensor]:
+    """One uint8 tensor per range: a slice of an entry's memory, or a packed copy."""
+    entries = header.entries
+    k = 0
+    for a, b in ranges:
+        while entries[k].end <= a:
+            k += 1
+        e, (data, _pad) = entries[k], sources[k]
+        if e.begin <= a and b <= e.begin + data.numel():
+            yield data[a - e.begin : b - e.begin]
+            continue
+        buf = torch.empty(b - a, dtype=torch.uint8)
+        j = k
+        while j < len(entries) and entries[j].begin < b:
+            _pack(buf, a, entries[j].begin, sources[j], b)
+            j += 1
+        yield buf
+
+
+def _pack(buf: torch.Tensor, a: int, begin: int, source: Source, b: int) -> None:
+    """Copy the part of an entry (bytes, then zero padding) that falls in ``[a, b)`` into ``buf``."""
+    data, pad = source
+    lo, hi = max(a, begin), min(b, begin + data.numel() + pad)
+    split = min(hi, begin + data.numel())
+    if split > lo:
+        copy_bytes(data[lo - begin : split - begin], buf[lo - a : split - a])
+    if hi > max(lo, split):
+        buf[max(lo, split) - a : hi - a].zero_()
+
+
+def _hash_sources(sources: Sequence[Source]) -> list[int]:
+    """xxh3_64 of each entry: its bytes, then its zero padding (worker thread)."""
+    out = []
+    for data, pad in sources:
+        h = xxhash.xxh3_64()
+        if data.numel():
+            h.update(_view(data.contiguous()))
+        h.update(bytes(pad))
+        out.append(h.intdigest())
+    return out
+
+
+def _view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview(cast(Any, t.numpy()))
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+# ---------------------------------------------------------------- receiving
+
+
+async def recv_frame(
+    link: Link, peer: int, buffer: Callable[[int], Awaitable[torch.Tensor]], *, max_data: int
+) -> tuple[Header, torch.Tensor] | None:
+    """Receive one frame from group rank ``peer``: its validated header and its data bytes
+    (``None`` when the peer sent ``send_nothing``).
+
+    ``buffer(n)`` supplies a CPU uint8 tensor of ``n`` bytes (reused between rounds by the
+    caller). Blocks on nothing. Raises ``ReplicationError`` naming ``peer`` and the phase:
+    ``"header"`` for a malformed frame (checked before anything is allocated, never unpickled),
+    ``"data"`` when the backend fails, ``"verify"`` on a checksum mismatch.
+    """
+    header = await _recv_header(link, peer, max_data)
+    if header is None:
+        return None
+    data = await buffer(header.data_bytes)
+    ranges = plan_messages(_spans(header))
+    sums = torch.empty(len(header.entries), dtype=torch.int64, device=link.device)
+    hasher = _Hasher(header, data, ranges)
+    hasher.verify = link.verify
+    slots = [data[a:b] if link.device.type == "cpu" else None for a, b in ranges]
+    targets = [
+        s if s is not None else torch.empty(b - a, dtype=torch.uint8, device=link.device)
+        for s, (a, b) in zip(slots, ranges, strict=True)
+    ]
+    hasher.staging = targets if link.device.type != "cpu" else None
+    try:
+        await anyio.to_thread.run_sync(
+            _receive, link, peer, targets, sums, hasher, abandon_on_cancel=True
+        )
+    except RuntimeError as exc:
+        raise ReplicationError(f"receiving failed: {exc}", peer=peer, phase="data") from exc
+    if link.verify:
+        hasher.check([v & _MASK for v in sums.cpu().tolist()], peer)
+    return header, data
+
+
+async def _recv_header(link: Link, peer: int, max_data: int) -> Header | None:
+    head = torch.zeros(5, dtype=torch.int64, device=link.device)
+    await _recv_one(link, peer, head)
+    magic, version, header_len, data_len, n_entries = (int(v) for v in head.cpu().tolist())
+    if (magic, version, header_len, data_len, n_entries) == (MAGIC, WIRE_VERSION, 0, 0, 0):
+        return None
+    problem = check_head(magic, version, header_len, data_len, n_entries, max_data)
+    if problem:
+        raise ReplicationError(problem, peer=peer, phase="header")
+    raw = torch.empty(header_len, dtype=torch.uint8, device=link.device)
+    await _recv_one(link, peer, raw)
+    body = raw.cpu().numpy().tobytes()
+    known = link.known.get(peer)
+    if known is not None and known[:2] == (body, data_len):
+        return known[2]
+    header = await anyio.to_thread.run_sync(decode_frame_header, body, data_len, n_entries, peer)
+    link.known[peer] = (body, data_len, header)
+    return header
+
+
+def _receive(
+    link: Link, peer: int, targets: list[torch.Tensor], sums: torch.Tensor, hasher: _Hasher
+) -> None:
+    """Post every receive, then wait for each and hash it while the next lands (worker)."""
+    works = [_dist.post_recv(t, peer, link.pg, TAG) for t in targets]
+    works.append(_dist.post_recv(sums, peer, link.pg, TAG))
+    for i, work in enumerate(works):
+        _dist.wait_work(work, link.backstop)
+        hasher.take(i)
+
+
+async def _recv_one(link: Link, peer: int, t: torch.Tensor) -> None:
+    try:
+        await anyio.to_thread.run_sync(_exchange_one, link, peer, t, False, abandon_on_cancel=True)
+    except RuntimeError as exc:
+        raise ReplicationError(f"receiving failed: {exc}", peer=peer, phase="header") from exc
+
+
+def check_head(
+    magic: int, version: int, header_len: int, data_len: int, n_entries: int, max_data: int
+) -> str | None:
+    """What is wrong with a frame's first message, or ``None``; checked before any allocation."""
+    if magic != MAGIC:
+        return f"not an aiostage frame (magic {magic:#x}); is the peer running aiostage?"
+    if version != WIRE_VERSION:
+        return f"wire version {version}, expected {WIRE_VERSION}; run one aiostage version"
+    if not DATA_ALIGN <= header_len <= MAX_HEADER + 8 or header_len % DATA_ALIGN:
+        return f"header length {header_len} is out of range"
+    if not 0 <= data_len <= max_data:
+        return f"data length {data_len} is out of range (limit {max_data} bytes)"
+    if not 0 <= n_entries <= MAX_ENTRIES:
+        return f"{n_entries} entries is out of range"
+    return None
+
+
+def decode_frame_header(raw: bytes, data_len: int, n_entries: int, peer: int) -> Header:
+    """Validate the header bytes of a frame (``ReplicationError(peer, "header")``)."""
+    (n,) = struct.unpack("<Q", raw[:8])
+    if n != len(raw) - 8:
+        raise ReplicationError(
+            f"header says {n} bytes, got {len(raw) - 8}", peer=peer, phase="header"
+        )
+    try:
+        header = decode_header(raw[8:], data_len, f"frame from rank {peer}")
+    except CheckpointCorrupt as exc:
+        raise ReplicationError(str(exc), peer=peer, phase="header") from exc
+    if len(header.entries) != n_entries:
+        raise ReplicationError(
+            f"{len(header.entries)} entries, the frame said {n_entries}", peer=peer, phase="header"
+        )
+    return header
+
+
+class _Hasher:
+    """Hashes each message's bytes per entry as it lands (in the waiting worker thread)."""
+
+    def __init__(self, header: Header, data: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
+        self.header, self.data, self.ranges = header, data, ranges
+        self.hashes = [xxhash.xxh3_64() for _ in header.entries]
+        self.staging: list[torch.Tensor] | None = None
+        self.verify = True
+        self.view = _view(data) if data.numel() else memoryview(b"")
+        self.k = 0
+
+    def take(self, i: int) -> None:
+        """Hash message ``i`` (the checksum trailer, past the last range, is skipped)."""
+        if i >= len(self.ranges) or not self.verify:
+            return
+        a, b = self.ranges[i]
+        if self.staging is not None:
+            self.data[a:b].copy_(self.staging[i])
+        entries = self.header.entries
+        while entries[self.k].end <= a:
+            self.k += 1
+        j = self.k
+        while j < len(entries) and entries[j].begin < b:
+            e = entries[j]
+            lo, hi = max(a, e.begin), min(b, e.end)
+            if hi > lo:
+                self.hashes[j].update(self.view[lo:hi])
+            j += 1
+
+    def check(self, sums: list[int], peer: int) -> None:
+        """Compare with the sender's checksums; ``ReplicationError(peer, "verify")`` on a mismatch."""
+        for e, h, want in zip(self.header.entries, self.hashes, sums, strict=True):
+            if h.intdigest() != want:
+                raise ReplicationError(
+                    f"checksum mismatch in entry {e.name!r}: the bytes were damaged on the way "
+                    "(or the peer's stager was built with verify=False)",
+                    peer=peer,
+                    phase="verify",
+                )
