@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import aiostage
+from aiostage.testing import assert_state_dict_equal
 
 DTYPES = [
     torch.float32,
@@ -94,28 +95,6 @@ def state_dicts(draw: st.DrawFn) -> dict[Any, Any]:
     return draw(st.dictionaries(keys, tree, min_size=1, max_size=5))
 
 
-def assert_same(a: Any, b: Any, where: str = "") -> None:
-    assert type(a) is type(b), where
-    if isinstance(a, torch.Tensor):
-        assert (a.shape, a.stride(), a.dtype) == (b.shape, b.stride(), b.dtype), where
-        flat_a, flat_b = a.contiguous().reshape(-1), b.contiguous().reshape(-1)
-        assert torch.equal(flat_a.view(torch.uint8), flat_b.view(torch.uint8)), where
-    elif isinstance(a, dict):
-        assert list(a) == list(b), where
-        assert [type(k) for k in a] == [type(k) for k in b], where
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{where}.{i}")
-    elif isinstance(a, float) and math.isnan(a):
-        assert math.isnan(b), where
-    else:
-        assert a == b, where
-        assert repr(a) == repr(b), where
-
-
 def storages(obj: Any) -> list[int]:
     """The storage identity of every non-empty tensor, in walk order."""
     if isinstance(obj, torch.Tensor):
@@ -134,7 +113,7 @@ def sharing(ptrs: list[int]) -> list[int]:
 def test_random_state_dicts_round_trip(sd: dict[Any, Any]) -> None:
     with tempfile.TemporaryDirectory() as root:
         out = asyncio.run(_round_trip(sd, Path(root) / "ckpt"))
-    assert_same(sd, out)
+    assert_state_dict_equal(sd, out)
     assert sharing(storages(out)) == sharing(storages(sd))
 
 

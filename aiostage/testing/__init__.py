@@ -1,5 +1,5 @@
 """Helpers for testing code built on aiostage: spawned gloo worlds (``run_world``,
-``arun_world``) and an event-loop lag meter (``LoopLag``).
+``arun_world``), an event-loop lag meter (``LoopLag``) and ``assert_state_dict_equal``.
 
 The functions a world runs must be top-level functions of an importable module: the ranks are
 "spawn" processes, which import them by reference.
@@ -7,6 +7,7 @@ The functions a world runs must be top-level functions of an importable module: 
 
 from __future__ import annotations
 
+from ._assert import assert_state_dict_equal as assert_state_dict_equal
 from ._lag import LoopLag as LoopLag
 from ._world import RankFailure as RankFailure
 from ._world import WorldError as WorldError
@@ -14,7 +15,15 @@ from ._world import WorldTimeout as WorldTimeout
 from ._world import arun_world as arun_world
 from ._world import run_world as run_world
 
-__all__ = ["LoopLag", "RankFailure", "WorldError", "WorldTimeout", "arun_world", "run_world"]
+__all__ = [
+    "LoopLag",
+    "RankFailure",
+    "WorldError",
+    "WorldTimeout",
+    "arun_world",
+    "assert_state_dict_equal",
+    "run_world",
+]
 
 for _name in __all__:
     _obj = globals()[_name]

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import aiostage
 from aiostage import _transport
 from aiostage.errors import ReplicationError, ReplicationTimeout
+from aiostage.testing import assert_state_dict_equal
 
 
 def make_state(rank: int) -> dict[str, Any]:
@@ -43,25 +44,6 @@ def make_state(rank: int) -> dict[str, Any]:
     return {"model": model, "optim": optim, "epoch": rank, "tag": None}
 
 
-def assert_same(got: Any, want: Any, path: str = "") -> None:
-    """Equal structure, types, dtypes, shapes and bytes (``path`` names a difference)."""
-    assert type(got) is type(want), f"{path}: {type(got)} != {type(want)}"
-    if isinstance(want, torch.Tensor):
-        assert got.dtype == want.dtype, path
-        assert got.shape == want.shape, path
-        assert torch.equal(got.detach(), want.detach()), path
-    elif isinstance(want, dict):
-        assert list(got) == list(want), path
-        for k in want:
-            assert_same(got[k], want[k], f"{path}.{k}")
-    elif isinstance(want, list | tuple):
-        assert len(got) == len(want), path
-        for i, (a, b) in enumerate(zip(got, want, strict=True)):
-            assert_same(a, b, f"{path}.{i}")
-    else:
-        assert got == want, f"{path}: {got!r} != {want!r}"
-
-
 def check_aliasing(replica: dict[str, Any]) -> None:
     m = replica["model"]
     ptr = m["w"].untyped_storage().data_ptr()
@@ -78,13 +60,13 @@ async def roundtrip(rank: int, world: int, tmp: str) -> dict[str, Any]:
         ptrs = []
         for _ in range(4):
             replica = await stager.stage(sd)
-            assert_same(replica, make_state(src))
+            assert_state_dict_equal(replica, make_state(src))
             check_aliasing(replica)
             ptrs.append(replica["model"]["w"].untyped_storage().data_ptr())
             stager.release(replica)
         await stager.persisted()
         on_disk = await aiostage.load(stager.storage_path(src))  # type: ignore[arg-type]
-        assert_same(on_disk, make_state(src))
+        assert_state_dict_equal(on_disk, make_state(src))
         stats = stager.statistics()
     if world == 4:
         await _subgroup(rank)
@@ -102,17 +84,17 @@ async def _subgroup(rank: int) -> None:
     pg = groups[rank % 2]
     async with aiostage.ReplicationStager(pg, timeout=30) as stager:
         replica = await stager.stage(make_state(rank))
-        assert_same(replica, make_state((rank + 2) % 4))
+        assert_state_dict_equal(replica, make_state((rank + 2) % 4))
 
 
 async def no_storage_and_tiny(rank: int, world: int) -> dict[str, Any]:
     """No storage_dir (no ``async with`` needed); then 4,096 tiny tensors, timed."""
     stager = aiostage.ReplicationStager(timeout=30)
     replica = await stager.stage(make_state(rank))
-    assert_same(replica, make_state(1 - rank))
+    assert_state_dict_equal(replica, make_state(1 - rank))
     await stager.persisted()
     unverified = aiostage.ReplicationStager(timeout=30, verify=False)
-    assert_same(await unverified.stage(make_state(rank)), make_state(1 - rank))
+    assert_state_dict_equal(await unverified.stage(make_state(rank)), make_state(1 - rank))
     await unverified.aclose()
     tiny = {f"t{i}": torch.full((1,), float(rank * 10_000 + i)) for i in range(4096)}
     stager.release(await stager.stage(tiny))  # warm-up: buffers, threads
@@ -253,11 +235,11 @@ async def recover(rank: int, world: int, tmp: str) -> list[str]:
     async with aiostage.ReplicationStager(storage_dir=tmp, timeout=30) as first:
         replica = await first.stage(sd)
         await first.persisted()
-        assert_same(replica, make_state(1 - rank))
+        assert_state_dict_equal(replica, make_state(1 - rank))
         restarted = aiostage.ReplicationStager(storage_dir=tmp, timeout=30)
         if rank == 1:  # a fresh process would start here; its stager has nothing in memory
             back = await restarted.recover(lost=True, like=make_state(99))
-            assert_same(back, sd)
+            assert_state_dict_equal(back, sd)
         else:
             assert await first.recover(lost=False) is None
     sources = ["memory"]
@@ -265,7 +247,7 @@ async def recover(rank: int, world: int, tmp: str) -> list[str]:
     async with aiostage.ReplicationStager(storage_dir=tmp, timeout=30) as fresh:
         back = await fresh.recover(lost=rank == 1, like=make_state(99) if rank == 1 else None)
         if rank == 1:
-            assert_same(back, sd)
+            assert_state_dict_equal(back, sd)
             check_aliasing(back)
         sources.append("file")
     return sources
