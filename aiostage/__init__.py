@@ -7,6 +7,10 @@ the event loop; the public names below are the whole API (errors live in ``aiost
 from __future__ import annotations
 
 from . import errors as errors
+from ._checkpointer import Checkpointer as Checkpointer
+from ._checkpointer import async_save as async_save
+from ._handle import CheckpointReport as CheckpointReport
+from ._handle import SaveHandle as SaveHandle
 from ._reader import load as load
 from ._reader import load_metadata as load_metadata
 from ._replication import ReplicationStager as ReplicationStager
@@ -22,12 +26,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncStager",
+    "CheckpointReport",
+    "Checkpointer",
     "DefaultStager",
     "ReplicationStager",
+    "SaveHandle",
     "SaveReport",
     "StagerStatistics",
     "StagingOptions",
     "__version__",
+    "async_save",
     "errors",
     "load",
     "load_metadata",

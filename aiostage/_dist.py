@@ -26,6 +26,7 @@ __all__ = [
     "global_rank",
     "post_recv",
     "post_send",
+    "private_group",
     "rank_and_size",
     "wait_work",
 ]
@@ -79,6 +80,15 @@ async def _wait(work: Any, pg: Any, pg_timeout: float, what: str) -> None:
 
 
 # ---------------------------------------------------------------- point to point (replication)
+
+
+async def private_group(pg: Any) -> Any:
+    """A new gloo group over the ranks of ``pg``, so background collectives never interleave
+    with the caller's own on ``pg``. Collective: every rank of the default group must call it."""
+    import torch.distributed as dist
+
+    ranks = dist.get_process_group_ranks(pg)
+    return await anyio.to_thread.run_sync(lambda: dist.new_group(ranks=ranks, backend="gloo"))
 
 
 def default_group() -> Any:

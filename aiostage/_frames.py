@@ -16,7 +16,7 @@ import anyio.lowlevel
 import anyio.to_thread
 import torch
 
-from . import _dist, _fs
+from . import _dist, _fs, _gc
 from ._buffers import allocate
 from ._format import Header, Manifest, Source, rank_file
 from ._layout import plan_file
@@ -99,12 +99,13 @@ def outgoing(state: Any, in_place: bool = True) -> tuple[Tree, Header, list[Sour
 
     Raises ``UnsupportedValueError`` naming the key of a leaf the format cannot hold.
     """
-    tree = flatten(state)
-    if not in_place or any(leaf.data.device.type != "cpu" for leaf in tree.leaves):
-        return None
-    portable = Tree(_portable(tree.root), tree.leaves)
-    header, sources = plan_file(portable, plan_storages([leaf.data for leaf in tree.leaves]))
-    return tree, header, sources
+    with _gc.paused():
+        tree = flatten(state)
+        if not in_place or any(leaf.data.device.type != "cpu" for leaf in tree.leaves):
+            return None
+        portable = Tree(_portable(tree.root), tree.leaves)
+        header, sources = plan_file(portable, plan_storages([leaf.data for leaf in tree.leaves]))
+        return tree, header, sources
 
 
 def _portable(node: Node) -> Node:
@@ -129,6 +130,13 @@ def rebuild(
     ``(global rank, pg)`` of the rank whose state it is. Raises ``ReplicationError`` naming
     ``sender`` (phase ``"header"``) for a structure that does not decode or fit.
     """
+    with _gc.paused():
+        return _rebuild(header, data, template, sender, owner)
+
+
+def _rebuild(
+    header: Header, data: torch.Tensor, template: Tree | None, sender: int, owner: Any
+) -> Any:
     root, leaves = frame_leaves(header, sender)
     mine = {leaf.path: leaf for leaf in template.leaves} if template is not None else {}
     tensors = frame_tensors(header, data)

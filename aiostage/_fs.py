@@ -41,7 +41,9 @@ __all__ = [
     "read_at",
     "remove_tree",
     "rename_noreplace",
+    "retire",
     "ring",
+    "scan_dir",
     "sweep_now",
     "temp_path",
 ]
@@ -267,6 +269,30 @@ async def exchange(new: Path, path: Path) -> None:
 async def remove_tree(path: Path) -> None:
     """Remove ``path`` and everything under it, ignoring errors (``sweep`` finds what is left)."""
     await anyio.to_thread.run_sync(lambda: shutil.rmtree(path, ignore_errors=True))
+
+
+def _retire(path: Path, token: str) -> None:
+    hidden = temp_path(path, token)
+    os.rename(path, hidden)
+    _fsync_dir(path.parent)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+async def retire(path: Path, token: str) -> None:
+    """Delete directory ``path`` so it vanishes at once: rename it to a temporary name (which
+    ``sweep`` removes if this is interrupted), fsync the parent, then remove the tree."""
+    await anyio.to_thread.run_sync(_retire, path, token)
+
+
+def _scan_dir(root: Path, manifest: str) -> list[tuple[str, str]]:
+    if not root.is_dir():
+        return []
+    return [(name, _path_kind(root / name, manifest)) for name in sorted(os.listdir(root))]
+
+
+async def scan_dir(root: Path, manifest: str) -> list[tuple[str, str]]:
+    """``(name, path_kind)`` of every entry of ``root`` (nothing if ``root`` is not a directory)."""
+    return await anyio.to_thread.run_sync(_scan_dir, root, manifest)
 
 
 def sweep_now(root: Path, manifest: str) -> list[Path]:

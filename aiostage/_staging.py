@@ -18,7 +18,7 @@ import anyio
 import anyio.lowlevel
 import torch
 
-from . import _cuda
+from . import _cuda, _gc
 from ._buffers import Buffers, Layout, allocate, copy_chunks, free, source_bytes
 from ._completion import Backoff, wait_until
 from ._tree import StoragePlan, Tree, flatten, plan_storages, unflatten, view_tensor
@@ -311,8 +311,9 @@ class DefaultStager:
 
 def _plan(state_dict: Any) -> tuple[Tree, StoragePlan]:
     """Walk the state dict and plan its storages (a worker thread: large dicts take a while)."""
-    tree = flatten(state_dict)
-    return tree, plan_storages([leaf.data for leaf in tree.leaves])
+    with _gc.paused():
+        tree = flatten(state_dict)
+        return tree, plan_storages([leaf.data for leaf in tree.leaves])
 
 
 @dataclass(eq=False)
@@ -342,5 +343,6 @@ class _CopyJob:
             for device, pairs in by_device.items():
                 self.events.append(streams.issue_copies(device, pairs, after=current[device]))
         copy_chunks(host, self.chunk)
-        storages = self.buffers.storages()
-        return unflatten(self.tree, [view_tensor(v, storages) for v in self.plan.views])
+        with _gc.paused():
+            storages = self.buffers.storages()
+            return unflatten(self.tree, [view_tensor(v, storages) for v in self.plan.views])

@@ -156,8 +156,9 @@ def _exchange_one(link: Link, peer: int, t: torch.Tensor, send: bool) -> None:
 
 
 def _send(link: Link, peer: int, header: Header, sources: Sequence[Source]) -> int:
-    """Post the frame message by message (packing the next while one is on the wire), hash the
-    entries, post the checksums, wait for every send (worker thread)."""
+    """Post the frame message by message, hashing each one just before it is posted (its bytes
+    are then in the cache when the kernel copies them), then the checksums; wait for every send
+    (worker thread)."""
     if link.sent is None or link.sent[0] != header:  # same layout as last round: reuse
         link.sent = (header, encode_header(header))
     raw = link.sent[1]
@@ -168,10 +169,14 @@ def _send(link: Link, peer: int, header: Header, sources: Sequence[Source]) -> i
     ]
     msgs = [m.to(link.device) for m in first]
     works = [_dist.post_send(m, peer, link.pg, TAG) for m in msgs]
-    for m in _messages(header, sources, plan_messages(_spans(header))):
+    ranges = plan_messages(_spans(header))
+    hasher = _Hasher(header, ranges)
+    for i, m in enumerate(_messages(header, sources, ranges)):
+        if link.verify:
+            hasher.take(i, _view(m))
         msgs.append(m.to(link.device))
         works.append(_dist.post_send(msgs[-1], peer, link.pg, TAG))
-    digests = _hash_sources(sources) if link.verify else [0] * len(sources)
+    digests = hasher.digests() if link.verify else [0] * len(sources)
     sums = torch.tensor([_signed(s) for s in digests], dtype=torch.int64)
     msgs.append(sums.to(link.device))
     works.append(_dist.post_send(msgs[-1], peer, link.pg, TAG))
@@ -212,18 +217,6 @@ def _pack(buf: torch.Tensor, a: int, begin: int, source: Source, b: int) -> None
         buf[max(lo, split) - a : hi - a].zero_()
 
 
-def _hash_sources(sources: Sequence[Source]) -> list[int]:
-    """xxh3_64 of each entry: its bytes, then its zero padding (worker thread)."""
-    out = []
-    for data, pad in sources:
-        h = xxhash.xxh3_64()
-        if data.numel():
-            h.update(_view(data.contiguous()))
-        h.update(bytes(pad))
-        out.append(h.intdigest())
-    return out
-
-
 def _view(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without a copy."""
     return memoryview(cast(Any, t.numpy()))
@@ -253,22 +246,20 @@ async def recv_frame(
     data = await buffer(header.data_bytes)
     ranges = plan_messages(_spans(header))
     sums = torch.empty(len(header.entries), dtype=torch.int64, device=link.device)
-    hasher = _Hasher(header, data, ranges)
-    hasher.verify = link.verify
-    slots = [data[a:b] if link.device.type == "cpu" else None for a, b in ranges]
+    on_cpu = link.device.type == "cpu"
     targets = [
-        s if s is not None else torch.empty(b - a, dtype=torch.uint8, device=link.device)
-        for s, (a, b) in zip(slots, ranges, strict=True)
+        data[a:b] if on_cpu else torch.empty(b - a, dtype=torch.uint8, device=link.device)
+        for a, b in ranges
     ]
-    hasher.staging = targets if link.device.type != "cpu" else None
+    landing = _Landing(_Hasher(header, ranges) if link.verify else None, data, ranges, on_cpu)
     try:
         await anyio.to_thread.run_sync(
-            _receive, link, peer, targets, sums, hasher, abandon_on_cancel=True
+            _receive, link, peer, targets, sums, landing, abandon_on_cancel=True
         )
     except RuntimeError as exc:
         raise ReplicationError(f"receiving failed: {exc}", peer=peer, phase="data") from exc
-    if link.verify:
-        hasher.check([v & _MASK for v in sums.cpu().tolist()], peer)
+    if landing.hasher is not None:
+        landing.hasher.check([v & _MASK for v in sums.cpu().tolist()], peer)
     return header, data
 
 
@@ -293,14 +284,15 @@ async def _recv_header(link: Link, peer: int, max_data: int) -> Header | None:
 
 
 def _receive(
-    link: Link, peer: int, targets: list[torch.Tensor], sums: torch.Tensor, hasher: _Hasher
+    link: Link, peer: int, targets: list[torch.Tensor], sums: torch.Tensor, landing: _Landing
 ) -> None:
     """Post every receive, then wait for each and hash it while the next lands (worker)."""
     works = [_dist.post_recv(t, peer, link.pg, TAG) for t in targets]
     works.append(_dist.post_recv(sums, peer, link.pg, TAG))
     for i, work in enumerate(works):
         _dist.wait_work(work, link.backstop)
-        hasher.take(i)
+        if i < len(targets):
+            landing.take(i, targets[i])
 
 
 async def _recv_one(link: Link, peer: int, t: torch.Tensor) -> None:
@@ -346,41 +338,55 @@ def decode_frame_header(raw: bytes, data_len: int, n_entries: int, peer: int) ->
 
 
 class _Hasher:
-    """Hashes each message's bytes per entry as it lands (in the waiting worker thread)."""
+    """The xxh3_64 of each entry, fed message by message (message ``i`` covers ``ranges[i]``)."""
 
-    def __init__(self, header: Header, data: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
-        self.header, self.data, self.ranges = header, data, ranges
+    def __init__(self, header: Header, ranges: list[tuple[int, int]]) -> None:
+        self.entries, self.ranges = header.entries, ranges
         self.hashes = [xxhash.xxh3_64() for _ in header.entries]
-        self.staging: list[torch.Tensor] | None = None
-        self.verify = True
-        self.view = _view(data) if data.numel() else memoryview(b"")
         self.k = 0
 
-    def take(self, i: int) -> None:
-        """Hash message ``i`` (the checksum trailer, past the last range, is skipped)."""
-        if i >= len(self.ranges) or not self.verify:
-            return
+    def take(self, i: int, message: memoryview) -> None:
+        """Hash the bytes of message ``i`` into the entries they belong to (in order)."""
         a, b = self.ranges[i]
-        if self.staging is not None:
-            self.data[a:b].copy_(self.staging[i])
-        entries = self.header.entries
+        entries = self.entries
         while entries[self.k].end <= a:
             self.k += 1
         j = self.k
         while j < len(entries) and entries[j].begin < b:
-            e = entries[j]
-            lo, hi = max(a, e.begin), min(b, e.end)
+            lo, hi = max(a, entries[j].begin), min(b, entries[j].end)
             if hi > lo:
-                self.hashes[j].update(self.view[lo:hi])
+                self.hashes[j].update(message[lo - a : hi - a])
             j += 1
+
+    def digests(self) -> list[int]:
+        """One digest per entry."""
+        return [h.intdigest() for h in self.hashes]
 
     def check(self, sums: list[int], peer: int) -> None:
         """Compare with the sender's checksums; ``ReplicationError(peer, "verify")`` on a mismatch."""
-        for e, h, want in zip(self.header.entries, self.hashes, sums, strict=True):
-            if h.intdigest() != want:
+        for e, got, want in zip(self.entries, self.digests(), sums, strict=True):
+            if got != want:
                 raise ReplicationError(
                     f"checksum mismatch in entry {e.name!r}: the bytes were damaged on the way "
                     "(or the peer's stager was built with verify=False)",
                     peer=peer,
                     phase="verify",
                 )
+
+
+@dataclass(slots=True)
+class _Landing:
+    """Where received messages go: off-CPU messages copied into the CPU buffer, then hashed."""
+
+    hasher: _Hasher | None
+    data: torch.Tensor
+    ranges: list[tuple[int, int]]
+    on_cpu: bool
+
+    def take(self, i: int, message: torch.Tensor) -> None:
+        """Message ``i`` has landed (worker thread)."""
+        a, b = self.ranges[i]
+        if not self.on_cpu:
+            self.data[a:b].copy_(message)
+        if self.hasher is not None:
+            self.hasher.take(i, _view(self.data[a:b]))

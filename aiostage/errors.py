@@ -16,6 +16,9 @@
     └── ReplicationError                      an exchange with a peer failed (names peer rank, phase)
         └── ReplicationTimeout(…, TimeoutError) the exchange ran past its timeout; the group is broken
 
+``AiostageWarning(UserWarning)`` is warned, not raised: something was ignored (e.g. a file in a
+Checkpointer's root that is not a checkpoint).
+
 Cancellation (``CancelledError``, ``KeyboardInterrupt``, ``SystemExit``) is never caught or
 wrapped. Each error keeps its cause (``raise ... from``).
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 __all__ = [
     "AiostageError",
+    "AiostageWarning",
     "CheckpointCorrupt",
     "CheckpointNotFound",
     "CheckpointWriteError",
@@ -128,6 +132,10 @@ class ReplicationTimeout(ReplicationError, TimeoutError):
     A timed-out point-to-point operation cannot be withdrawn from the process group, so recreate
     the group and the ``ReplicationStager``.
     """
+
+
+class AiostageWarning(UserWarning):
+    """Something was ignored or skipped on purpose (never an error): says what and why."""
 
 
 for _name in __all__:

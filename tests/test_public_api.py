@@ -16,6 +16,7 @@ PACKAGE = pathlib.Path(aiostage.__file__).parent
 #: a module may import only modules of a lower layer
 LAYERS: dict[str, float] = {
     "errors": 0,
+    "_gc": 0,
     "_tree": 1,
     "_completion": 1,
     "_cuda": 1,
@@ -33,6 +34,7 @@ LAYERS: dict[str, float] = {
     "_frames": 3.5,
     "_save": 4,
     "_replication": 4,
+    "_handle": 4.5,
     "_checkpointer": 5,
     "_channel": 5,
     "testing": 6,
@@ -59,7 +61,8 @@ def test_public_names_have_docstrings_and_clean_module(name: str) -> None:
 def test_errors_share_one_root_and_live_in_errors() -> None:
     for name in aiostage.errors.__all__:
         cls = getattr(aiostage.errors, name)
-        assert issubclass(cls, aiostage.errors.AiostageError)
+        root = UserWarning if name == "AiostageWarning" else aiostage.errors.AiostageError
+        assert issubclass(cls, root)
         assert cls.__module__ == "aiostage.errors"
         assert inspect.getdoc(cls)
 

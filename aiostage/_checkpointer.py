@@ -1,0 +1,388 @@
+"""The front door for training loops: ``async_save`` and ``Checkpointer``.
+
+A save returns once the state is staged; replication, persistence, commit and retention go on in
+the background. A ``Checkpointer`` runs them one save at a time in a task it owns (so every rank
+issues its collectives in the same order), on a private gloo group (so they never interleave with
+the training loop's own collectives), and deletes old checkpoints only after a newer one is
+committed. See ``docs/checkpointer.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import anyio
+import anyio.abc
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from . import _dist, _fs
+from ._format import MANIFEST
+from ._handle import CheckpointReport, SaveHandle
+from ._reader import load
+from ._replication import ReplicationStager
+from ._save import PathLike, save
+from ._staging import AsyncStager, DefaultStager, StagingOptions
+from .errors import AiostageWarning, CheckpointNotFound, ClosedError, UsageError
+
+__all__ = ["Checkpointer", "async_save", "step_name"]
+
+STEP = re.compile(r"^step_(\d{9,})$")
+_RUNNING: set[asyncio.Task[None]] = set()  # async_save's background tasks, until they finish
+
+
+def step_name(step: int) -> str:
+    """The directory name of ``step`` (``step_000000100``): names sort in step order."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return f"step_{step:09d}"
+
+
+@dataclass(slots=True)
+class _Job:
+    """A staged state dict on its way to disk, and what it cost so far."""
+
+    handle: SaveHandle
+    staged: Any
+    stager: AsyncStager
+    metadata: dict[str, Any] | None
+    began: float
+    wait: float = 0.0
+    stage: float = 0.0
+    stage_bytes: int = 0
+    stall: float = 0.0
+    times: dict[str, float] = field(default_factory=dict)
+
+
+async def _stage(job: _Job, state_dict: Any) -> None:
+    """Stage ``state_dict`` into ``job`` (the caller's part of a save)."""
+    stats = getattr(job.stager, "statistics", None)
+    before = stats().bytes_staged if stats is not None else 0
+    t = time.perf_counter()
+    job.staged = await job.stager.stage(state_dict)
+    job.stage = time.perf_counter() - t
+    job.stage_bytes = stats().bytes_staged - before if stats is not None else 0
+    job.stall = time.perf_counter() - job.began
+    job.handle.staged.set(None)
+
+
+async def _persist(
+    job: _Job, *, pg: Any, replicate: ReplicationStager | None, pg_timeout: float
+) -> CheckpointReport:
+    """Replicate (optionally), write and commit ``job``; release its staged copy either way."""
+    t0 = time.perf_counter()
+    try:
+        if replicate is not None:
+            replicate.release(await replicate.stage(job.staged))
+        t1 = time.perf_counter()
+        report = await save(
+            job.staged, job.handle.path, pg=pg, overwrite=True,
+            metadata=job.metadata, pg_timeout=pg_timeout,
+        )  # fmt: skip
+    finally:
+        job.stager.release(job.staged)
+    now = time.perf_counter()
+    return CheckpointReport(
+        job.handle.step, job.handle.path, False, job.stall, job.wait, job.stage, t1 - t0,
+        now - t1, now - job.began, job.stage_bytes, report,
+    )  # fmt: skip
+
+
+def _finish(job: _Job, outcome: CheckpointReport | BaseException) -> None:
+    if isinstance(outcome, BaseException):
+        job.handle.committed.fail(outcome)
+        job.handle.report.fail(outcome)
+    else:
+        job.handle.committed.set(outcome.save)
+        job.handle.report.set(outcome)
+
+
+async def async_save(
+    state_dict: Any,
+    path: PathLike,
+    *,
+    stager: AsyncStager | None = None,
+    pg: Any = None,
+    replicate: ReplicationStager | None = None,
+    metadata: dict[str, Any] | None = None,
+    pg_timeout: float = 600.0,
+) -> SaveHandle:
+    """Stage ``state_dict``, then write it to ``path`` in the background; return at once.
+
+    Returns after staging (``handle.staged`` is already done): the caller may change the state
+    from then on. The rest runs in an asyncio task the handle owns: ``replicate.stage`` of the
+    staged copy when given, then ``aiostage.save`` (with ``pg``: every rank calls it; give it a
+    group the training loop does not use concurrently). ``await handle.committed`` raises the
+    save's error; one nobody awaits is logged. Without ``stager`` the copy goes to fresh memory
+    (a ``Checkpointer`` reuses buffers across saves). Blocks on nothing; raises what staging
+    raises (``StagingError``, ``LeaseTimeout``) before returning.
+    """
+    own = stager is None
+    use = stager or DefaultStager(StagingOptions(pool_size=1))
+    job = _Job(SaveHandle(None, Path(path)), None, use, metadata, time.perf_counter())
+    try:
+        await _stage(job, state_dict)
+    except BaseException:
+        if own:
+            await use.aclose()
+        raise
+
+    async def background() -> None:
+        try:
+            _finish(job, await _persist(job, pg=pg, replicate=replicate, pg_timeout=pg_timeout))
+        except Exception as exc:
+            _finish(job, exc)
+        finally:
+            if own:
+                await use.aclose()
+
+    task = asyncio.get_running_loop().create_task(background())
+    _RUNNING.add(task)
+    task.add_done_callback(_RUNNING.discard)
+    return job.handle
+
+
+class Checkpointer:
+    """Checkpoint a training loop every few steps into ``root/step_NNNNNNNNN``.
+
+    ``async with Checkpointer(root) as ckpt: handle = await ckpt.save(step, state)`` returns
+    once ``state`` is staged (the training-visible stall); replication (``replicate=True``:
+    a ``ReplicationStager`` keeps each rank's state in its partner's memory, see ``recover``),
+    the durable write, the commit and retention (``keep_last`` newest committed checkpoints
+    kept; older ones deleted only after a newer one is committed) run in a background task.
+    At most ``max_in_flight`` saves are staged or persisting; beyond that ``save`` waits
+    (``on_busy="wait"``) or returns a skipped handle (``"skip"``, agreed by every rank).
+
+    On entry it clears what crashed saves left (``sweep``) and warns (``AiostageWarning``) about
+    entries of ``root`` that are not checkpoints. A failed background save is raised at the next
+    ``save`` and at ``aclose`` unless its handle already delivered it; ``aclose`` waits for saves
+    in flight. With ``pg`` (gloo; every rank of the default group enters the Checkpointer, as it
+    creates private groups), ``root`` must be shared by the ranks; group rank 0 deletes old steps.
+    """
+
+    def __init__(
+        self,
+        root: PathLike,
+        *,
+        keep_last: int | None = 3,
+        stager: AsyncStager | None = None,
+        pg: Any = None,
+        replicate: bool = False,
+        max_in_flight: int = 1,
+        on_busy: Literal["wait", "skip"] = "wait",
+        pg_timeout: float = 600.0,
+    ) -> None:
+        if keep_last is not None and keep_last < 1:
+            raise ValueError(f"keep_last must be at least 1 (or None: keep all), got {keep_last}")
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
+        if on_busy not in ("wait", "skip"):
+            raise ValueError(f'on_busy must be "wait" or "skip", got {on_busy!r}')
+        self.root = Path(root)
+        self.keep_last, self.max_in_flight, self.on_busy = keep_last, max_in_flight, on_busy
+        self._pg, self._replicate, self._pg_timeout = pg, replicate, pg_timeout
+        self._own_stager = stager is None
+        self._stager = stager or DefaultStager(StagingOptions(pool_size=max_in_flight))
+        self._rank, self._world = _dist.rank_and_size(pg) if pg is not None else (0, 1)
+        self._bg: Any = None  # private groups: background saves, and the skip agreement
+        self._fg: Any = None
+        self._repl: ReplicationStager | None = None
+        self._slots = anyio.Semaphore(max_in_flight)
+        self._send: MemoryObjectSendStream[_Job] | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._failed: list[SaveHandle] = []
+        self._steps: list[int] = []
+        self._state = "new"
+
+    # ------------------------------------------------------------ lifetime
+
+    async def __aenter__(self) -> Checkpointer:
+        if self._state != "new":
+            raise UsageError("a Checkpointer can be entered once; create a new one")
+        self._state = "open"
+        if self._pg is not None and self._world > 1:
+            self._bg = await _dist.private_group(self._pg)
+            if self.on_busy == "skip":
+                self._fg = await _dist.private_group(self._pg)
+        if self._replicate:
+            self._repl = ReplicationStager(self._bg, timeout=self._pg_timeout)
+        if self._rank == 0:
+            await _fs.make_parents(self.root)
+            await anyio.to_thread.run_sync(_fs.sweep_now, self.root, MANIFEST)
+        self._steps = await self._scan(warn=True)
+        send, receive = anyio.create_memory_object_stream[_Job](self.max_in_flight)
+        self._send, self._tg = send, anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self._worker, receive)
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Wait for the saves in flight, stop the background task and free the buffers; then
+        raise the first background failure nobody received. Idempotent."""
+        if self._state != "open":
+            await anyio.lowlevel.checkpoint()
+            return
+        self._state = "closed"
+        try:
+            if self._send is not None:
+                await self._send.aclose()
+            if self._tg is not None:
+                await self._tg.__aexit__(None, None, None)
+        finally:
+            if self._repl is not None:
+                await self._repl.aclose()
+            if self._own_stager:
+                await self._stager.aclose()
+        self._raise_failure()
+
+    # ------------------------------------------------------------ saving
+
+    async def save(
+        self, step: int, state_dict: Any, metadata: dict[str, Any] | None = None
+    ) -> SaveHandle:
+        """Stage ``state_dict`` as checkpoint ``step``; return once it is staged.
+
+        ``metadata`` (JSON) is stored with ``"step"`` added. Blocks on a free slot
+        (``on_busy="wait"``) and on staging. Raises an earlier background failure first (that
+        save is lost; this one is not attempted), ``ClosedError`` outside ``async with``, and
+        what staging raises.
+        """
+        if self._state != "open":
+            raise ClosedError("use the Checkpointer inside `async with Checkpointer(...)`")
+        self._raise_failure()
+        began = time.perf_counter()
+        path = self.root / step_name(step)
+        if await self._busy():
+            return _skipped(step, path, began)
+        meta = {**(metadata or {}), "step": step}
+        job = _Job(SaveHandle(step, path), None, self._stager, meta, began)
+        await self._slots.acquire()
+        job.wait = time.perf_counter() - began
+        try:
+            await _stage(job, state_dict)
+            assert self._send is not None
+            self._send.send_nowait(job)  # a free slot means room in the stream
+        except BaseException:
+            self._slots.release()
+            raise
+        return job.handle
+
+    async def _busy(self) -> bool:
+        """``on_busy="skip"``: whether any rank has no free slot (then all skip)."""
+        if self.on_busy != "skip":
+            return False
+        mine = int(self._slots.value == 0)
+        if self._fg is None:
+            return bool(mine)
+        rows = await _dist.all_gather_ints(
+            self._fg, [mine], pg_timeout=self._pg_timeout, what="Checkpointer skip agreement"
+        )
+        return any(r[0] for r in rows)
+
+    async def _worker(self, receive: MemoryObjectReceiveStream[_Job]) -> None:
+        """Persist the staged jobs one by one, in order (the background task)."""
+        async with receive:
+            async for job in receive:
+                try:
+                    report = await _persist(
+                        job, pg=self._bg, replicate=self._repl, pg_timeout=self._pg_timeout
+                    )
+                    self._committed(job.handle.step)
+                    await self._retain()
+                except Exception as exc:
+                    self._failed.append(job.handle)
+                    _finish(job, exc)
+                else:
+                    _finish(job, report)
+                finally:
+                    self._slots.release()
+
+    def _raise_failure(self) -> None:
+        """Raise the first background failure that no ``await handle.committed`` delivered."""
+        failed, self._failed = self._failed, []
+        for handle in failed:
+            error = handle.committed.unseen_error()
+            if error is not None:
+                raise error
+
+    # ------------------------------------------------------------ steps and retention
+
+    def _committed(self, step: int | None) -> None:
+        if step is not None and step not in self._steps:
+            self._steps = sorted([*self._steps, step])
+
+    async def _retain(self) -> None:
+        """Delete the oldest committed steps beyond ``keep_last`` (group rank 0 only)."""
+        if self.keep_last is None or len(self._steps) <= self.keep_last:
+            return
+        old, self._steps = self._steps[: -self.keep_last], self._steps[-self.keep_last :]
+        if self._rank == 0:
+            for step in old:
+                await _fs.retire(self.root / step_name(step), uuid.uuid4().hex)
+
+    async def _scan(self, *, warn: bool = False) -> list[int]:
+        """The committed steps in ``root``; warn about what is not a checkpoint."""
+        steps = []
+        for name, kind in await _fs.scan_dir(self.root, MANIFEST):
+            m = STEP.match(name)
+            if m and kind == "checkpoint":
+                steps.append(int(m[1]))
+            elif warn and not _fs.TEMP_NAME.match(name):
+                what = "an incomplete checkpoint" if m and kind in ("other", "empty") else kind
+                warnings.warn(
+                    f"{self.root / name}: ignored by the Checkpointer ({what}, not a committed "
+                    "step_NNNNNNNNN checkpoint)",
+                    AiostageWarning,
+                    stacklevel=3,
+                )
+        return sorted(steps)
+
+    def steps(self) -> list[int]:
+        """The committed steps this Checkpointer knows of: found on entry or saved since, less
+        those its retention deleted (no file-system access; ``latest`` rescans)."""
+        return list(self._steps)
+
+    async def latest(self) -> int | None:
+        """The newest committed step in ``root`` (rescanned: another process may have saved
+        one), or ``None``."""
+        found = await self._scan()
+        return found[-1] if found else None
+
+    async def load(self, step: int | None = None, *, into: Any = None) -> Any:
+        """Load checkpoint ``step`` (default: the latest) through ``aiostage.load``.
+
+        Raises ``CheckpointNotFound`` when there is none (or ``step`` was not committed), and
+        whatever ``aiostage.load`` raises.
+        """
+        if step is None:
+            step = await self.latest()
+            if step is None:
+                raise CheckpointNotFound(f"no committed checkpoint in {self.root}", path=self.root)
+        return await load(self.root / step_name(step), into=into, pg=self._pg)
+
+    async def recover(self, *, lost: bool, like: Any = None) -> Any:
+        """``ReplicationStager.recover`` of the latest replicated save (``replicate=True``)."""
+        if self._repl is None:
+            raise UsageError("recover() needs Checkpointer(..., replicate=True)")
+        return await self._repl.recover(lost=lost, like=like)
+
+
+def _skipped(step: int, path: Path, began: float) -> SaveHandle:
+    handle = SaveHandle(step, path, skipped=True)
+    stall = time.perf_counter() - began
+    handle.staged.set(None)
+    handle.committed.set(None)
+    handle.report.set(CheckpointReport(step, path, True, stall, 0, 0, 0, 0, stall, 0, None))
+    return handle

@@ -1,0 +1,55 @@
+"""Rank functions for ``test_checkpointer_distributed.py``: Checkpointer in real gloo worlds.
+
+Top-level so spawned ranks import them by name; each asserts inside the rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import aiostage
+from aiostage.testing import assert_state_dict_equal
+
+
+def rank_state(rank: int, step: int) -> dict[str, Any]:
+    """A per-rank, per-step state dict with an alias and a non-tensor leaf."""
+    w = torch.full((64, 32), float(rank * 1000 + step))
+    return {"model": {"w": w, "w_tied": w, "b": torch.arange(5) + rank}, "step": step}
+
+
+async def replicated_saves(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Saves with pg and replication; a user collective on the default group runs between
+    saves (the Checkpointer's collectives use private groups); then load and recover."""
+    async with aiostage.Checkpointer(
+        root, pg=dist.group.WORLD, replicate=True, keep_last=2, pg_timeout=60
+    ) as ckpt:
+        for step in (1, 2, 3):
+            handle = await ckpt.save(step, rank_state(rank, step))
+            total = torch.ones(1)
+            dist.all_reduce(total)  # the training loop's own collective, while saving
+            assert total.item() == world
+            await handle.committed
+        assert ckpt.steps() == [2, 3]
+        loaded = await ckpt.load()
+        assert_state_dict_equal(loaded, rank_state(rank, 3))
+        back = await ckpt.recover(lost=rank == 1, like=rank_state(rank, 0))
+        if rank == 1:
+            assert_state_dict_equal(back, rank_state(rank, 3))
+        else:
+            assert back is None
+    return {"steps": ckpt.steps()}
+
+
+async def skip_is_agreed(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Ranks that differ in how busy they are still skip (or save) the same steps."""
+    skipped = []
+    async with aiostage.Checkpointer(root, pg=dist.group.WORLD, on_busy="skip") as ckpt:
+        for step in range(4):
+            handle = await ckpt.save(step, rank_state(rank, step))
+            skipped.append(handle.skipped)
+            if rank == 1:  # rank 1 always waits for its save; rank 0 never does
+                await handle.wait()
+    return {"skipped": skipped, "steps": ckpt.steps()}

@@ -1,0 +1,28 @@
+"""Checkpointer with a ProcessGroup: spawned gloo ranks on 127.0.0.1 sharing one root."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import _checkpointer_workers as workers
+import pytest
+
+from aiostage.testing import run_world
+
+pytestmark = [pytest.mark.distributed]
+
+
+@pytest.mark.timeout(90)
+def test_replicated_saves_retention_load_and_recover(tmp_path: Path) -> None:
+    results = run_world(workers.replicated_saves, 2, str(tmp_path), timeout=60)
+    assert results == [{"steps": [2, 3]}] * 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000000002", "step_000000003"]
+
+
+@pytest.mark.timeout(90)
+def test_skip_decisions_are_the_same_on_every_rank(tmp_path: Path) -> None:
+    a, b = run_world(workers.skip_is_agreed, 2, str(tmp_path), timeout=60)
+    assert a == b, (a, b)
+    assert a["skipped"][0] is False
+    saved = [s for s, skipped in enumerate(a["skipped"]) if not skipped]
+    assert a["steps"][-3:] == saved[-3:]

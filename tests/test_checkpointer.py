@@ -1,0 +1,188 @@
+"""Checkpointer and async_save on one rank: retention, latest, resume, failures, busy policies."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import anyio
+import pytest
+import torch
+
+import aiostage
+from aiostage.errors import AiostageWarning, CheckpointNotFound, ClosedError, UnsupportedValueError
+from aiostage.testing import assert_state_dict_equal
+
+
+def state(seed: int, n: int = 1 << 12) -> dict[str, object]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, generator=g)
+    return {"model": {"w": w, "view": w[:16], "b": torch.randn(7, generator=g)}, "step": seed}
+
+
+def clone(sd: dict[str, object]) -> dict[str, object]:
+    m = sd["model"]
+    assert isinstance(m, dict)
+    w = m["w"].clone()
+    return {"model": {"w": w, "view": w[:16], "b": m["b"].clone()}, "step": sd["step"]}
+
+
+async def test_retention_keeps_the_newest_committed_and_load_returns_them(
+    tmp_path: pathlib.Path,
+) -> None:
+    async with aiostage.Checkpointer(tmp_path, keep_last=2) as ckpt:
+        assert await ckpt.latest() is None
+        for step in (10, 20, 30):
+            handle = await ckpt.save(step, state(step), metadata={"loss": 0.5})
+            assert await handle.committed is not None
+        assert ckpt.steps() == [20, 30]
+        assert await ckpt.latest() == 30
+        assert_state_dict_equal(await ckpt.load(), state(30))
+        assert_state_dict_equal(await ckpt.load(20), state(20))
+        with pytest.raises(CheckpointNotFound):
+            await ckpt.load(10)
+    assert sorted(os.listdir(tmp_path)) == ["step_000000020", "step_000000030"]
+    meta = await aiostage.load_metadata(tmp_path / "step_000000030")
+    assert meta == {"loss": 0.5, "step": 30}
+
+
+async def test_the_state_may_change_once_save_returns(tmp_path: pathlib.Path) -> None:
+    sd = state(1)
+    expected = clone(sd)
+    async with aiostage.Checkpointer(tmp_path) as ckpt:
+        handle = await ckpt.save(1, sd)
+        await handle.staged
+        sd["model"]["w"].add_(1.0)  # type: ignore[index]
+        report = await handle.report
+        assert_state_dict_equal(await ckpt.load(1), expected)
+    assert report.step == 1
+    assert not report.skipped
+    assert report.stage_bytes == (4096 + 7) * 4
+    assert 0 < report.stall_seconds <= report.total_seconds
+    assert report.save is not None
+    assert report.persist_gb_per_second > 0
+
+
+async def test_aclose_waits_for_saves_in_flight(tmp_path: pathlib.Path) -> None:
+    async with aiostage.Checkpointer(tmp_path, max_in_flight=2) as ckpt:
+        handles = [await ckpt.save(s, state(s)) for s in (1, 2)]
+    assert all(h.done() for h in handles)
+    assert sorted(os.listdir(tmp_path)) == ["step_000000001", "step_000000002"]
+
+
+async def test_skip_when_busy_says_so_and_wait_waits(tmp_path: pathlib.Path) -> None:
+    async with aiostage.Checkpointer(tmp_path / "skip", on_busy="skip") as ckpt:
+        first = await ckpt.save(1, state(1))
+        second = await ckpt.save(2, state(2))  # no await in between: step 1 is still persisting
+        assert second.skipped
+        assert not first.skipped
+        assert await second.committed is None
+        assert (await second.report).skipped
+        await first.committed
+        third = await ckpt.save(3, state(3))
+        assert not third.skipped
+    async with aiostage.Checkpointer(tmp_path / "wait", on_busy="wait") as ckpt:
+        await ckpt.save(1, state(1))
+        second = await ckpt.save(2, state(2))
+        assert not second.skipped
+        report = await second.report
+        assert report.wait_seconds > 0
+    assert ckpt.steps() == [1, 2]
+
+
+async def test_a_background_failure_surfaces_once_and_the_next_save_works(
+    tmp_path: pathlib.Path,
+) -> None:
+    bad = {"w": torch.ones(3), "opaque": object()}  # stages, but the format cannot store it
+    async with aiostage.Checkpointer(tmp_path) as ckpt:
+        handle = await ckpt.save(1, bad)
+        with pytest.raises(UnsupportedValueError, match="opaque"):
+            await handle.committed
+        await (await ckpt.save(2, state(2))).committed  # already delivered: not raised again
+        lost = await ckpt.save(3, bad)
+        await lost.wait()  # finished (failed) in the background; nobody received the error
+        with pytest.raises(UnsupportedValueError):
+            await ckpt.save(4, state(4))  # not delivered yet: raised here, once
+        await (await ckpt.save(5, state(5))).committed
+        assert ckpt.steps() == [2, 5]
+    assert sorted(os.listdir(tmp_path)) == ["step_000000002", "step_000000005"]
+
+
+async def test_a_failure_nobody_received_is_raised_by_aclose(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(UnsupportedValueError):
+        async with aiostage.Checkpointer(tmp_path) as ckpt:
+            await ckpt.save(1, {"x": object()})
+    assert os.listdir(tmp_path) == []
+
+
+async def test_cancelling_a_save_leaves_no_checkpoint_and_frees_its_slot(
+    tmp_path: pathlib.Path,
+) -> None:
+    big = {"w": torch.ones(16 << 20)}
+    async with aiostage.Checkpointer(tmp_path) as ckpt:
+        with anyio.move_on_after(0):
+            await ckpt.save(1, big)
+        await (await ckpt.save(2, state(2))).committed
+    assert os.listdir(tmp_path) == ["step_000000002"]
+
+
+async def test_garbage_in_root_is_ignored_with_a_warning(tmp_path: pathlib.Path) -> None:
+    await aiostage.save(state(5), tmp_path / "step_000000005")
+    (tmp_path / "step_000000007").mkdir()  # a half-written step
+    (tmp_path / "step_000000007" / "rank_00000.safetensors").write_bytes(b"x")
+    (tmp_path / "step_000000009").write_text("not a directory")
+    leftover = tmp_path / ".step_000000011.aiostage-tmp-0123456789abcdef0123456789abcdef"
+    leftover.mkdir()
+    ckpt = aiostage.Checkpointer(tmp_path)
+    with pytest.warns(AiostageWarning) as seen:
+        await ckpt.__aenter__()
+    try:
+        assert ckpt.steps() == [5]
+        assert_state_dict_equal(await ckpt.load(), state(5))
+    finally:
+        await ckpt.aclose()
+    messages = " ".join(str(w.message) for w in seen)
+    assert "step_000000007" in messages
+    assert "step_000000009" in messages
+    assert not leftover.exists()
+
+
+async def test_misuse_gets_clear_errors(tmp_path: pathlib.Path) -> None:
+    ckpt = aiostage.Checkpointer(tmp_path)
+    with pytest.raises(ClosedError):
+        await ckpt.save(1, state(1))
+    with pytest.raises(ValueError, match="keep_last"):
+        aiostage.Checkpointer(tmp_path, keep_last=0)
+    with pytest.raises(ValueError, match="on_busy"):
+        aiostage.Checkpointer(tmp_path, on_busy="drop")  # type: ignore[arg-type]
+    async with ckpt:
+        with pytest.raises(aiostage.errors.UsageError, match="replicate=True"):
+            await ckpt.recover(lost=True)
+        with pytest.raises(ValueError, match="step"):
+            await ckpt.save(-1, state(1))
+
+
+async def test_async_save_returns_after_staging(tmp_path: pathlib.Path) -> None:
+    sd = state(3)
+    expected = clone(sd)
+    handle = await aiostage.async_save(sd, tmp_path / "one", metadata={"k": 1})
+    assert handle.staged.done()
+    sd["model"]["w"].zero_()  # type: ignore[index]
+    report = await handle.committed
+    assert report is not None
+    assert report.bytes_written > 0
+    assert (await handle.report).stage_bytes > 0
+    assert_state_dict_equal(await aiostage.load(tmp_path / "one"), expected)
+    async with aiostage.DefaultStager() as stager:
+        handle = await aiostage.async_save(sd, tmp_path / "two", stager=stager)
+        await handle.committed
+        assert stager.statistics().leased == 0
+
+
+async def test_async_save_failure_is_raised_by_committed(tmp_path: pathlib.Path) -> None:
+    handle = await aiostage.async_save({"x": object()}, tmp_path / "bad")
+    with pytest.raises(UnsupportedValueError):
+        await handle.committed
+    with pytest.raises(UnsupportedValueError):
+        await handle.report
+    assert not (tmp_path / "bad").exists()
