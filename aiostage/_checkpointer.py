@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from . import _dist, _fs
@@ -226,11 +227,14 @@ class Checkpointer:
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.aclose()
+        await self._close(raise_failure=e is None)  # never mask the body's own exception
 
     async def aclose(self) -> None:
         """Wait for the saves in flight, stop the background task and free the buffers; then
         raise the first background failure nobody received. Idempotent."""
+        await self._close(raise_failure=True)
+
+    async def _close(self, *, raise_failure: bool) -> None:
         if self._state != "open":
             await anyio.lowlevel.checkpoint()
             return
@@ -245,7 +249,8 @@ class Checkpointer:
                 await self._repl.aclose()
             if self._own_stager:
                 await self._stager.aclose()
-        self._raise_failure()
+        if raise_failure:
+            self._raise_failure()
 
     # ------------------------------------------------------------ saving
 

@@ -186,3 +186,34 @@ async def test_async_save_failure_is_raised_by_committed(tmp_path: pathlib.Path)
     with pytest.raises(UnsupportedValueError):
         await handle.report
     assert not (tmp_path / "bad").exists()
+
+
+async def test_the_body_error_is_not_masked_by_a_background_failure(
+    tmp_path: pathlib.Path,
+) -> None:
+    handles = []
+
+    async def run() -> None:
+        async with aiostage.Checkpointer(tmp_path) as ckpt:
+            handles.append(await ckpt.save(1, {"x": object()}))
+            await handles[0].wait()
+            raise KeyError("body")
+
+    with pytest.raises(KeyError, match="body"):
+        await run()
+    with pytest.raises(UnsupportedValueError):
+        await handles[0].committed  # still delivered through the handle
+
+
+async def test_retention_never_deletes_the_newest_committed_checkpoint(
+    tmp_path: pathlib.Path,
+) -> None:
+    async with aiostage.Checkpointer(tmp_path, keep_last=1) as ckpt:
+        await (await ckpt.save(1, state(1))).committed
+        failed = await ckpt.save(2, {"x": object()})
+        await failed.wait()
+        assert await ckpt.latest() == 1
+        with pytest.raises(UnsupportedValueError):
+            await ckpt.save(3, state(3))
+        assert_state_dict_equal(await ckpt.load(), state(1))
+    assert os.listdir(tmp_path) == ["step_000000001"]

@@ -251,3 +251,36 @@ async def recover(rank: int, world: int, tmp: str) -> list[str]:
             check_aliasing(back)
         sources.append("file")
     return sources
+
+
+async def recover_dtensors(rank: int, world: int) -> dict[str, Any]:
+    """Odd worlds (a ring) and several lost ranks at once: DTensor shards come back wrapped."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    full = torch.arange(float(world * 12)).reshape(world * 3, 4)
+
+    def state(scale: float) -> dict[str, Any]:
+        return {
+            "w": distribute_tensor(full * scale, mesh, [Shard(0)]),
+            "r": distribute_tensor(full[:2] * scale, mesh, [Replicate()]),
+            "step": int(scale),
+        }
+
+    lost = rank in ({world - 1} if world % 2 else {0, 1})
+    mine, like = state(7.0), state(0.0)  # collectives (distribute_tensor): every rank, in order
+    async with aiostage.ReplicationStager(timeout=30) as stager:
+        stager.release(await stager.stage(mine))
+        restarted = aiostage.ReplicationStager(timeout=30)  # a restarted rank has no replica
+        back = await (restarted if lost else stager).recover(lost=lost, like=like)
+    if not lost:
+        assert back is None
+        return {"lost": False}
+    assert back["step"] == 7
+    for key in ("w", "r"):
+        assert isinstance(back[key], DTensor), key
+        assert back[key].placements == mine[key].placements
+        assert torch.equal(back[key].to_local(), mine[key].to_local()), key
+    await restarted.aclose()
+    return {"lost": True}

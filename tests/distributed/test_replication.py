@@ -70,3 +70,11 @@ def test_malformed_metadata_is_refused_before_allocation_and_never_unpickled() -
 def test_recover_from_partner_memory_then_from_its_file(tmp_path: Path) -> None:
     results = run_world(workers.recover, 2, str(tmp_path), timeout=WORLD_TIMEOUT)
     assert results == [["memory", "file"]] * 2
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("world", [3, 4])
+def test_recovery_in_a_ring_and_of_two_ranks_at_once_keeps_dtensors(world: int) -> None:
+    results = run_world(workers.recover_dtensors, world, timeout=WORLD_TIMEOUT)
+    lost = [r["lost"] for r in results]
+    assert lost == ([False] * (world - 1) + [True] if world % 2 else [True, True, False, False])
