@@ -53,3 +53,20 @@ async def skip_is_agreed(rank: int, world: int, root: str) -> dict[str, Any]:
             if rank == 1:  # rank 1 always waits for its save; rank 0 never does
                 await handle.wait()
     return {"skipped": skipped, "steps": ckpt.steps()}
+
+
+async def async_save_with_replication(rank: int, world: int, root: str) -> dict[str, Any]:
+    """``async_save`` with a group of its own and a ReplicationStager: a shared checkpoint, and
+    each rank holds its partner's state."""
+    group = dist.new_group(backend="gloo")  # not the group the caller uses meanwhile
+    async with aiostage.ReplicationStager(dist.new_group(backend="gloo"), timeout=30) as repl:
+        sd = rank_state(rank, 7)
+        handle = await aiostage.async_save(sd, f"{root}/one", pg=group, replicate=repl)
+        sd["model"]["w"].zero_()  # staged already: the checkpoint keeps the old values
+        report = await handle.report
+        back = await repl.recover(lost=rank == 0, like=rank_state(rank, 0))
+    if rank == 0:
+        assert_state_dict_equal(back, rank_state(rank, 7))
+    loaded = await aiostage.load(f"{root}/one", pg=group)
+    assert_state_dict_equal(loaded, rank_state(rank, 7))
+    return {"replicated": report.replicate_seconds > 0}

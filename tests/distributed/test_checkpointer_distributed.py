@@ -26,3 +26,9 @@ def test_skip_decisions_are_the_same_on_every_rank(tmp_path: Path) -> None:
     assert a["skipped"][0] is False
     saved = [s for s, skipped in enumerate(a["skipped"]) if not skipped]
     assert a["steps"][-3:] == saved[-3:]
+
+
+@pytest.mark.timeout(90)
+def test_async_save_with_a_group_and_replication(tmp_path: Path) -> None:
+    results = run_world(workers.async_save_with_replication, 2, str(tmp_path), timeout=60)
+    assert results == [{"replicated": True}] * 2
