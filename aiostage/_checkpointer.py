@@ -215,8 +215,14 @@ class Checkpointer:
         if self._replicate:
             self._repl = ReplicationStager(self._bg, timeout=self._pg_timeout)
         if self._rank == 0:
-            await _fs.make_parents(self.root)
-            await anyio.to_thread.run_sync(_fs.sweep_now, self.root, MANIFEST)
+            try:
+                await _fs.make_parents(self.root)
+                await anyio.to_thread.run_sync(_fs.sweep_now, self.root, MANIFEST)
+            except OSError as exc:
+                self._state = "closed"
+                raise UsageError(
+                    f"{self.root} cannot be a checkpoint root (a directory): {exc}"
+                ) from exc
         self._steps = await self._scan(warn=True)
         send, receive = anyio.create_memory_object_stream[_Job](self.max_in_flight)
         self._send, self._tg = send, anyio.create_task_group()

@@ -148,13 +148,16 @@ async def test_garbage_in_root_is_ignored_with_a_warning(tmp_path: pathlib.Path)
 
 
 async def test_misuse_gets_clear_errors(tmp_path: pathlib.Path) -> None:
-    ckpt = aiostage.Checkpointer(tmp_path)
+    ckpt = aiostage.Checkpointer(tmp_path / "root")
     with pytest.raises(ClosedError):
         await ckpt.save(1, state(1))
     with pytest.raises(ValueError, match="keep_last"):
         aiostage.Checkpointer(tmp_path, keep_last=0)
     with pytest.raises(ValueError, match="on_busy"):
         aiostage.Checkpointer(tmp_path, on_busy="drop")  # type: ignore[arg-type]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(aiostage.errors.UsageError, match="file cannot be a checkpoint root"):
+        await aiostage.Checkpointer(tmp_path / "file").__aenter__()
     async with ckpt:
         with pytest.raises(aiostage.errors.UsageError, match="replicate=True"):
             await ckpt.recover(lost=True)
