@@ -11,6 +11,8 @@ from ._checkpointer import Checkpointer as Checkpointer
 from ._checkpointer import async_save as async_save
 from ._handle import CheckpointReport as CheckpointReport
 from ._handle import SaveHandle as SaveHandle
+from ._model import apply_train_state as apply_train_state
+from ._model import train_state as train_state
 from ._reader import load as load
 from ._reader import load_metadata as load_metadata
 from ._replication import ReplicationStager as ReplicationStager
@@ -35,12 +37,14 @@ __all__ = [
     "StagerStatistics",
     "StagingOptions",
     "__version__",
+    "apply_train_state",
     "async_save",
     "errors",
     "load",
     "load_metadata",
     "save",
     "sweep",
+    "train_state",
 ]
 
 for _name in __all__:

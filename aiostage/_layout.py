@@ -19,6 +19,7 @@ import anyio.lowlevel
 import anyio.to_thread
 import torch
 
+from ._boxes import encode_placements, shard_box
 from ._buffers import source_bytes
 from ._dtypes import ST_DTYPES
 from ._format import Entry, Header, Record, Source, round_up
@@ -104,26 +105,24 @@ def _record(
 
 
 def _encode_dtensor(leaf: TensorLeaf) -> dict[str, Any]:
+    """Mesh, placements, global shape and stride of a DTensor, and where its local shard sits
+    in the global tensor (``offset``, omitted for a rank outside the mesh or a Partial one)."""
     spec = leaf.spec
-    placements = []
-    for p in spec.placements:
-        if p.is_shard():
-            placements.append(["shard", p.dim])
-        elif p.is_replicate():
-            placements.append(["replicate"])
-        elif p.is_partial():
-            placements.append(["partial", str(p.reduce_op)])
-        else:
-            raise UnsupportedValueError(f"DTensor placement {p!r} cannot be stored", key=leaf.key)
-    return {
+    placements = encode_placements(spec.placements, leaf.key)
+    shape = list(spec.tensor_meta.shape)
+    out = {
         "device_type": spec.mesh.device_type,
         "mesh": spec.mesh.mesh.tolist(),
         "dim_names": list(spec.mesh.mesh_dim_names or ()),
         "placements": placements,
-        "shape": list(spec.tensor_meta.shape),
+        "shape": shape,
         "stride": list(spec.tensor_meta.stride),
         "param": leaf.param,
     }
+    coord = spec.mesh.get_coordinate()
+    if coord is not None and all(p[0] != "partial" for p in placements):
+        out["offset"] = list(shard_box(shape, spec.mesh.mesh.shape, placements, coord).offset)
+    return out
 
 
 # ---------------------------------------------------------------- preparing a save

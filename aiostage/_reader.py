@@ -4,13 +4,16 @@ The manifest says which files make the checkpoint and how big they are; a data f
 validated against its real size before anything is allocated. The data is mapped copy-on-write
 and paged in by hashing it in worker threads (faster here than reading into fresh memory, and no
 copy); every stored entry becomes one storage, every tensor a view into it, so aliasing survives.
+Loading into another layout (``_reshard``) maps the files of other ranks too, and reads only the
+entries (verified) or pages (``verify=False``) of the saved shards it needs.
 """
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Sequence
-from dataclasses import is_dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,15 @@ from ._format import (
     decode_manifest,
     header_length,
 )
+from ._reshard import (
+    Piece,
+    Saved,
+    check_local,
+    copy_pieces,
+    into_result,
+    needs_reshard,
+    plan_pieces,
+)
 from ._skeleton import decode_skeleton, decode_value
 from ._tree import (
     KeyPath,
@@ -43,13 +55,7 @@ from ._tree import (
     unflatten,
     view_tensor,
 )
-from .errors import (
-    CheckpointCorrupt,
-    CheckpointNotFound,
-    PersistenceError,
-    StateDictMismatch,
-    UsageError,
-)
+from .errors import CheckpointCorrupt, CheckpointNotFound, PersistenceError, UsageError
 
 __all__ = ["load", "load_metadata", "read_manifest"]
 
@@ -72,39 +78,32 @@ async def load(
     tensor. With ``into`` (a state dict of existing tensors, e.g. ``model.state_dict()``),
     every tensor is first checked against the checkpoint, then copied in place, and the result
     holds ``into``'s own tensor objects (and the checkpoint's non-tensor values);
-    ``map_location`` is then ignored. With ``pg``, each rank reads the file it wrote.
+    ``map_location`` is then ignored. With ``pg``, each rank reads the file it wrote. When
+    ``into`` holds DTensors or the world or a layout differs, the checkpoint is resharded: each
+    rank reads only the saved shards that overlap its part of each tensor, from any rank's file.
 
     Blocks on nothing: reads, hashing and copies run in worker threads. Raises
     ``CheckpointNotFound`` (no manifest at ``path``), ``CheckpointCorrupt`` naming the file and
-    key (a checksum, size or header that does not match; ``verify=False`` skips the checksum
-    comparison, to salvage a damaged checkpoint), ``StateDictMismatch`` listing every
-    difference from ``into`` (before anything is copied) and ``UsageError`` when the world size
-    differs from the saving one.
+    key (a missing file; a checksum, size or header that does not match; ``verify=False``
+    skips the checksum comparison, to salvage a damaged checkpoint), ``StateDictMismatch``
+    listing every difference from ``into`` (before anything is copied) and ``UsageError`` when
+    the world size differs from the saving one and there is no ``into``.
     """
     target, device = Path(path), torch.device(map_location)
-    rank, info = await _my_file(target, pg)
-    file = target / info.name
-    header, root, paths = await _read_header(file, info, verify, rank)
-    targets = None
-    if into is not None:
-        targets = await anyio.to_thread.run_sync(_targets, into, paths, header.records, file)
-    data, digests = await _map_data(file, header, info.size - header.data_bytes, verify)
-    _check_sums(digests, header, paths, file)
-    if targets is None:
-        return await anyio.to_thread.run_sync(_build, data, header, root, paths, file, device)
-    return await anyio.to_thread.run_sync(_fill_into, data, header, targets, root, paths, into)
-
-
-async def _my_file(target: Path, pg: Any) -> tuple[int, FileInfo]:
-    """This rank and the manifest's entry for its data file."""
     manifest = await read_manifest(target)
     rank, world = _dist.rank_and_size(pg) if pg is not None else (0, 1)
-    if manifest.world_size != world:
+    if into is None and manifest.world_size != world:
         raise UsageError(
             f"{target} was saved by {manifest.world_size} rank(s); load it from a process group "
-            f"of that size (pg=...), not from {world}"
+            f"of that size (pg=...), not from {world}, or pass into=... to reshard it"
         )
-    return rank, manifest.files[rank]
+    where = _Where(target, manifest, rank if rank < manifest.world_size else 0, rank)
+    file, info = where.file(where.home)
+    header, root, paths = await _read_header(file, info, verify, where.home)
+    if into is None:
+        data = await _verified_data(file, info, header, paths, verify)
+        return await anyio.to_thread.run_sync(_build, data, header, root, paths, file, device)
+    return await _load_into(where, (header, root, paths), verify, into, world)
 
 
 async def load_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -180,48 +179,64 @@ def _decode(
 
 
 async def _map_data(
-    file: Path, header: Header, start: int, verify: bool
-) -> tuple[memoryview, list[int] | None]:
+    file: Path, header: Header, start: int, verify: bool, only: Collection[int] | None = None
+) -> tuple[memoryview, dict[int, int] | None]:
     """Map ``file`` copy-on-write and return its data (from byte ``start``), paged in.
 
-    Every entry is hashed (xxh3_64) chunk by chunk in worker threads, which is also what brings
-    its pages in (sequential faults ride the kernel's readahead): afterwards touching a tensor
-    never blocks on the disk. Returns the digests when ``verify``.
+    Every entry (or each of ``only``) is hashed (xxh3_64) chunk by chunk in worker threads,
+    which is also what brings its pages in (sequential faults ride the kernel's readahead):
+    afterwards touching a tensor never blocks on the disk. Returns the digests by entry when
+    ``verify``. With ``only`` and not ``verify`` nothing is touched: only the pages a copy
+    later reads come in.
     """
     try:
         mapping = await _fs.map_private(file, start + header.data_bytes)
     except OSError as exc:
         raise PersistenceError(f"cannot map {file}: {exc}", path=file) from exc
     data = memoryview(mapping)[start:]
+    if only is not None and not verify:
+        return data, None
     entries = header.entries
-    order = sorted(range(len(entries)), key=lambda i: (entries[i].begin, entries[i].end))
-    hashes = [xxhash.xxh3_64() for _ in entries]
+    order = sorted(range(len(entries)) if only is None else only, key=lambda i: entries[i].begin)
+    hashes = {i: xxhash.xxh3_64() for i in order}
     lengths = [entries[i].end - entries[i].begin for i in order]
     for pieces in _fs.cut(lengths, _CHUNK):
         spans = [(order[seg], entries[order[seg]].begin + at, n) for seg, at, n in pieces]
         await anyio.to_thread.run_sync(_hash, data, spans, hashes)
-    return data, [h.intdigest() for h in hashes] if verify else None
+    return data, {i: h.intdigest() for i, h in hashes.items()} if verify else None
 
 
-def _hash(data: memoryview, spans: list[tuple[int, int, int]], hashes: list[Any]) -> None:
+def _hash(data: memoryview, spans: list[tuple[int, int, int]], hashes: dict[int, Any]) -> None:
     """Feed ``data[begin : begin + n]`` to entry ``index``'s hash for each span (worker thread)."""
     for index, begin, n in spans:
         hashes[index].update(data[begin : begin + n])
 
 
+async def _verified_data(
+    file: Path,
+    info: FileInfo,
+    header: Header,
+    paths: Sequence[KeyPath],
+    verify: bool,
+    only: Collection[int] | None = None,
+) -> memoryview:
+    """``_map_data`` of ``file``, its checksums compared when ``verify``."""
+    data, digests = await _map_data(file, header, info.size - header.data_bytes, verify, only)
+    _check_sums(digests, header, paths, file)
+    return data
+
+
 def _check_sums(
-    digests: list[int] | None, header: Header, paths: list[KeyPath], file: Path
+    digests: dict[int, int] | None, header: Header, paths: Sequence[KeyPath], file: Path
 ) -> None:
-    if digests is None:
-        return
-    for i, (e, want, got) in enumerate(zip(header.entries, header.checksums, digests, strict=True)):
-        if want != got:
+    for i, got in (digests or {}).items():
+        if header.checksums[i] != got:
             keys = [key_str(paths[t]) for t, r in enumerate(header.records) if r.entry == i]
             raise CheckpointCorrupt(
-                f"{file}: checksum mismatch in entry {e.name!r} (tensor {', '.join(keys)}): the "
-                "data is corrupt; load an earlier checkpoint",
+                f"{file}: checksum mismatch in entry {header.entries[i].name!r} (tensor "
+                f"{', '.join(keys)}): the data is corrupt; load an earlier checkpoint",
                 path=file,
-                key=keys[0] if keys else e.name,
+                key=keys[0] if keys else header.entries[i].name,
             )
 
 
@@ -273,50 +288,6 @@ def _leaf(path: KeyPath, r: Record, file: Path) -> TensorLeaf:
 # ---------------------------------------------------------------- loading in place
 
 
-def _targets(
-    into: Any, paths: list[KeyPath], records: Sequence[Record], file: Path
-) -> list[torch.Tensor]:
-    """The tensor of ``into`` for each record; ``StateDictMismatch`` listing every difference."""
-    mine = {leaf.path: leaf for leaf in flatten(into).leaves}
-    theirs = dict(zip(paths, records, strict=True))
-    problems = [
-        f"missing key {key_str(p)}: in the target, not in the checkpoint"
-        for p in mine
-        if p not in theirs
-    ]
-    problems += [
-        f"unexpected key {key_str(p)}: in the checkpoint, not in the target"
-        for p in theirs
-        if p not in mine
-    ]
-    for p, r in theirs.items():
-        if p in mine:
-            problems += _differences(key_str(p), r, mine[p])
-    if problems:
-        raise StateDictMismatch(
-            f"{file}: the target differs from the checkpoint in {len(problems)} place(s):\n  "
-            + "\n  ".join(problems),
-            path=file,
-            problems=problems,
-        )
-    return [mine[p].data for p in paths]
-
-
-def _differences(key: str, r: Record, leaf: TensorLeaf) -> list[str]:
-    out = []
-    if tuple(leaf.data.shape) != r.shape:
-        out.append(
-            f"shape mismatch at {key}: checkpoint {list(r.shape)}, target {list(leaf.data.shape)}"
-        )
-    if leaf.data.dtype != r.dtype:
-        out.append(f"dtype mismatch at {key}: checkpoint {r.dtype}, target {leaf.data.dtype}")
-    if leaf.wrap == "dtensor" and isinstance(r.dtensor, dict):
-        ours, theirs = list(leaf.spec.tensor_meta.shape), r.dtensor.get("shape")
-        if ours != theirs:
-            out.append(f"global shape mismatch at {key}: checkpoint {theirs}, target {ours}")
-    return out
-
-
 def _fill_into(
     data: memoryview,
     header: Header,
@@ -325,17 +296,103 @@ def _fill_into(
     paths: list[KeyPath],
     into: Any,
 ) -> Any:
-    """Copy each loaded tensor into its target; the checkpoint's structure holding ``into``'s
-    own tensor objects (worker thread)."""
+    """Copy each loaded tensor into its target (worker thread); ``into_result``."""
     with torch.no_grad():
         for dst, src in zip(targets, _tensors(data, header, torch.device("cpu")), strict=True):
             dst.copy_(src)
-    objs = [_lookup(into, p) for p in paths]
-    leaves = tuple(TensorLeaf(p, _NO_DATA) for p in paths)
-    return unflatten(Tree(root, leaves), objs, copy_values=False)
+    return into_result(root, paths, into)
 
 
-def _lookup(obj: Any, path: KeyPath) -> Any:
-    for k in path:
-        obj = getattr(obj, str(k)) if is_dataclass(obj) else obj[k]
-    return obj
+async def _load_into(
+    where: _Where, home: tuple[Header, Node, list[KeyPath]], verify: bool, into: Any, world: int
+) -> Any:
+    """Check ``into`` against the checkpoint and copy into it, resharding when needed."""
+    header, root, paths = home
+    leaves = (await anyio.to_thread.run_sync(flatten, into)).leaves
+    if where.manifest.world_size != world or needs_reshard(leaves, paths, header.records):
+        return await _load_resharded(where, leaves, header, verify, into, (root, paths))
+    file, info = where.file(where.home)
+    targets = await anyio.to_thread.run_sync(check_local, leaves, paths, header.records, str(file))
+    data = await _verified_data(file, info, header, paths, verify)
+    return await anyio.to_thread.run_sync(_fill_into, data, header, targets, root, paths, into)
+
+
+# ---------------------------------------------------------------- loading into another layout
+
+
+@dataclass(frozen=True, slots=True)
+class _Where:
+    """A checkpoint being loaded: its directory and manifest, this rank's home file and rank."""
+
+    target: Path
+    manifest: Manifest
+    home: int
+    rank: int
+
+    def file(self, rank: int) -> tuple[Path, FileInfo]:
+        """The path and manifest entry of the file ``rank`` saved."""
+        info = self.manifest.files[rank]
+        return self.target / info.name, info
+
+
+_Headers = list[tuple[Header, list[KeyPath]]]
+
+
+async def _load_resharded(
+    where: _Where,
+    leaves: Sequence[TensorLeaf],
+    home: Header,
+    verify: bool,
+    into: Any,
+    tree: tuple[Node, list[KeyPath]],
+) -> Any:
+    """Fill ``into`` from the saved shards that overlap this rank's part of each tensor.
+
+    Every file's header is read (to learn its shards); data is mapped only from the files
+    that hold an overlapping shard, and only the entries read are verified.
+    """
+    root, paths = tree
+    headers = await _read_headers(where, verify, home, paths)
+    saved = [Saved(r, p, h.records, str(where.file(r)[0])) for r, (h, p) in enumerate(headers)]
+    pieces = await anyio.to_thread.run_sync(plan_pieces, leaves, saved, where.home, where.rank)
+    datas = await _map_needed(where, headers, pieces, verify)
+    source = functools.partial(_record_tensor, datas, headers)
+    targets = [leaf.data for leaf in leaves]
+    await anyio.to_thread.run_sync(copy_pieces, pieces, targets, source)
+    return await anyio.to_thread.run_sync(into_result, root, paths, into)
+
+
+async def _read_headers(
+    where: _Where, verify: bool, home: Header, paths: list[KeyPath]
+) -> _Headers:
+    """Header and key paths of every saving rank's file (the home one is already read)."""
+    out: _Headers = []
+    for r in range(where.manifest.world_size):
+        if r == where.home:
+            out.append((home, paths))
+            continue
+        header, _, p = await _read_header(*where.file(r), verify, r)
+        out.append((header, p))
+    return out
+
+
+async def _map_needed(
+    where: _Where, headers: _Headers, pieces: Sequence[Piece], verify: bool
+) -> dict[int, memoryview]:
+    """Map the files the pieces read from; verify the entries they read (when ``verify``)."""
+    needed: dict[int, set[int]] = {}
+    for p in pieces:  # a piece has elements, so its record has an entry
+        needed.setdefault(p.file, set()).add(headers[p.file][0].records[p.record].entry)
+    out: dict[int, memoryview] = {}
+    for f, entries in sorted(needed.items()):
+        out[f] = await _verified_data(*where.file(f), *headers[f], verify, entries)
+    return out
+
+
+def _record_tensor(datas: dict[int, memoryview], headers: _Headers, f: int, i: int) -> torch.Tensor:
+    """Record ``i`` of file ``f`` as a tensor over the mapped data (no page touched yet)."""
+    header = headers[f][0]
+    r = header.records[i]
+    e = header.entries[r.entry]
+    flat = torch.frombuffer(datas[f][e.begin : e.end], dtype=torch.uint8)
+    return view_tensor(View(0, r.offset, r.shape, r.stride, r.dtype), [flat.untyped_storage()])

@@ -1,24 +1,29 @@
-"""Demo: a training loop with async checkpoints on the CPU, printing a report.
+"""Demo: a training loop with async checkpoints on the CPU, a crash, and a resume.
 
-Each training step runs in a worker thread (as an async orchestrator would run it), so the event
-loop stays free; a 1 ms heartbeat measures how late the loop runs. Every ``--every`` steps the
-model and optimizer state are staged with ``aiostage.DefaultStager`` (the training-visible
-stall), and a background task writes the staged copy durably with ``aiostage.save`` while
-training goes on, then releases it. At the end the newest checkpoint is loaded into a fresh
-model and optimizer, and the next steps are replayed from it: the losses must match.
+A training process runs an MLP on synthetic data; each step runs in a worker thread (as an async
+orchestrator would run it), so the event loop stays free, and a 1 ms heartbeat measures how late
+the loop runs. Every ``--every`` steps ``aiostage.Checkpointer.save`` stages the model and
+optimizer state (the only stall training sees) and writes it durably in the background, keeping
+the newest three. At ``--crash-at`` the process kills itself with SIGKILL right after starting a
+save. The demo then resumes from ``Checkpointer.latest()`` in a fresh model and optimizer: the
+replayed steps must give the same losses as before the crash.
 
-    python examples/train_loop.py [--steps 60] [--every 10] [--hidden 1024] [--dir DIR]
+    python examples/train_loop.py [--steps 60] [--every 10] [--crash-at 50] [--hidden 1024]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import anyio
 import torch
@@ -50,79 +55,55 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, step: int) ->
     return loss.item()
 
 
-def nbytes(state: Any) -> int:
-    if isinstance(state, torch.Tensor):
-        return state.nbytes
-    if isinstance(state, dict):
-        return sum(nbytes(v) for v in state.values())
-    if isinstance(state, list | tuple):
-        return sum(nbytes(v) for v in state)
-    return 0
-
-
-class Saver:
-    """Persists staged copies in the background and records how long each save took."""
-
-    def __init__(self, stager: aiostage.DefaultStager, root: Path) -> None:
-        self.stager, self.root = stager, root
-        self.seconds: list[float] = []
-        self.written: list[int] = []
-
-    async def persist(self, staged: dict[str, Any], step: int) -> None:
-        try:
-            report = await aiostage.save(
-                staged, self.root / f"step_{step:06d}", metadata={"step": step}
-            )
-        finally:
-            self.stager.release(staged)
-        self.seconds.append(report.total_seconds)
-        self.written.append(report.bytes_written)
-
-
-async def train(args: argparse.Namespace, root: Path) -> dict[int, float]:
+async def train(args: argparse.Namespace, root: Path, losses: Path) -> None:
+    """The training process: checkpoint every ``--every`` steps, die at ``--crash-at``."""
     model, opt = build(args.hidden)
     gc.collect()
     gc.freeze()  # start-up objects are never scanned again: no 100 ms collector pauses
-    losses: dict[int, float] = {}
-    stalls: list[float] = []
-    async with LoopLag() as lag, aiostage.DefaultStager() as stager:
-        saver = Saver(stager, root)
+    handles: list[aiostage.SaveHandle] = []
+    async with LoopLag() as lag, aiostage.Checkpointer(root, keep_last=3) as ckpt:
         began = time.perf_counter()
-        async with anyio.create_task_group() as background:
-            for step in range(1, args.steps + 1):
-                losses[step] = await anyio.to_thread.run_sync(train_step, model, opt, step)
-                if step % args.every:
-                    continue
-                sd = {"model": model.state_dict(), "optim": opt.state_dict(), "step": step}
-                mark, t0 = lag.beats, time.perf_counter()
-                staged = await stager.stage(sd)  # the only wait training sees
-                stalls.append(time.perf_counter() - t0)
-                background.start_soon(saver.persist, staged, step)
-                print(
-                    f"step {step:4d}  loss {losses[step]:.4f}  staged {nbytes(sd) / 1e6:.1f} MB "
-                    f"in {stalls[-1] * 1e3:5.1f} ms  loop max lag "
-                    f"{1e3 * max(lag.lateness[mark:], default=0.0):.2f} ms"
-                )
-            trained = time.perf_counter() - began
-        report(args.steps, trained, stalls, saver, lag, nbytes(sd))
-    return losses
+        for step in range(1, args.steps + 1):
+            loss = await anyio.to_thread.run_sync(train_step, model, opt, step)
+            with losses.open("a") as f:
+                f.write(json.dumps([step, loss]) + "\n")
+            if step % args.every:
+                continue
+            state = aiostage.train_state(model, opt)
+            mark, t0 = lag.beats, time.perf_counter()
+            handle = await ckpt.save(step, state, metadata={"loss": loss})  # returns once staged
+            print(
+                f"step {step:4d}  loss {loss:.4f}  stall {(time.perf_counter() - t0) * 1e3:5.1f} ms"
+                f"  loop max lag {1e3 * max(lag.lateness[mark:], default=0.0):.2f} ms"
+            )
+            if step == args.crash_at:
+                reports = [await h.report for h in handles]  # the saves before this one
+                report(step, time.perf_counter() - began, reports, lag)
+                print(f"\ncrash: SIGKILL at step {step}, its checkpoint still being written")
+                sys.stdout.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            handles.append(handle)
 
 
 def report(
-    steps: int, trained: float, stalls: list[float], saver: Saver, lag: LoopLag, size: int
+    steps: int, trained: float, reports: list[aiostage.CheckpointReport], lag: LoopLag
 ) -> None:
-    ms = [s * 1e3 for s in stalls]
     print("\nreport")
     print(f"  steps: {steps} in {trained:.2f} s ({steps / trained:.1f} steps/s)")
+    if not reports:
+        return
+    stalls = [r.stall_seconds * 1e3 for r in reports]
     print(
-        f"  checkpoints: {len(ms)}, {size / 1e6:.1f} MB each; training stall per checkpoint: "
-        f"median {statistics.median(ms):.1f} ms, max {max(ms):.1f} ms (first one allocates)"
+        f"  checkpoints: {len(reports)} committed, {reports[-1].stage_bytes / 1e6:.1f} MB each; "
+        f"training stall per checkpoint: median {statistics.median(stalls):.1f} ms, "
+        f"max {max(stalls):.1f} ms (the first one allocates)"
     )
-    print(f"  staging: median {size / statistics.median(stalls) / 1e9:.2f} GB/s")
-    gbps = [w / s / 1e9 for w, s in zip(saver.written, saver.seconds, strict=True)]
+    stage = statistics.median(r.stage_gb_per_second for r in reports)
+    persist = statistics.median(r.persist_gb_per_second for r in reports)
     print(
-        f"  background persistence (write + fsync + commit): median "
-        f"{statistics.median(saver.seconds) * 1e3:.0f} ms, {statistics.median(gbps):.2f} GB/s"
+        f"  staging: median {stage:.2f} GB/s; background persistence (write + fsync + commit): "
+        f"median {statistics.median(r.persist_seconds for r in reports) * 1e3:.0f} ms, "
+        f"{persist:.2f} GB/s"
     )
     print(
         f"  event loop lag over the run: max {lag.max_ms:.2f} ms, p99 {lag.p99_ms:.2f} ms"
@@ -130,41 +111,57 @@ def report(
     )
 
 
-async def resume(args: argparse.Namespace, root: Path, losses: dict[int, float]) -> None:
-    """Restart from the newest checkpoint before the last step and replay the steps after it."""
-    steps = sorted(int(p.name.removeprefix("step_")) for p in root.glob("step_*"))
-    step = max((s for s in steps if s < args.steps), default=steps[-1])
-    loaded = await aiostage.load(root / f"step_{step:06d}")
-    assert loaded["step"] == (await aiostage.load_metadata(root / f"step_{step:06d}"))["step"]
-    model, opt = build(args.hidden)
-    model.load_state_dict(loaded["model"])
-    opt.load_state_dict(loaded["optim"])
-    replayed = range(step + 1, min(step + args.every, args.steps) + 1)
-    again = [await anyio.to_thread.run_sync(train_step, model, opt, s) for s in replayed]
-    same = all(
-        abs(a - losses[s]) <= 1e-6 * max(1.0, abs(a)) for a, s in zip(again, replayed, strict=True)
-    )
-    print(
-        f"  resume: a fresh model loaded step_{step:06d} and replayed steps {replayed.start}-"
-        f"{replayed.stop - 1}: losses identical to the first run: {same}"
-    )
-    if not same:
-        raise SystemExit("resumed training diverged from the original run")
+async def resume(args: argparse.Namespace, root: Path, losses: Path) -> None:
+    """After the crash: resume from the latest committed checkpoint and check the replay."""
+    before = dict(json.loads(line) for line in losses.read_text().splitlines())
+    left = await aiostage.sweep(root)
+    async with aiostage.Checkpointer(root, keep_last=3) as ckpt:
+        step = await ckpt.latest()
+        assert step is not None, "no committed checkpoint to resume from"
+        model, opt = build(args.hidden)
+        await ckpt.load(step, into=aiostage.train_state(model, opt))  # in place
+        print(
+            f"  resume: removed {len(left)} leftover(s) of the interrupted save; a fresh model "
+            f"loaded step {step} (committed: {ckpt.steps()})"
+        )
+        replayed = range(step + 1, args.crash_at + 1)
+        again = [await anyio.to_thread.run_sync(train_step, model, opt, s) for s in replayed]
+        same = all(a == before[s] for a, s in zip(again, replayed, strict=True))
+        print(
+            f"  replayed steps {step + 1}-{args.crash_at}: losses identical to the first run: {same}"
+        )
+        if not same:
+            raise SystemExit("resumed training diverged from the original run")
+        for s in range(args.crash_at + 1, args.steps + 1):
+            loss = await anyio.to_thread.run_sync(train_step, model, opt, s)
+            if s % args.every == 0:
+                await ckpt.save(s, aiostage.train_state(model, opt), metadata={"loss": loss})
+    print(f"  finished: steps up to {args.steps}, committed checkpoints {ckpt.steps()}")
 
 
-async def main(args: argparse.Namespace) -> None:
+def main(args: argparse.Namespace) -> None:
+    if args.crash_at % args.every or not 0 < args.crash_at <= args.steps:
+        raise SystemExit("--crash-at must be a checkpoint step (a multiple of --every)")
     with tempfile.TemporaryDirectory(prefix="aiostage-demo-") as tmp:
-        root = Path(args.dir) if args.dir else Path(tmp)
-        losses = await train(args, root)
-        await resume(args, root, losses)
+        root, losses = Path(tmp) / "checkpoints", Path(tmp) / "losses.jsonl"
+        child = [sys.executable, __file__, *sys.argv[1:], "--role", "train", "--dir", tmp]
+        done = subprocess.run(child, check=False)
+        if done.returncode != -signal.SIGKILL:
+            raise SystemExit(f"the training process should have been killed; it exited {done}")
+        anyio.run(resume, args, root, losses)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--crash-at", type=int, default=50)
     parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument(
-        "--dir", default=None, help="keep the checkpoints here (default: a temp dir)"
-    )
-    anyio.run(main, parser.parse_args())
+    parser.add_argument("--role", choices=["demo", "train"], default="demo", help=argparse.SUPPRESS)
+    parser.add_argument("--dir", default=None, help=argparse.SUPPRESS)
+    ns = parser.parse_args()
+    if ns.role == "train":
+        d = Path(ns.dir)
+        anyio.run(train, ns, d / "checkpoints", d / "losses.jsonl")
+    else:
+        main(ns)

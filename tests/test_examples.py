@@ -11,7 +11,8 @@ import pytest
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 SMALL_ARGS: dict[str, list[str]] = {
-    "train_loop.py": ["--steps", "6", "--every", "2", "--hidden", "64"],
+    "torchrun_ddp.py": ["--steps", "4", "--every", "2", "--hidden", "32"],
+    "train_loop.py": ["--steps", "6", "--every", "2", "--crash-at", "4", "--hidden", "64"],
 }
 
 

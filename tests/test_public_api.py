@@ -27,12 +27,15 @@ LAYERS: dict[str, float] = {
     "_staging": 2,
     "_format": 2,
     "_skeleton": 2,
+    "_boxes": 2.5,
+    "_reshard": 2.75,
     "_layout": 3,
     "_writer": 3,
     "_reader": 3,
     "_transport": 3,
     "_frames": 3.5,
     "_save": 4,
+    "_model": 4,
     "_replication": 4,
     "_handle": 4.5,
     "_checkpointer": 5,
@@ -44,7 +47,9 @@ LAYERS: dict[str, float] = {
 
 
 def test_all_is_sorted_and_complete() -> None:
-    public = {n for n in dir(aiostage) if not n.startswith("_")} | {"__version__"}
+    # "@py_builtins", "@pytest_ar": pytest rewrites the asserts of every module of a distribution
+    # that registers a pytest11 plugin (aiostage.testing._plugin), and adds these two names
+    public = {n for n in dir(aiostage) if not n.startswith(("_", "@"))} | {"__version__"}
     public -= {"annotations", "testing"}  # a subpackage, imported on demand
     assert aiostage.__all__ == sorted(aiostage.__all__)
     assert set(aiostage.__all__) == public
@@ -112,7 +117,7 @@ def test_one_module_touches_each_outside_world(world: str, owner: str | None) ->
         if f"import {world}" in p.read_text() or f"{world}." in p.read_text()
     }
     if world == "torch.distributed":  # DTensor / ShardedTensor types are read by _tree, not used
-        users -= {"_tree.py"}
+        users -= {"_tree.py", "_model.py"}  # _model: DCP's state-dict helpers, by design
     if owner is not None:
         assert users <= {owner}, users
     else:
