@@ -42,6 +42,7 @@ from .errors import AiostageError, CheckpointWriteError
 __all__ = [
     "DurableWriter",
     "OnWrite",
+    "WriteHook",
     "WriterOptions",
     "WrittenFile",
     "attempt",
@@ -57,6 +58,12 @@ if sys.version_info < (3, 11):  # pragma: no cover
 _MiB = 1 << 20
 #: called before every write with (file, offset, bytes); tests raise OSError(ENOSPC) from it
 OnWrite = Callable[[str, int, int], None]
+#: a process-wide hook (``aiostage.testing.FaultyWrites``): called on the loop before every
+#: write like ``OnWrite``; it may raise, or return ``write(fd, data) -> bytes written``, which
+#: replaces the first ``os.write`` of that write and runs in a worker thread
+WriteHook = Callable[[str, int, int], Callable[[int, memoryview], int] | None]
+#: the hooks every ``DurableWriter`` consults besides its own ``on_write`` (tests only)
+write_hooks: list[WriteHook] = []
 #: a chunk to write: its file offset and its pieces (segment, start in the segment, bytes)
 _Job = tuple[int, list[tuple[int, int, int]]]
 
@@ -152,10 +159,24 @@ class DurableWriter:
             buf[n:padded] = bytes(padded - n)
         if self._on_write is not None:
             self._on_write(str(f.name), offset, n)
+        replaced = _hooked(str(f.name), offset, n)
         await f.seek(offset)
         done = 0
+        if replaced is not None:
+            done = await anyio.to_thread.run_sync(replaced, f.fileno(), buf[:padded])
         while done < padded:
-            done += await f.write(buf[done:padded])
+            wrote = await f.write(buf[done:padded])
+            if not wrote:  # no progress: write(2) would spin here forever
+                raise OSError(errno.EIO, f"a write to {f.name} stored nothing at {offset + done}")
+            done += wrote
+
+
+def _hooked(name: str, offset: int, n: int) -> Callable[[int, memoryview], int] | None:
+    """Consult ``write_hooks``; the last replacement write offered wins."""
+    replaced = None
+    for hook in tuple(write_hooks):
+        replaced = hook(name, offset, n) or replaced
+    return replaced
 
 
 def _fill(

@@ -220,3 +220,76 @@ async def test_retention_never_deletes_the_newest_committed_checkpoint(
             await ckpt.save(3, state(3))
         assert_state_dict_equal(await ckpt.load(), state(1))
     assert os.listdir(tmp_path) == ["step_000000001"]
+
+
+CHILD = r"""
+import os, signal, sys
+import anyio, torch
+import aiostage
+from aiostage import _writer
+
+def state(step):
+    return {"w": torch.full((1 << 20,), float(step)), "step": step}
+
+async def main(root):
+    async with aiostage.Checkpointer(root, keep_last=2) as ckpt:
+        for step in (1, 2):
+            await (await ckpt.save(step, state(step))).committed
+        writes = []
+        def kill_mid_file(name, offset, n):  # the 2nd chunk of step 3's data file
+            if name.endswith(".safetensors"):
+                writes.append(n)
+                if len(writes) == 2:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        _writer.write_hooks.append(kill_mid_file)
+        await (await ckpt.save(3, state(3))).committed
+
+anyio.run(main, sys.argv[1])
+"""
+
+
+def test_sigkill_mid_save_leaves_the_last_committed_checkpoint(tmp_path: pathlib.Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, timeout=60, check=False
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    hidden = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert len(hidden) == 1, hidden  # the interrupted save's temporary directory
+
+    async def resume() -> None:
+        async with aiostage.Checkpointer(tmp_path, keep_last=2) as ckpt:
+            assert ckpt.steps() == [1, 2]
+            loaded = await ckpt.load()
+            assert loaded["step"] == 2
+            assert torch.equal(loaded["w"], torch.full((1 << 20,), 2.0))
+            await (await ckpt.save(3, {"w": torch.zeros(3), "step": 3})).committed
+
+    anyio.run(resume)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000000002", "step_000000003"]
+
+
+async def test_an_injected_enospc_surfaces_at_the_handle_and_at_the_next_save(
+    tmp_path: pathlib.Path,
+) -> None:
+    from aiostage.errors import CheckpointWriteError
+    from aiostage.testing import FaultyWrites
+
+    async with aiostage.Checkpointer(tmp_path, keep_last=1) as ckpt:
+        await (await ckpt.save(1, state(1))).committed
+        with FaultyWrites() as faults:
+            faults.fail(1, match="*.safetensors")  # ENOSPC on the data file's first write
+            handle = await ckpt.save(2, state(2))
+            with pytest.raises(CheckpointWriteError, match="No space left"):
+                await handle.committed
+            faults.fail(1, match="manifest.json")
+            unseen = await ckpt.save(3, state(3))
+            await unseen.wait()
+        with pytest.raises(CheckpointWriteError):
+            await ckpt.save(4, state(4))  # the failure of step 3, which nobody received
+        assert ckpt.steps() == [1]  # keep_last=1, yet the last committed one survived
+        await (await ckpt.save(5, state(5))).committed
+    assert os.listdir(tmp_path) == ["step_000000005"]

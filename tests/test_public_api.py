@@ -39,6 +39,7 @@ LAYERS: dict[str, float] = {
     "_replication": 4,
     "_handle": 4.5,
     "_checkpointer": 5,
+    "_cli": 5.5,  # the CLI's work; __main__ (6) renders it
     "_channel": 5,
     "testing": 6,
     "__main__": 6,

@@ -34,3 +34,25 @@ def test_the_first_difference_is_named(change: Any, words: str) -> None:
     change(sd)
     with pytest.raises(AssertionError, match=words):
         assert_state_dict_equal(sd, make())
+
+
+def test_aliasing_is_compared_when_asked() -> None:
+    w = torch.arange(6.0)
+    tied = {"a": w, "b": w, "v": w[2:4]}
+    copied = {"a": w.clone(), "b": w.clone(), "v": w[2:4].clone()}
+    assert_state_dict_equal(copied, tied)  # values only by default
+    assert_state_dict_equal({"a": w, "b": w, "v": w[2:4]}, tied, check_aliasing=True)
+    with pytest.raises(
+        AssertionError,
+        match=r"^b: aliasing differs: .* no earlier tensor in got but with a in want",
+    ):
+        assert_state_dict_equal(copied, tied, check_aliasing=True)
+    with pytest.raises(AssertionError, match=r"^b: aliasing differs"):
+        assert_state_dict_equal(tied, copied, check_aliasing=True)
+
+
+def test_dtype_and_shape_mismatches_are_named() -> None:
+    with pytest.raises(AssertionError, match=r"x: \(dtype, shape, stride\)"):
+        assert_state_dict_equal({"x": torch.zeros(2, dtype=torch.int32)}, {"x": torch.zeros(2)})
+    with pytest.raises(AssertionError, match=r"x: \(dtype, shape, stride\)"):
+        assert_state_dict_equal({"x": torch.zeros(3)}, {"x": torch.zeros(2)})

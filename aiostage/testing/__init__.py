@@ -1,5 +1,8 @@
 """Helpers for testing code built on aiostage: spawned gloo worlds (``run_world``,
-``arun_world``), an event-loop lag meter (``LoopLag``) and ``assert_state_dict_equal``.
+``arun_world``, ``WorldRunner``), an event-loop lag meter (``LoopLag``), write-fault injection
+(``FaultyWrites``) and ``assert_state_dict_equal``. The pytest plugin in ``_plugin`` (registered
+as the ``pytest11`` entry point ``aiostage``) offers the fixtures ``aiostage_world`` and
+``aiostage_faults``.
 
 The functions a world runs must be top-level functions of an importable module: the ranks are
 "spawn" processes, which import them by reference.
@@ -8,7 +11,9 @@ The functions a world runs must be top-level functions of an importable module: 
 from __future__ import annotations
 
 from ._assert import assert_state_dict_equal as assert_state_dict_equal
+from ._faults import FaultyWrites as FaultyWrites
 from ._lag import LoopLag as LoopLag
+from ._runner import WorldRunner as WorldRunner
 from ._world import RankFailure as RankFailure
 from ._world import WorldError as WorldError
 from ._world import WorldTimeout as WorldTimeout
@@ -16,9 +21,11 @@ from ._world import arun_world as arun_world
 from ._world import run_world as run_world
 
 __all__ = [
+    "FaultyWrites",
     "LoopLag",
     "RankFailure",
     "WorldError",
+    "WorldRunner",
     "WorldTimeout",
     "arun_world",
     "assert_state_dict_equal",

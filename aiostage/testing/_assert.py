@@ -7,14 +7,24 @@ from typing import Any
 
 import torch
 
+from .._tree import flatten
 
-def assert_state_dict_equal(got: Any, want: Any, where: str = "") -> None:
+
+def assert_state_dict_equal(
+    got: Any, want: Any, where: str = "", *, check_aliasing: bool = False
+) -> None:
     """Assert ``got`` equals ``want``: container and key types, tensor dtype, shape, stride, bytes.
 
     Tensors must match byte for byte (NaNs included); a float NaN leaf equals a NaN. The
     ``AssertionError`` names the key path of the first difference and, for tensors of the same
-    dtype and shape, the largest absolute difference. Blocks on nothing but the comparison.
+    dtype and shape, the largest absolute difference. With ``check_aliasing``, tensors that share
+    storage in ``want`` (tied weights, views) must share it in ``got`` too, and no others; the
+    error names the first tensor whose sharing differs. Blocks on nothing but the comparison.
     """
+    if check_aliasing:
+        assert_state_dict_equal(got, want, where)
+        _aliasing(got, want)
+        return
     assert type(got) is type(want), f"{where or '<root>'}: {type(got)} != {type(want)}"
     if isinstance(want, torch.Tensor):
         _tensors(got, want, where or "<root>")
@@ -47,3 +57,28 @@ def _tensors(got: torch.Tensor, want: torch.Tensor, where: str) -> None:
         delta = (got.detach().to(torch.complex128) - want.detach().to(torch.complex128)).abs()
         diff = f", max abs difference {float(delta.max()):.6g}"
     raise AssertionError(f"{where}: tensor bytes differ{diff}")
+
+
+def _aliasing(got: Any, want: Any) -> None:
+    mine, theirs = _sharing(got), _sharing(want)
+    for key, owner in theirs.items():
+        if mine[key] != owner:
+            raise AssertionError(
+                f"{key}: aliasing differs: it shares storage with {_with(key, mine[key])} in "
+                f"got but with {_with(key, owner)} in want"
+            )
+
+
+def _sharing(sd: Any) -> dict[str, str]:
+    """Each tensor's key and the key of the first tensor sharing its storage (itself if none)."""
+    first: dict[tuple[str, int], str] = {}
+    out: dict[str, str] = {}
+    for leaf in flatten(sd).leaves:
+        t = leaf.data
+        ptr = t.untyped_storage().data_ptr() if t.numel() else 0
+        out[leaf.key] = first.setdefault((str(t.device), ptr), leaf.key) if ptr else leaf.key
+    return out
+
+
+def _with(key: str, owner: str) -> str:
+    return "no earlier tensor" if owner == key else owner
