@@ -22,21 +22,18 @@ import anyio.to_thread
 import torch
 import xxhash
 
-from . import _fs
+from . import _fs, _reader
 from ._dtypes import ST_DTYPES
 from ._format import (
     MANIFEST,
     FileInfo,
     Header,
     Manifest,
-    decode_header,
     decode_manifest,
-    header_length,
 )
 from ._reader import load, read_manifest
-from ._skeleton import decode_skeleton
 from ._tree import KeyPath, MapNode, Node, SeqNode, Value, flatten, key_str
-from .errors import CheckpointCorrupt, PersistenceError, UsageError
+from .errors import CheckpointCorrupt, UsageError
 
 __all__ = [
     "Found",
@@ -173,29 +170,8 @@ async def read_checkpoint(path: Path) -> tuple[Manifest, list[RankFile]]:
 async def read_header(directory: Path, info: FileInfo, rank: int) -> RankFile:
     """Read and check the header of ``directory/info.name`` against the manifest's ``info``."""
     file = directory / info.name
-    try:
-        size = await _fs.file_size(file)
-        first = await _fs.read_at(file, 0, 8)
-        body = await _fs.read_at(file, 8, header_length(first, size, str(file)))
-    except FileNotFoundError as exc:
-        raise CheckpointCorrupt(f"{file}: listed in the manifest but missing", path=file) from exc
-    except OSError as exc:
-        raise PersistenceError(f"cannot read {file}: {exc}", path=file) from exc
-    if size != info.size:
-        raise CheckpointCorrupt(
-            f"{file}: {size} bytes on disk but the manifest says {info.size}", path=file
-        )
-    if xxhash.xxh3_64_intdigest(first + body) != info.header_xxh3:
-        raise CheckpointCorrupt(f"{file}: the header does not match its checksum", path=file)
-    return await anyio.to_thread.run_sync(_decode, file, size, body, rank)
-
-
-def _decode(file: Path, size: int, body: bytes, rank: int) -> RankFile:
-    header = decode_header(body, size - 8 - len(body), str(file))
-    if header.rank != rank:
-        raise CheckpointCorrupt(f"{file}: written by rank {header.rank}, not {rank}", path=file)
-    root, paths = decode_skeleton(header.skeleton, len(header.records), str(file))
-    return RankFile(file, size, header, root, paths)
+    header, root, paths = await _reader.read_header(file, info, True, rank)
+    return RankFile(file, info.size, header, root, paths)
 
 
 # ---------------------------------------------------------------- verify

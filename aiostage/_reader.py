@@ -57,7 +57,7 @@ from ._tree import (
 )
 from .errors import CheckpointCorrupt, CheckpointNotFound, PersistenceError, UsageError
 
-__all__ = ["load", "load_metadata", "read_manifest"]
+__all__ = ["load", "load_metadata", "read_header", "read_manifest"]
 
 _CHUNK = 16 << 20
 _MAX_MANIFEST = 64 << 20
@@ -99,7 +99,7 @@ async def load(
         )
     where = _Where(target, manifest, rank if rank < manifest.world_size else 0, rank)
     file, info = where.file(where.home)
-    header, root, paths = await _read_header(file, info, verify, where.home)
+    header, root, paths = await read_header(file, info, verify, where.home)
     if into is None:
         data = await _verified_data(file, info, header, paths, verify)
         return await anyio.to_thread.run_sync(_build, data, header, root, paths, file, device)
@@ -145,10 +145,11 @@ async def _recoverable(target: Path) -> str:
     return ""
 
 
-async def _read_header(
+async def read_header(
     file: Path, info: FileInfo, verify: bool, rank: int
 ) -> tuple[Header, Node, list[KeyPath]]:
-    """Read, check and decode the header of ``file`` (decoding in a worker thread)."""
+    """Read, check and decode the header of ``file``, rank ``rank``'s data file as the manifest
+    lists it in ``info`` (decoding in a worker thread). Raises ``CheckpointCorrupt``."""
     try:
         size = await _fs.file_size(file)
         if size != info.size:
@@ -371,7 +372,7 @@ async def _read_headers(
         if r == where.home:
             out.append((home, paths))
             continue
-        header, _, p = await _read_header(*where.file(r), verify, r)
+        header, _, p = await read_header(*where.file(r), verify, r)
         out.append((header, p))
     return out
 
