@@ -7,6 +7,12 @@ the event loop; the public names below are the whole API (errors live in ``aiost
 from __future__ import annotations
 
 from . import errors as errors
+from ._channel import WeightPublisher as WeightPublisher
+from ._channel_report import Delivery as Delivery
+from ._channel_report import Publication as Publication
+from ._channel_report import PublishReport as PublishReport
+from ._channel_sub import WeightSubscriber as WeightSubscriber
+from ._channel_sub import WeightUpdate as WeightUpdate
 from ._checkpointer import Checkpointer as Checkpointer
 from ._checkpointer import async_save as async_save
 from ._handle import CheckpointReport as CheckpointReport
@@ -31,11 +37,17 @@ __all__ = [
     "CheckpointReport",
     "Checkpointer",
     "DefaultStager",
+    "Delivery",
+    "Publication",
+    "PublishReport",
     "ReplicationStager",
     "SaveHandle",
     "SaveReport",
     "StagerStatistics",
     "StagingOptions",
+    "WeightPublisher",
+    "WeightSubscriber",
+    "WeightUpdate",
     "__version__",
     "apply_train_state",
     "async_save",

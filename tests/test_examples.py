@@ -13,6 +13,7 @@ EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 SMALL_ARGS: dict[str, list[str]] = {
     "torchrun_ddp.py": ["--steps", "4", "--every", "2", "--hidden", "32"],
     "train_loop.py": ["--steps", "6", "--every", "2", "--crash-at", "4", "--hidden", "64"],
+    "rl_weight_sync.py": ["--hidden", "64", "--steps", "6", "--every", "2"],
 }
 
 

@@ -39,8 +39,14 @@ LAYERS: dict[str, float] = {
     "_replication": 4,
     "_handle": 4.5,
     "_checkpointer": 5,
-    "_cli": 5.5,  # the CLI's work; __main__ (6) renders it
     "_channel": 5,
+    "_channel_install": 4.5,
+    "_channel_report": 4.5,
+    "_channel_shm": 4.75,
+    "_channel_stage": 4.9,
+    "_channel_sub": 5,
+    "_channel_wire": 4.5,
+    "_cli": 5.5,  # the CLI's work; __main__ (6) renders it
     "testing": 6,
     "__main__": 6,
     "__init__": 7,

@@ -1,0 +1,281 @@
+"""Weight-sync benchmark: one publisher pushes a ~1 GiB state dict (~200 tensors) to 2 subscribers.
+
+Run: ``.venv/bin/python bench/weight_sync.py [--gib 1] [--reps 3] [--no-verify] [--shared-memory] [--swap]``. Three gloo
+ranks on loopback; rank 0 publishes, ranks 1 and 2 answer a request (a few matmuls that read the
+weights) every ``--interval-ms`` the whole time. Contenders, in rounds: raw ``dist.broadcast``
+of one flat tensor of the same bytes; ``WeightPublisher.publish`` (staging + both sends; and
+until both subscribers installed it); ``torch.save`` to a file + ``torch.load`` and copy into the
+target on both subscribers. Then an idle period. The first two rounds are dropped (page faults of
+fresh buffers). Times are medians over rounds; request latencies include queueing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _common import GB, make_sd, percentile_ms, table, unique_bytes
+
+import aiostage
+from aiostage.testing import run_world
+
+WARMUP = 2  # rounds dropped: the two staging and two receive buffers are allocated in them
+
+
+def barrier() -> None:
+    dist.barrier()
+
+
+@dataclass
+class Serving:
+    """A subscriber's request loop: latency samples by phase, and who is waiting for a version."""
+
+    sub: aiostage.WeightSubscriber
+    weights: list[torch.Tensor]
+    interval: float
+    phase: str = "warmup"
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    applied: anyio.Event = field(default_factory=anyio.Event)
+    want: int = -1
+    stop: bool = False
+
+    def request(self, x: torch.Tensor) -> None:
+        for w in self.weights:
+            (x @ w[: x.shape[1]]).sum()
+
+    async def run(self) -> None:
+        x = torch.randn(4, self.weights[0].shape[0] // 4)
+        due = time.perf_counter()
+        while not self.stop:
+            await anyio.sleep(max(0.0, due - time.perf_counter()))
+            during = self.sub.receiving
+            update = self.sub.pending
+            if update is not None:
+                await update.apply()
+                during = True
+                if self.sub.version is not None and self.sub.version >= self.want:
+                    self.applied.set()
+            await anyio.to_thread.run_sync(self.request, x)
+            took = time.perf_counter() - due
+            key = self.phase + (" (update landing/installing)" if during else "")
+            self.samples.setdefault(key, []).append(took)
+            due = max(due + self.interval, time.perf_counter() - self.interval)
+
+
+def _took(out: dict[str, list[float]], name: str, began: float) -> None:
+    out.setdefault(name, []).append(time.perf_counter() - began)
+
+
+async def _publisher(sd: dict[str, Any], args: argparse.Namespace, tmp: str) -> dict[str, Any]:
+    n = unique_bytes(sd)
+    flat = torch.ones(n // 4)
+    await anyio.to_thread.run_sync(lambda: dist.broadcast(torch.tensor([n]), 0))
+    out: dict[str, list[float]] = {}
+    async with aiostage.WeightPublisher(
+        subscribers=[1, 2], timeout=600, verify=args.verify, shared_memory=args.shared_memory
+    ) as pub:
+        for version in range(1, args.reps + WARMUP + 1):
+            await _publisher_round(pub, sd, flat, version, Path(tmp) / "handoff.pt", out)
+        await anyio.to_thread.run_sync(barrier)  # idle period
+        await anyio.to_thread.run_sync(barrier)
+    times = {k: v[WARMUP:] for k, v in out.items()}
+    flags = {"shared": args.shared_memory, "swap": args.swap, "verify": args.verify}
+    return {"times": times, "bytes": n, **flags}
+
+
+async def _publisher_round(
+    pub: aiostage.WeightPublisher,
+    sd: dict[str, Any],
+    flat: torch.Tensor,
+    version: int,
+    path: Path,
+    out: dict[str, list[float]],
+) -> None:
+    await anyio.to_thread.run_sync(barrier)
+    began = time.perf_counter()
+    await anyio.to_thread.run_sync(lambda: dist.broadcast(flat, 0))
+    _took(out, "raw dist.broadcast (one flat tensor)", began)
+    await anyio.to_thread.run_sync(barrier)
+    began = time.perf_counter()
+    report = await pub.publish(sd, version)
+    _took(out, "aiostage publish (stage + send to both)", began)
+    assert report.delivered == [1, 2], report
+    out.setdefault("aiostage stage only", []).append(report.stage_seconds)
+    await anyio.to_thread.run_sync(barrier)  # both installed it
+    _took(out, "aiostage publish + install on both", began)
+    await anyio.to_thread.run_sync(barrier)
+    began = time.perf_counter()
+    await anyio.to_thread.run_sync(torch.save, sd, path)
+    await anyio.to_thread.run_sync(barrier)  # the file is there
+    await anyio.to_thread.run_sync(barrier)  # both loaded and installed it
+    _took(out, "torch.save + torch.load + install on both", began)
+    path.unlink()
+
+
+async def _subscriber(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
+    with torch.device("meta"):
+        shapes = make_sd(args.gib)
+    target = {
+        k: torch.zeros(v.shape, dtype=v.dtype)
+        for k, v in shapes.items()
+        if isinstance(v, torch.Tensor)
+    }
+    n = torch.zeros(1, dtype=torch.int64)
+    await anyio.to_thread.run_sync(lambda: dist.broadcast(n, 0))
+    flat = torch.empty(int(n) // 4)
+    weights = [v for k, v in target.items() if k.endswith("mlp.up.weight")][:4]
+    async with aiostage.WeightSubscriber(
+        publisher=0, target=target, timeout=600, verify=args.verify, swap=args.swap
+    ) as sub:
+        serving = Serving(sub, weights, args.interval_ms / 1e3)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(serving.run)
+            for version in range(1, args.reps + WARMUP + 1):
+                await _round(serving, version, flat, target, Path(tmp) / "handoff.pt")
+            await anyio.to_thread.run_sync(barrier)
+            serving.phase = "idle"
+            await anyio.sleep(args.idle_s)  # a measurement period, not synchronisation
+            serving.phase = "done"
+            await anyio.to_thread.run_sync(barrier)
+            serving.stop = True
+    return {"samples": serving.samples}
+
+
+async def _round(
+    serving: Serving, version: int, flat: torch.Tensor, target: dict[str, torch.Tensor], path: Path
+) -> None:
+    first = version <= WARMUP
+    await anyio.to_thread.run_sync(barrier)
+    serving.phase = "warmup" if first else "raw broadcast"
+    await anyio.to_thread.run_sync(lambda: dist.broadcast(flat, 0))
+    await anyio.to_thread.run_sync(barrier)
+    serving.phase = "warmup" if first else "aiostage update"
+    serving.want, serving.applied = version, anyio.Event()
+    if serving.sub.version != version:
+        await serving.applied.wait()
+    await anyio.to_thread.run_sync(barrier)
+    await anyio.to_thread.run_sync(barrier)
+    serving.phase = "warmup" if first else "torch.save/load hand-off"
+    await anyio.to_thread.run_sync(barrier)
+    await anyio.to_thread.run_sync(_load_into, path, target)
+    await anyio.to_thread.run_sync(barrier)
+    serving.phase = "between"
+
+
+def _load_into(path: Path, target: dict[str, torch.Tensor]) -> None:
+    loaded = torch.load(path, weights_only=True)
+    with torch.no_grad():
+        for k, t in target.items():
+            t.copy_(loaded[k])
+
+
+async def _rank(rank: int, world: int, args: argparse.Namespace, tmp: str) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    if rank == 0:
+        return await _publisher(make_sd(args.gib), args, tmp)
+    return await _subscriber(args, tmp)
+
+
+def _latencies(results: list[dict[str, Any]]) -> tuple[list[list[Any]], dict[Any, float]]:
+    """Request latency rows per subscriber and phase, and the p99 of each."""
+    lat_rows: list[list[Any]] = []
+    p99: dict[Any, float] = {}
+    for rank, r in enumerate(results[1:], start=1):
+        for phase, s in sorted(r["samples"].items()):
+            if phase in ("warmup", "between", "done"):
+                continue
+            p99[(rank, phase)] = percentile_ms(s, 99)
+            lat_rows.append(
+                [rank, phase, len(s), f"{percentile_ms(s, 50):.2f}", f"{p99[(rank, phase)]:.2f}"]
+            )
+    return lat_rows, p99
+
+
+def _ratios(
+    bcast: float, pub: float, installed: float, handoff: float, worst: float
+) -> list[list[str]]:
+    """The ratio rows against the issue's targets."""
+    return [
+        ["publish throughput / raw broadcast throughput", f"{bcast / pub:.2f}", ">= 0.8"],
+        [
+            "(publish + install) throughput / raw broadcast throughput",
+            f"{bcast / installed:.2f}",
+            "",
+        ],
+        [
+            "torch.save/load hand-off time / publish + install time",
+            f"{handoff / installed:.2f}",
+            "",
+        ],
+        ["serving p99 during an update / idle p99 (worse subscriber)", f"{worst:.2f}", "<= 2"],
+    ]
+
+
+def _report(results: list[dict[str, Any]]) -> str:
+    n, times = results[0]["bytes"], results[0]["times"]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rows = [
+        [k, f"{1e3 * min(times[k]):.1f}", f"{1e3 * m:.1f}", f"{n / m / GB:.2f}"]
+        for k, m in med.items()
+    ]
+    lat_rows, p99 = _latencies(results)
+    bcast, pub = (
+        med["raw dist.broadcast (one flat tensor)"],
+        med["aiostage publish (stage + send to both)"],
+    )
+    installed, handoff = (
+        med["aiostage publish + install on both"],
+        med["torch.save + torch.load + install on both"],
+    )
+    during = "aiostage update (update landing/installing)"
+    worst = max(
+        (p99.get((r, during), float("nan")) / p99[(r, "idle")] for r in (1, 2)),
+        default=float("nan"),
+    )
+    ratios = _ratios(bcast, pub, installed, handoff, worst)
+    r0 = results[0]
+    via = "shared memory (same-host fast path)" if r0["shared"] else "gloo on loopback"
+    via += ", install by swap" if r0["swap"] else ", install by copy"
+    via += "" if r0["verify"] else ", verify=False"
+    return (
+        f"{n / GB:.3f} GB unique, 1 publisher -> 2 subscribers, aiostage via {via}\n\n"
+        + table(["figure", "min ms", "median ms", "GB/s (median)"], rows)
+        + "\n\n"
+        + table(["subscriber", "phase", "requests", "p50 ms", "p99 ms"], lat_rows)
+        + "\n\n"
+        + table(["ratio", "value", "target"], ratios)
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gib", type=float, default=1.0)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--interval-ms", type=float, default=5.0)
+    parser.add_argument("--idle-s", type=float, default=3.0)
+    parser.add_argument("--no-verify", dest="verify", action="store_false")
+    parser.add_argument("--shared-memory", action="store_true", help="the same-host fast path")
+    parser.add_argument("--swap", action="store_true", help="subscribers re-point, not copy")
+    args = parser.parse_args()
+    out = Path(__file__).parent / "out"
+    out.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="weight_sync_", dir=out) as tmp:
+        results = run_world(_rank, 3, args, tmp, timeout=1200)
+    print(_report(results))
+
+
+if __name__ == "__main__":
+    main()
