@@ -14,7 +14,6 @@ from ._channel_report import PublishReport as PublishReport
 from ._channel_sub import WeightSubscriber as WeightSubscriber
 from ._channel_sub import WeightUpdate as WeightUpdate
 from ._checkpointer import Checkpointer as Checkpointer
-from ._checkpointer import async_save as async_save
 from ._handle import CheckpointReport as CheckpointReport
 from ._handle import SaveHandle as SaveHandle
 from ._model import apply_train_state as apply_train_state
@@ -24,6 +23,7 @@ from ._reader import load_metadata as load_metadata
 from ._replication import ReplicationStager as ReplicationStager
 from ._save import SaveReport as SaveReport
 from ._save import save as save
+from ._saving import async_save as async_save
 from ._staging import AsyncStager as AsyncStager
 from ._staging import DefaultStager as DefaultStager
 from ._staging import StagerStatistics as StagerStatistics

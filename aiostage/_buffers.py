@@ -75,6 +75,13 @@ def allocate(layout: Layout, share: bool, pin: bool, huge: bool) -> Buffers:
     return Buffers(layout, flats, pinned)
 
 
+def touch(buffers: Buffers) -> None:
+    """Fault in every page of ``buffers`` now (blocking: a worker thread), so the first copy
+    into them runs at the speed of the later ones."""
+    for t in buffers.flats:
+        t.zero_()
+
+
 def free(doomed: list[Buffers]) -> None:
     """Unpin and drop ``doomed`` (a worker thread: unmapping a GiB takes ~0.1-0.2 s).
 

@@ -1,4 +1,4 @@
-"""The front door for training loops: ``async_save`` and ``Checkpointer``.
+"""The front door for training loops: ``Checkpointer``.
 
 A save returns once the state is staged; replication, persistence, commit and retention go on in
 the background. A ``Checkpointer`` runs them one save at a time in a task it owns (so every rank
@@ -9,12 +9,10 @@ committed. See ``docs/checkpointer.md``.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 import uuid
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -29,14 +27,14 @@ from ._format import MANIFEST
 from ._handle import CheckpointReport, SaveHandle
 from ._reader import load
 from ._replication import ReplicationStager
-from ._save import PathLike, save
+from ._save import PathLike
+from ._saving import Job, finish_job, persist_job, stage_job
 from ._staging import AsyncStager, DefaultStager, StagingOptions
 from .errors import AiostageWarning, CheckpointNotFound, ClosedError, UsageError
 
-__all__ = ["Checkpointer", "async_save", "step_name"]
+__all__ = ["Checkpointer", "step_name"]
 
 STEP = re.compile(r"^step_(\d{9,})$")
-_RUNNING: set[asyncio.Task[None]] = set()  # async_save's background tasks, until they finish
 
 
 def step_name(step: int) -> str:
@@ -44,110 +42,6 @@ def step_name(step: int) -> str:
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     return f"step_{step:09d}"
-
-
-@dataclass(slots=True)
-class _Job:
-    """A staged state dict on its way to disk, and what it cost so far."""
-
-    handle: SaveHandle
-    staged: Any
-    stager: AsyncStager
-    metadata: dict[str, Any] | None
-    began: float
-    wait: float = 0.0
-    stage: float = 0.0
-    stage_bytes: int = 0
-    stall: float = 0.0
-    times: dict[str, float] = field(default_factory=dict)
-
-
-async def _stage(job: _Job, state_dict: Any) -> None:
-    """Stage ``state_dict`` into ``job`` (the caller's part of a save)."""
-    stats = getattr(job.stager, "statistics", None)
-    before = stats().bytes_staged if stats is not None else 0
-    t = time.perf_counter()
-    job.staged = await job.stager.stage(state_dict)
-    job.stage = time.perf_counter() - t
-    job.stage_bytes = stats().bytes_staged - before if stats is not None else 0
-    job.stall = time.perf_counter() - job.began
-    job.handle.staged.set(None)
-
-
-async def _persist(
-    job: _Job, *, pg: Any, replicate: ReplicationStager | None, pg_timeout: float
-) -> CheckpointReport:
-    """Replicate (optionally), write and commit ``job``; release its staged copy either way."""
-    t0 = time.perf_counter()
-    try:
-        if replicate is not None:
-            replicate.release(await replicate.stage(job.staged))
-        t1 = time.perf_counter()
-        report = await save(
-            job.staged, job.handle.path, pg=pg, overwrite=True,
-            metadata=job.metadata, pg_timeout=pg_timeout,
-        )  # fmt: skip
-    finally:
-        job.stager.release(job.staged)
-    now = time.perf_counter()
-    return CheckpointReport(
-        job.handle.step, job.handle.path, False, job.stall, job.wait, job.stage, t1 - t0,
-        now - t1, now - job.began, job.stage_bytes, report,
-    )  # fmt: skip
-
-
-def _finish(job: _Job, outcome: CheckpointReport | BaseException) -> None:
-    if isinstance(outcome, BaseException):
-        job.handle.committed.fail(outcome)
-        job.handle.report.fail(outcome)
-    else:
-        job.handle.committed.set(outcome.save)
-        job.handle.report.set(outcome)
-
-
-async def async_save(
-    state_dict: Any,
-    path: PathLike,
-    *,
-    stager: AsyncStager | None = None,
-    pg: Any = None,
-    replicate: ReplicationStager | None = None,
-    metadata: dict[str, Any] | None = None,
-    pg_timeout: float = 600.0,
-) -> SaveHandle:
-    """Stage ``state_dict``, then write it to ``path`` in the background; return at once.
-
-    Returns after staging (``handle.staged`` is already done): the caller may change the state
-    from then on. The rest runs in an asyncio task the handle owns: ``replicate.stage`` of the
-    staged copy when given, then ``aiostage.save`` (with ``pg``: every rank calls it; give it a
-    group the training loop does not use concurrently). ``await handle.committed`` raises the
-    save's error; one nobody awaits is logged. Without ``stager`` the copy goes to fresh memory
-    (a ``Checkpointer`` reuses buffers across saves). Blocks on nothing; raises what staging
-    raises (``StagingError``, ``LeaseTimeout``) before returning.
-    """
-    own = stager is None
-    use = stager or DefaultStager(StagingOptions(pool_size=1))
-    job = _Job(SaveHandle(None, Path(path)), None, use, metadata, time.perf_counter())
-    try:
-        await _stage(job, state_dict)
-    except BaseException:
-        if own:
-            await use.aclose()
-        raise
-
-    async def background() -> None:
-        try:
-            _finish(job, await _persist(job, pg=pg, replicate=replicate, pg_timeout=pg_timeout))
-        except Exception as exc:
-            _finish(job, exc)
-        finally:
-            if own:
-                await use.aclose()
-
-    task = asyncio.get_running_loop().create_task(background())
-    _RUNNING.add(task)
-    task.add_done_callback(_RUNNING.discard)
-    return job.handle
 
 
 class Checkpointer:
@@ -196,7 +90,7 @@ class Checkpointer:
         self._fg: Any = None
         self._repl: ReplicationStager | None = None
         self._slots = anyio.Semaphore(max_in_flight)
-        self._send: MemoryObjectSendStream[_Job] | None = None
+        self._send: MemoryObjectSendStream[Job] | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._failed: list[SaveHandle] = []
         self._steps: list[int] = []
@@ -224,7 +118,7 @@ class Checkpointer:
                     f"{self.root} cannot be a checkpoint root (a directory): {exc}"
                 ) from exc
         self._steps = await self._scan(warn=True)
-        send, receive = anyio.create_memory_object_stream[_Job](self.max_in_flight)
+        send, receive = anyio.create_memory_object_stream[Job](self.max_in_flight)
         self._send, self._tg = send, anyio.create_task_group()
         await self._tg.__aenter__()
         self._tg.start_soon(self._worker, receive)
@@ -278,17 +172,28 @@ class Checkpointer:
         if await self._busy():
             return _skipped(step, path, began)
         meta = {**(metadata or {}), "step": step}
-        job = _Job(SaveHandle(step, path), None, self._stager, meta, began)
+        job = Job(SaveHandle(step, path), None, self._stager, meta, began)
         await self._slots.acquire()
         job.wait = time.perf_counter() - began
         try:
-            await _stage(job, state_dict)
+            await stage_job(job, state_dict)
             assert self._send is not None
             self._send.send_nowait(job)  # a free slot means room in the stream
         except BaseException:
             self._slots.release()
             raise
         return job.handle
+
+    async def reserve(self, state_dict: Any) -> None:
+        """Prepare the staging buffers for state dicts laid out like ``state_dict`` now (e.g.
+        ``train_state(model, optimizer)`` right after building them), so the first ``save``
+        stalls training no longer than the later ones. Blocks on nothing; a no-op with a
+        ``stager`` that has no ``reserve``."""
+        if self._state != "open":
+            raise ClosedError("use the Checkpointer inside `async with Checkpointer(...)`")
+        reserve = getattr(self._stager, "reserve", None)
+        if reserve is not None:
+            await reserve(state_dict, self.max_in_flight)
 
     async def _busy(self) -> bool:
         """``on_busy="skip"``: whether any rank has no free slot (then all skip)."""
@@ -302,21 +207,21 @@ class Checkpointer:
         )
         return any(r[0] for r in rows)
 
-    async def _worker(self, receive: MemoryObjectReceiveStream[_Job]) -> None:
+    async def _worker(self, receive: MemoryObjectReceiveStream[Job]) -> None:
         """Persist the staged jobs one by one, in order (the background task)."""
         async with receive:
             async for job in receive:
                 try:
-                    report = await _persist(
+                    report = await persist_job(
                         job, pg=self._bg, replicate=self._repl, pg_timeout=self._pg_timeout
                     )
                     self._committed(job.handle.step)
                     await self._retain()
                 except Exception as exc:
                     self._failed.append(job.handle)
-                    _finish(job, exc)
+                    finish_job(job, exc)
                 else:
-                    _finish(job, report)
+                    finish_job(job, report)
                 finally:
                     self._slots.release()
 

@@ -19,7 +19,7 @@ import anyio.lowlevel
 import torch
 
 from . import _cuda, _gc
-from ._buffers import Buffers, Layout, allocate, copy_chunks, free, source_bytes
+from ._buffers import Buffers, Layout, allocate, copy_chunks, free, source_bytes, touch
 from ._completion import Backoff, wait_until
 from ._tree import StoragePlan, Tree, flatten, plan_storages, unflatten, view_tensor
 from .errors import ClosedError, LeaseTimeout, UsageError
@@ -185,6 +185,30 @@ class DefaultStager:
             return staged
         finally:
             self._exit()
+
+    async def reserve(self, state_dict: Any, copies: int = 1) -> None:
+        """Allocate and fault in pooled buffers for ``copies`` staged copies laid out like
+        ``state_dict`` (nothing is copied), so that even the first ``stage`` of such a state
+        dict runs warm: call it at start-up, off the training path.
+
+        Page faults of fresh memory make a first stage several times slower (more under memory
+        pressure); this moves that cost here. Blocks on nothing (worker threads). At most
+        ``pool_size`` copies are kept; a no-op with ``reuse_buffers=False``.
+        """
+        self._check_open()
+        if not self.options.reuse_buffers:
+            await anyio.lowlevel.checkpoint()
+            return
+        _, plan = await anyio.to_thread.run_sync(_plan, state_dict)
+        have = sum(1 for b in self._pool if b.layout == plan.layout)
+        for _ in range(min(copies, self.options.pool_size) - have):
+            if len(self._pool) >= self.options.pool_size:
+                break
+            buffers = await self._allocate(plan.layout, pooled=True)
+            try:
+                await anyio.to_thread.run_sync(touch, buffers)
+            finally:
+                self._give_back(buffers)
 
     def release(self, staged: Any) -> None:
         """Hand back the buffers of ``staged``; the copy must not be read afterwards.

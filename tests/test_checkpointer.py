@@ -293,3 +293,15 @@ async def test_an_injected_enospc_surfaces_at_the_handle_and_at_the_next_save(
         assert ckpt.steps() == [1]  # keep_last=1, yet the last committed one survived
         await (await ckpt.save(5, state(5))).committed
     assert os.listdir(tmp_path) == ["step_000000005"]
+
+
+async def test_reserve_makes_the_first_save_warm(tmp_path: pathlib.Path) -> None:
+    stager = aiostage.DefaultStager(aiostage.StagingOptions(pool_size=1))
+    async with aiostage.Checkpointer(tmp_path, stager=stager) as ckpt:
+        await ckpt.reserve(state(1))
+        assert stager.statistics().allocations == 1
+        await (await ckpt.save(1, state(1))).committed
+        assert stager.statistics().allocations == 1
+    await stager.aclose()
+    with pytest.raises(ClosedError):
+        await ckpt.reserve(state(1))

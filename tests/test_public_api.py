@@ -38,6 +38,7 @@ LAYERS: dict[str, float] = {
     "_model": 4,
     "_replication": 4,
     "_handle": 4.5,
+    "_saving": 4.75,
     "_checkpointer": 5,
     "_channel": 5,
     "_channel_install": 4.5,

@@ -535,3 +535,19 @@ async def test_a_dict_of_4096_small_tensors_does_not_stall_the_loop(
         gc.unfreeze()
     assert torch.equal(out["layers"][4095]["w"], sd["layers"][4095]["w"])
     assert lag.max_ms < 25, f"loop blocked {lag.max_ms:.1f} ms"
+
+
+async def test_reserve_prepares_the_first_stage() -> None:
+    sd = {"w": torch.randn(1 << 16), "b": torch.randn(7)}
+    async with aiostage.DefaultStager(aiostage.StagingOptions(pool_size=2)) as stager:
+        await stager.reserve(sd, copies=3)  # at most pool_size
+        assert stager.statistics().allocations == 2
+        assert stager.statistics().leased == 0
+        a, b = await stager.stage(sd), await stager.stage(sd)
+        assert stager.statistics().allocations == 2  # both stages found reserved buffers
+        assert torch.equal(a["w"], sd["w"])
+        assert torch.equal(b["b"], sd["b"])
+        stager.release(a)
+        stager.release(b)
+        await stager.reserve(sd)  # already there: nothing more
+        assert stager.statistics().allocations == 2
