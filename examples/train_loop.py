@@ -62,7 +62,8 @@ async def train(args: argparse.Namespace, root: Path, losses: Path) -> None:
     gc.freeze()  # start-up objects are never scanned again: no 100 ms collector pauses
     handles: list[aiostage.SaveHandle] = []
     async with LoopLag() as lag, aiostage.Checkpointer(root, keep_last=3) as ckpt:
-        await ckpt.reserve(aiostage.train_state(model, opt))  # buffers ready before step 1
+        # buffers ready before step 1; the first train_state imports DCP's helpers: a thread
+        await ckpt.reserve(await anyio.to_thread.run_sync(aiostage.train_state, model, opt))
         began = time.perf_counter()
         for step in range(1, args.steps + 1):
             loss = await anyio.to_thread.run_sync(train_step, model, opt, step)
