@@ -70,7 +70,7 @@ class ReplicationStager:
     restarted rank's state back (a collective, always checksummed). ``pg=None`` uses the default
     group; without one (or in a group of one) ``stage`` returns a staged copy, no network.
     ``verify=False`` (on every rank) skips the per-entry xxh3 of ``stage`` exchanges, which costs
-    about a third of the exchange time on a 2-core host (docs/replication.md).
+    0-15% of the exchange time on a 2-core host (docs/performance.md).
 
     Blocks on nothing. Raises ``ReplicationError`` naming the peer rank and phase,
     ``ReplicationTimeout`` after ``timeout`` (the stager is then broken: recreate the process
