@@ -382,6 +382,7 @@ def _run_rank(setup: _Setup) -> Any:
     rank, size, span = setup.rank, setup.world_size, timedelta(seconds=setup.timeout)
     store = TCPStore(_HOST, setup.port, size, False, span)
     dist.init_process_group(setup.backend, store=store, rank=rank, world_size=size, timeout=span)
+    dist.barrier()  # every pair connected before the call: a rank that returns at once can go
     out = fn(rank, size, *args)
     return asyncio.run(out) if inspect.iscoroutine(out) else out
 
