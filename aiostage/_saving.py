@@ -111,18 +111,23 @@ async def async_save(
             await use.aclose()
         raise
 
-    async def background() -> None:
-        try:
-            finish_job(
-                job, await persist_job(job, pg=pg, replicate=replicate, pg_timeout=pg_timeout)
-            )
-        except Exception as exc:
-            finish_job(job, exc)
-        finally:
-            if own:
-                await use.aclose()
-
-    task = asyncio.get_running_loop().create_task(background())
+    closing = use if own else None
+    task = asyncio.get_running_loop().create_task(
+        _background(job, pg, replicate, pg_timeout, closing)
+    )
     _RUNNING.add(task)
     task.add_done_callback(_RUNNING.discard)
     return job.handle
+
+
+async def _background(
+    job: Job, pg: Any, replicate: ReplicationStager | None, pg_timeout: float, closing: Any
+) -> None:
+    """``async_save``'s task: persist ``job``, settle its handle, close a stager it made."""
+    try:
+        finish_job(job, await persist_job(job, pg=pg, replicate=replicate, pg_timeout=pg_timeout))
+    except Exception as exc:
+        finish_job(job, exc)
+    finally:
+        if closing is not None:
+            await closing.aclose()
