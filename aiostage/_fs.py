@@ -146,10 +146,13 @@ async def pipeline(
         async with anyio.create_task_group() as tg:
             tg.start_soon(drain)
             async with send_full:
-                for job in jobs:
-                    slot = await recv_free.receive()
-                    await first(slot, job)
-                    await send_full.send((slot, job))
+                try:
+                    for job in jobs:
+                        slot = await recv_free.receive()
+                        await first(slot, job)
+                        await send_full.send((slot, job))
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    return  # ``second`` failed: its error alone leaves the task group
 
 
 # ---------------------------------------------------------------- files and directories

@@ -41,7 +41,6 @@ from .errors import AiostageError, CheckpointWriteError
 
 __all__ = [
     "DurableWriter",
-    "OnWrite",
     "WriteHook",
     "WriterOptions",
     "WrittenFile",
@@ -56,13 +55,12 @@ if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
 _MiB = 1 << 20
-#: called before every write with (file, offset, bytes); tests raise OSError(ENOSPC) from it
-OnWrite = Callable[[str, int, int], None]
-#: a process-wide hook (``aiostage.testing.FaultyWrites``): called on the loop before every
-#: write like ``OnWrite``; it may raise, or return ``write(fd, data) -> bytes written``, which
-#: replaces the first ``os.write`` of that write and runs in a worker thread
+#: a process-wide fault-injection hook (``aiostage.testing.FaultyWrites``), called on the loop
+#: before every write with (file, offset, bytes); it may raise (``OSError(ENOSPC)``), or return
+#: ``write(fd, data) -> bytes written``, which replaces the first ``os.write`` of that write and
+#: runs in a worker thread
 WriteHook = Callable[[str, int, int], Callable[[int, memoryview], int] | None]
-#: the hooks every ``DurableWriter`` consults besides its own ``on_write`` (tests only)
+#: the hooks every ``DurableWriter`` consults (tests only)
 write_hooks: list[WriteHook] = []
 #: a chunk to write: its file offset and its pieces (segment, start in the segment, bytes)
 _Job = tuple[int, list[tuple[int, int, int]]]
@@ -97,15 +95,14 @@ class WrittenFile:
 
 
 class DurableWriter:
-    """Writes data files and manifests durably; ``on_write`` is a fault-injection hook.
+    """Writes data files and manifests durably (``write_hooks`` inject faults in tests).
 
     Every method raises ``OSError`` as the file system reports it; callers turn it into
     ``CheckpointWriteError``.
     """
 
-    def __init__(self, options: WriterOptions | None = None, *, on_write: OnWrite | None = None):
+    def __init__(self, options: WriterOptions | None = None):
         self.options = options or WriterOptions()
-        self._on_write = on_write
 
     async def write_file(
         self, path: Path, header: Header, sources: Sequence[Source]
@@ -157,8 +154,6 @@ class DurableWriter:
         padded = min(round_up(n, _fs.ALIGN), len(buf))
         if padded > n:
             buf[n:padded] = bytes(padded - n)
-        if self._on_write is not None:
-            self._on_write(str(f.name), offset, n)
         replaced = _hooked(str(f.name), offset, n)
         await f.seek(offset)
         done = 0

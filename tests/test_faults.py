@@ -13,8 +13,6 @@ import torch
 
 import aiostage
 from aiostage import _writer
-from aiostage._save import save_with
-from aiostage._writer import DurableWriter, WriterOptions
 from aiostage.errors import CheckpointCorrupt, CheckpointWriteError
 from aiostage.testing import FaultyWrites, LoopLag, assert_state_dict_equal
 
@@ -106,17 +104,6 @@ async def test_a_slow_write_does_not_block_the_event_loop(
     assert lag.max_ms < 900, lag.max_ms  # on the loop, the stall would make it >= 1000
     assert lag.beats > 100, lag.beats  # the heartbeat kept ticking through the stall
     assert aiostage_faults.injected[0].startswith("1.0 s delay before write 1")
-
-
-async def test_the_writer_own_hook_still_runs_beside_faulty_writes(tmp_path: Path) -> None:
-    calls: list[tuple[str, int, int]] = []
-    writer = DurableWriter(WriterOptions(chunk_bytes=1 << 16), on_write=lambda *c: calls.append(c))
-    with FaultyWrites() as faults:
-        faults.fail(3, errno.ENOSPC)
-        with pytest.raises(CheckpointWriteError):
-            await save_with(writer, make_sd(), tmp_path / "ckpt")
-    assert calls == faults.writes
-    assert len(calls) == 3
 
 
 def test_rules_count_from_one() -> None:

@@ -18,6 +18,7 @@ from aiostage._format import MANIFEST, rank_file
 from aiostage._save import save_with
 from aiostage._writer import DurableWriter, WriterOptions
 from aiostage.errors import CheckpointWriteError, UnsupportedValueError
+from aiostage.testing import FaultyWrites
 
 
 def make_sd(seed: int = 0, n: int = 6, size: int = 50_000) -> dict[str, Any]:
@@ -116,24 +117,10 @@ async def test_writer_options_give_the_same_file(tmp_path: Path, options: Writer
     assert (tmp_path / "other" / rank_file(0)).read_bytes() == default
 
 
-class FailOn:
-    """A write hook that raises ``OSError(err)`` on write number ``k`` (``-1``: the last)."""
-
-    def __init__(self, k: int, err: int) -> None:
-        self.k, self.err, self.calls = k, err, []  # type: ignore[var-annotated]
-
-    def __call__(self, name: str, offset: int, n: int) -> None:
-        self.calls.append((name, offset, n))
-        if len(self.calls) - 1 == self.k:
-            raise OSError(self.err, os.strerror(self.err), name)
-
-
 async def count_writes(tmp_path: Path, sd: dict[str, Any]) -> list[tuple[str, int, int]]:
-    hook = FailOn(-2, 0)
-    await save_with(
-        DurableWriter(WriterOptions(chunk_bytes=1 << 16), on_write=hook), sd, tmp_path / "probe"
-    )
-    return hook.calls
+    with FaultyWrites() as probe:  # no rules: it only records the writes
+        await save_with(DurableWriter(WriterOptions(chunk_bytes=1 << 16)), sd, tmp_path / "probe")
+    return probe.writes
 
 
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
@@ -154,8 +141,13 @@ async def test_a_failed_write_commits_nothing_and_saving_works_again(
         ),
         "manifest": names.index(MANIFEST),
     }[which]
-    writer = DurableWriter(WriterOptions(chunk_bytes=1 << 16), on_write=FailOn(k, err))
-    with pytest.raises(CheckpointWriteError, match=os.strerror(err)) as info:
+    writer = DurableWriter(WriterOptions(chunk_bytes=1 << 16))
+    with (
+        FaultyWrites().fail(k + 1, err),
+        pytest.raises(  # its rules count writes from 1
+            CheckpointWriteError, match=os.strerror(err)
+        ) as info,
+    ):
         await save_with(writer, make_sd(2), root / "ckpt", overwrite=True)
     cause = info.value.__cause__
     while not isinstance(cause, OSError) and cause is not None:  # a task group keeps its group
