@@ -100,6 +100,7 @@ class TensorLeaf:
     attrs: dict[str, Any] = field(default_factory=dict)
     spec: Any = None  # DTensor placement spec (mesh + placements + global meta)
     param: bool = False  # a DTensor that is an nn.Parameter (FSDP2's parameters)
+    same_as: int | None = None  # the index of an earlier leaf that is this very tensor object
 
     @property
     def key(self) -> str:
@@ -117,22 +118,32 @@ class Tree:
 
 def flatten(obj: Any) -> Tree:
     """Walk ``obj`` once into a ``Tree``; raise ``StagingError`` naming the key of a bad leaf."""
-    leaves: list[TensorLeaf] = []
-    root = _walk(obj, (), leaves, set())
-    return Tree(root, tuple(leaves))
+    w = _Walk([])
+    root = _walk(obj, (), w)
+    return Tree(root, tuple(w.leaves))
 
 
-def _walk(obj: Any, path: KeyPath, leaves: list[TensorLeaf], active: set[int]) -> Node:
+@dataclass(slots=True)
+class _Walk:
+    """One flatten's state: its leaves, the containers on the current path (a cycle check) and
+    the tensor objects seen so far (a tensor met again, like tied weights, is one object)."""
+
+    leaves: list[TensorLeaf]
+    active: set[int] = field(default_factory=set)
+    seen: dict[int, int] = field(default_factory=dict)
+
+
+def _walk(obj: Any, path: KeyPath, w: _Walk) -> Node:
     if isinstance(obj, torch.Tensor):
-        return _walk_tensor(obj, path, leaves, active)
+        return _walk_tensor(obj, path, w)
     if _is_container(obj):
-        if id(obj) in active:
+        if id(obj) in w.active:
             raise StagingError("the state dict contains a reference cycle", key=key_str(path))
-        active.add(id(obj))
+        w.active.add(id(obj))
         try:
-            return _walk_container(obj, path, leaves, active)
+            return _walk_container(obj, path, w)
         finally:
-            active.discard(id(obj))
+            w.active.discard(id(obj))
     try:
         return Value(copy.deepcopy(obj))
     except Exception as exc:
@@ -147,9 +158,9 @@ def _is_container(obj: Any) -> bool:
     return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
 
 
-def _walk_container(obj: Any, path: KeyPath, leaves: list[TensorLeaf], active: set[int]) -> Node:
+def _walk_container(obj: Any, path: KeyPath, w: _Walk) -> Node:
     def kids(items: Sequence[tuple[Hashable, Any]]) -> tuple[Node, ...]:
-        return tuple(_walk(v, (*path, k), leaves, active) for k, v in items)
+        return tuple(_walk(v, (*path, k), w) for k, v in items)
 
     if isinstance(obj, dict):
         factory = obj.default_factory if isinstance(obj, defaultdict) else None
@@ -161,21 +172,24 @@ def _walk_container(obj: Any, path: KeyPath, leaves: list[TensorLeaf], active: s
     return DataclassNode(type(obj), names, kids([(n, getattr(obj, n)) for n in names]))
 
 
-def _walk_tensor(
-    t: torch.Tensor, path: KeyPath, leaves: list[TensorLeaf], active: set[int]
-) -> Node:
+def _walk_tensor(t: torch.Tensor, path: KeyPath, w: _Walk) -> Node:
+    first = w.seen.get(id(t))
+    if first is not None:  # the same tensor object again (tied weights): one object staged
+        w.leaves.append(dataclasses.replace(w.leaves[first], path=path, same_as=first))
+        return Leaf(len(w.leaves) - 1)
     kind = type(t)
     if kind is torch.nn.Parameter or kind is torch.Tensor:  # the common case first, cheaply
         wrap: Wrap = "parameter" if kind is torch.nn.Parameter else "tensor"
     elif _is_sharded_tensor(t):
-        return _walk_sharded(t, path, leaves, active)
+        return _walk_sharded(t, path, w)
     elif _is_dtensor(t):
         local = t._local_tensor  # type: ignore[attr-defined]
         _check_plain_data(local, path)
         spec = t._spec  # type: ignore[attr-defined]
         param = isinstance(t, torch.nn.Parameter)
-        leaves.append(TensorLeaf(path, local, "dtensor", t.requires_grad, spec=spec, param=param))
-        return Leaf(len(leaves) - 1)
+        w.leaves.append(TensorLeaf(path, local, "dtensor", t.requires_grad, spec=spec, param=param))
+        w.seen[id(t)] = len(w.leaves) - 1
+        return Leaf(len(w.leaves) - 1)
     else:
         raise StagingError(f"unsupported tensor subclass {kind.__qualname__}", key=key_str(path))
     _check_plain_data(t, path)
@@ -187,19 +201,20 @@ def _walk_tensor(
             raise StagingError(
                 f"cannot copy the tensor's Python attributes: {exc}", key=key_str(path)
             ) from exc
-    leaves.append(TensorLeaf(path, t.detach(), wrap, t.requires_grad, attrs))
-    return Leaf(len(leaves) - 1)
+    w.leaves.append(TensorLeaf(path, t.detach(), wrap, t.requires_grad, attrs))
+    w.seen[id(t)] = len(w.leaves) - 1
+    return Leaf(len(w.leaves) - 1)
 
 
-def _walk_sharded(t: Any, path: KeyPath, leaves: list[TensorLeaf], active: set[int]) -> Node:
+def _walk_sharded(t: Any, path: KeyPath, w: _Walk) -> Node:
     shards = t.local_shards()
     children = []
     for i, shard in enumerate(shards):
         _check_plain_data(shard.tensor, (*path, i))
-        leaves.append(
+        w.leaves.append(
             TensorLeaf((*path, i), shard.tensor.detach(), "tensor", shard.tensor.requires_grad)
         )
-        children.append(Leaf(len(leaves) - 1))
+        children.append(Leaf(len(w.leaves) - 1))
     metas = tuple(s.metadata for s in shards)
     return ShardedNode(t.metadata(), metas, tuple(children), t._process_group)
 
@@ -242,7 +257,10 @@ def unflatten(tree: Tree, data: Sequence[torch.Tensor], *, copy_values: bool = T
     Non-tensor values are deep-copied again (``copy_values``) so two rebuilt dicts never share a
     mutable leaf.
     """
-    tensors = [wrap_leaf(leaf, d) for leaf, d in zip(tree.leaves, data, strict=True)]
+    tensors: list[torch.Tensor] = []
+    for leaf, d in zip(tree.leaves, data, strict=True):
+        j = leaf.same_as  # tied weights: the object made for the first occurrence
+        tensors.append(wrap_leaf(leaf, d) if j is None else tensors[j])
     return _build(tree.root, tensors, copy_values)
 
 
