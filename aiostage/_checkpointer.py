@@ -164,8 +164,7 @@ class Checkpointer:
         save is lost; this one is not attempted), ``ClosedError`` outside ``async with``, and
         what staging raises.
         """
-        if self._state != "open":
-            raise ClosedError("use the Checkpointer inside `async with Checkpointer(...)`")
+        self._check_open()
         self._raise_failure()
         began = time.perf_counter()
         path = self.root / step_name(step)
@@ -189,11 +188,14 @@ class Checkpointer:
         ``train_state(model, optimizer)`` right after building them), so the first ``save``
         stalls training no longer than the later ones. Blocks on nothing; a no-op with a
         ``stager`` that has no ``reserve``."""
-        if self._state != "open":
-            raise ClosedError("use the Checkpointer inside `async with Checkpointer(...)`")
+        self._check_open()
         reserve = getattr(self._stager, "reserve", None)
         if reserve is not None:
             await reserve(state_dict, self.max_in_flight)
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise ClosedError("use the Checkpointer inside `async with Checkpointer(...)`")
 
     async def _busy(self) -> bool:
         """``on_busy="skip"``: whether any rank has no free slot (then all skip)."""

@@ -170,13 +170,13 @@ def _send(link: Link, peer: int, header: Header, sources: Sequence[Source]) -> i
     msgs = [m.to(link.device) for m in first]
     works = [_dist.post_send(m, peer, link.pg, TAG) for m in msgs]
     ranges = plan_messages(_spans(header))
-    hasher = _Hasher(header, ranges)
+    hasher = _Hasher(header, ranges) if link.verify else None
     for i, m in enumerate(_messages(header, sources, ranges)):
-        if link.verify:
+        if hasher is not None:
             hasher.take(i, _view(m))
         msgs.append(m.to(link.device))
         works.append(_dist.post_send(msgs[-1], peer, link.pg, TAG))
-    digests = hasher.digests() if link.verify else [0] * len(sources)
+    digests = hasher.digests() if hasher is not None else [0] * len(sources)
     sums = torch.tensor([_signed(s) for s in digests], dtype=torch.int64)
     msgs.append(sums.to(link.device))
     works.append(_dist.post_send(msgs[-1], peer, link.pg, TAG))
