@@ -283,9 +283,8 @@ class WeightSubscriber:
                 if shared:
                     frame = await self._copy_shared(note)
                 else:
-                    frame = await recv_frame(
-                        self._link, self._pub, self._buffer, max_data=_MAX_DATA
-                    )
+                    got = await recv_frame(self._link, self._pub, self._buffer, max_data=_MAX_DATA)
+                    frame = got[:2] if got is not None else None
         except TimeoutError as exc:
             raise ReplicationTimeout(
                 f"version {note.a} did not arrive within {self._timeout} s; the stream is broken",

@@ -9,6 +9,7 @@ structure (the template) gives DTensors their spec and ShardedTensors their glob
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -214,16 +215,23 @@ def _replace_sharded(out: Any, path: KeyPath, node: ShardedNode, owner: int, pg:
 
 
 async def write_replica(
-    target: Path, header: Header, data: torch.Tensor, meta: dict[str, Any]
+    target: Path,
+    header: Header,
+    data: torch.Tensor,
+    meta: dict[str, Any],
+    expected: Sequence[int] | None = None,
 ) -> None:
     """Write a received frame as a one-rank checkpoint at ``target``, replacing the previous one
-    atomically (temporary sibling, fsyncs, exchange). Raises ``CheckpointWriteError``."""
+    atomically (temporary sibling, fsyncs, exchange). ``expected``: the sender's digests, checked
+    as the bytes are written. Raises ``CheckpointWriteError``, ``CheckpointCorrupt``."""
     await check_target(target, overwrite=True)
     tmp = _fs.temp_path(target, uuid.uuid4().hex)
     async with attempt(tmp, target):
         await _fs.make_parents(target.parent)
         await _fs.make_dir(tmp)
         writer = DurableWriter()
-        written = await writer.write_file(tmp / rank_file(0), header, frame_sources(header, data))
+        written = await writer.write_file(
+            tmp / rank_file(0), header, frame_sources(header, data), expected
+        )
         await writer.write_manifest(tmp, Manifest(1, (written.info,), meta))
         await commit(tmp, target, overwrite=True)

@@ -15,7 +15,7 @@ import dataclasses
 import math
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -36,12 +36,14 @@ from ._reader import load
 from ._staging import DefaultStager, StagingOptions
 from ._transport import Link, partners, recv_frame, send_frame, send_nothing
 from ._tree import Tree, flatten
-from .errors import ReplicationError, ReplicationTimeout, UsageError
+from .errors import CheckpointCorrupt, ReplicationError, ReplicationTimeout, UsageError
 
 __all__ = ["ReplicationStager", "ReplicationStatistics"]
 
 _T = TypeVar("_T")
 _MAX_DATA = 1 << 42
+#: a received state: its header, its bytes, and the digests its sender computed (if it did)
+_Frame = tuple[Header, torch.Tensor, Sequence[int] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +71,14 @@ class ReplicationStager:
     ``await stager.persisted()`` waits for that. ``await stager.recover(lost=...)`` brings a
     restarted rank's state back (a collective, always checksummed). ``pg=None`` uses the default
     group; without one (or in a group of one) ``stage`` returns a staged copy, no network.
-    ``verify=False`` (on every rank) skips the per-entry xxh3 of ``stage`` exchanges, which costs
-    0-15% of the exchange time on a 2-core host (docs/performance.md).
+
+    Checksums are end to end: with ``verify=True`` (on every rank) the sender hashes each entry
+    (xxh3_64) as it sends it, and the replica keeps those digests. They are checked where the
+    replica is used: as it is written to ``storage_dir`` (``persisted()`` raises on a mismatch)
+    and by the rank that gets its state back in ``recover``, which covers the first transfer,
+    the time in the partner's memory and the way back. ``verify_on_arrival=True`` also hashes
+    what lands during ``stage`` (more CPU in every exchange, an earlier error). ``verify=False``
+    sends no digests; ``recover`` then hashes the replica it gives back.
 
     Blocks on nothing. Raises ``ReplicationError`` naming the peer rank and phase,
     ``ReplicationTimeout`` after ``timeout`` (the stager is then broken: recreate the process
@@ -86,6 +94,7 @@ class ReplicationStager:
         partner: int | None = None,
         copy_cpu: bool = False,
         verify: bool = True,
+        verify_on_arrival: bool = False,
     ) -> None:
         self._timeout = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
         if not (self._timeout > 0 and math.isfinite(self._timeout)):
@@ -95,11 +104,12 @@ class ReplicationStager:
         self._send_to, self._recv_from = partners(self._rank, self._world, partner)
         self._dir = Path(storage_dir) if storage_dir is not None else None
         self._copy_cpu, self._verify = copy_cpu, verify
+        self._on_arrival = verify and verify_on_arrival
         self._link_: Link | None = None
         self._local = DefaultStager(StagingOptions(pool_size=1 if self._world > 1 else 2))
         self._arenas = ReceiveBuffers()
         self._leases: dict[int, tuple[Any, torch.Tensor]] = {}
-        self._latest: tuple[Header, torch.Tensor] | None = None
+        self._latest: _Frame | None = None
         self._lock = anyio.Lock()
         self._broken: str | None = None
         self._closed = False
@@ -215,12 +225,14 @@ class ReplicationStager:
         if self._closed:
             raise UsageError("this ReplicationStager is closed; create a new one")
 
-    async def _exchange(self, header: Header, sources: list[Source]) -> tuple[Header, Any]:
+    async def _exchange(self, header: Header, sources: list[Source]) -> _Frame:
         """Send to the partner and receive from the protected rank at once, under the timeout."""
         link, got = self._link(), []
 
         async def receive() -> None:
-            frame = await recv_frame(link, self._recv_from, self._buffer, max_data=_MAX_DATA)
+            frame = await recv_frame(
+                link, self._recv_from, self._buffer, max_data=_MAX_DATA, check=self._on_arrival
+            )
             got.append(frame)
 
         async with self._guard(self._recv_from, "exchange"), anyio.create_task_group() as tg:
@@ -231,7 +243,8 @@ class ReplicationStager:
         self._stats["bytes_sent"] += header.data_bytes
         self._stats["bytes_received"] += got[0][0].data_bytes
         self._stats["rounds"] += 1
-        return got[0]
+        header, data, digests = got[0]
+        return header, data, digests if self._verify else None
 
     async def _buffer(self, n: int) -> torch.Tensor:
         return await self._arenas.get(n, "receiving")
@@ -258,11 +271,9 @@ class ReplicationStager:
             )
             raise ReplicationError(str(first), peer=p, phase=ph) from exc
 
-    async def _accept(
-        self, frame: tuple[Header, torch.Tensor], tree: Tree | None, keep: str
-    ) -> Any:
+    async def _accept(self, frame: _Frame, tree: Tree | None, keep: str) -> Any:
         """The state dict of ``frame`` as views into its buffer, leased to the caller."""
-        header, data = frame
+        header, data, _ = frame
         sender = self._recv_from if keep == "latest" else self._send_to
         owner = self._recv_from if keep == "latest" else self._rank
         try:
@@ -281,21 +292,22 @@ class ReplicationStager:
         self._leases[id(out)] = (out, data)
         return out
 
-    def _persist_soon(self, frame: tuple[Header, torch.Tensor]) -> None:
+    def _persist_soon(self, frame: _Frame) -> None:
         if self._tg is None or self._dir is None:
             return
         self._arenas.hold(frame[1], "persisting")
         done = self._persisting = anyio.Event()
         self._tg.start_soon(self._persist, frame, self._recv_from, done)
 
-    async def _persist(self, frame: tuple[Header, torch.Tensor], peer: int, done: Any) -> None:
-        """Write ``frame`` as a checkpoint directory and swap it in atomically (background)."""
-        header, data = frame
+    async def _persist(self, frame: _Frame, peer: int, done: Any) -> None:
+        """Write ``frame`` as a checkpoint directory and swap it in atomically, its bytes checked
+        against the sender's digests on the way (background)."""
+        header, data, digests = frame
         target = self.storage_path(peer)
         assert target is not None
         meta = {"replica_of": peer, "rank": self._rank, "world_size": self._world}
         try:
-            await write_replica(target, header, data, meta)
+            await write_replica(target, header, data, meta, digests)
             self._persist_error = None
         except Exception as exc:
             self._persist_error = exc
@@ -306,18 +318,19 @@ class ReplicationStager:
     async def persisted(self) -> None:
         """Wait until the latest received replica is on disk (at once without ``storage_dir``).
 
-        Raises ``ReplicationError(phase="persist")`` if writing it failed.
+        Raises ``ReplicationError`` if writing it failed (phase ``"persist"``) or its bytes do not
+        match the digests the sender computed (phase ``"verify"``; nothing was written).
         """
         if self._persisting is not None:
             await self._persisting.wait()
         else:
             await anyio.lowlevel.checkpoint()
-        if self._persist_error is not None:
+        error = self._persist_error
+        if error is not None:
+            phase = "verify" if isinstance(error, CheckpointCorrupt) else "persist"
             raise ReplicationError(
-                f"persisting the replica failed: {self._persist_error}",
-                peer=self._recv_from,
-                phase="persist",
-            ) from self._persist_error
+                f"persisting the replica failed: {error}", peer=self._recv_from, phase=phase
+            ) from error
 
     async def recover(self, *, lost: bool, like: Any = None) -> Any:
         """Give every rank that lost its state that state back; every rank of the group calls it.
@@ -378,18 +391,19 @@ class ReplicationStager:
         else:
             await send_frame(link, self._recv_from, *frame)
 
-    async def _held_replica(self) -> tuple[Header, list[Source]] | None:
-        """The replica of the protected rank: the one in memory, else the persisted file."""
+    async def _held_replica(self) -> tuple[Header, list[Source], Sequence[int] | None] | None:
+        """The replica of the protected rank: the one in memory (with its owner's digests, so
+        the owner checks it end to end), else the persisted file (checked as it is read)."""
         if self._latest is not None:
-            header, data = self._latest
-            return header, frame_sources(header, data)
+            header, data, digests = self._latest
+            return header, frame_sources(header, data), digests
         path = self.storage_path(self._recv_from)
         if path is None or await _fs.path_kind(path, MANIFEST) == "absent":
             return None
         state = await load(path)
         planned = await anyio.to_thread.run_sync(outgoing, state, True)
         assert planned is not None  # load returns CPU tensors
-        return planned[1], planned[2]
+        return planned[1], planned[2], None
 
 
 def _first_error(e: BaseException) -> BaseException:

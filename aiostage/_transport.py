@@ -9,11 +9,15 @@ per-pair FIFO order):
 2. the data region (entries back to back, exactly as in a file) in messages of at most
    ``BUCKET`` bytes: an entry of ``SMALL`` bytes or more is sent straight from its memory,
    consecutive smaller entries packed into one message;
-3. ``int64[n_entries]``: the xxh3_64 of each entry, hashed while the data is on the wire.
+3. ``int64[n_entries]``: the xxh3_64 of each entry (zeros when the link does not verify), hashed
+   by the sender while the data is on the wire, or given by the caller: a replica sent back on
+   recovery carries the digests its owner computed, so the check is end to end.
 
 The message ranges depend only on the entries, so both sides derive them from the header. The
-receiver bounds every length before allocating, lands each message in the matching slice of one
-buffer, and hashes each message while the next one arrives.
+receiver bounds every length before allocating and lands each message in the matching slice of one
+buffer; when asked to check, it hashes each message while the next one arrives and compares. It
+returns the sender's digests either way, so a later reader (the replica's writer, a recovery) can
+check the bytes against them.
 """
 
 from __future__ import annotations
@@ -121,8 +125,15 @@ def _spans(header: Header) -> list[tuple[int, int]]:
 # ---------------------------------------------------------------- sending
 
 
-async def send_frame(link: Link, peer: int, header: Header, sources: Sequence[Source]) -> int:
-    """Send ``header`` and the bytes of ``sources`` (one per entry) to group rank ``peer``.
+async def send_frame(
+    link: Link,
+    peer: int,
+    header: Header,
+    sources: Sequence[Source],
+    digests: Sequence[int] | None = None,
+) -> int:
+    """Send ``header`` and the bytes of ``sources`` (one per entry) to group rank ``peer``, with
+    ``digests`` as the entries' checksums (hashed here when ``None`` and ``link.verify``).
 
     Blocks on nothing: one worker thread (abandoned on cancellation) encodes, packs, posts and
     waits, since posting a large gloo send writes to the socket in the caller. Returns the bytes
@@ -131,7 +142,7 @@ async def send_frame(link: Link, peer: int, header: Header, sources: Sequence[So
     """
     try:
         return await anyio.to_thread.run_sync(
-            _send, link, peer, header, sources, abandon_on_cancel=True
+            _send, link, peer, header, sources, digests, abandon_on_cancel=True
         )
     except RuntimeError as exc:
         raise ReplicationError(f"sending failed: {exc}", peer=peer, phase="send") from exc
@@ -155,10 +166,16 @@ def _exchange_one(link: Link, peer: int, t: torch.Tensor, send: bool) -> None:
     _dist.wait_work(post(t, peer, link.pg, TAG), link.backstop)
 
 
-def _send(link: Link, peer: int, header: Header, sources: Sequence[Source]) -> int:
+def _send(
+    link: Link,
+    peer: int,
+    header: Header,
+    sources: Sequence[Source],
+    digests: Sequence[int] | None,
+) -> int:
     """Post the frame message by message, hashing each one just before it is posted (its bytes
-    are then in the cache when the kernel copies them), then the checksums; wait for every send
-    (worker thread)."""
+    are then in the cache when the kernel copies them) unless ``digests`` are given, then the
+    checksums; wait for every send (worker thread)."""
     if link.sent is None or link.sent[0] != header:  # same layout as last round: reuse
         link.sent = (header, encode_header(header))
     raw = link.sent[1]
@@ -170,13 +187,14 @@ def _send(link: Link, peer: int, header: Header, sources: Sequence[Source]) -> i
     msgs = [m.to(link.device) for m in first]
     works = [_dist.post_send(m, peer, link.pg, TAG) for m in msgs]
     ranges = plan_messages(_spans(header))
-    hasher = _Hasher(header, ranges) if link.verify else None
+    hasher = _Hasher(header, ranges) if link.verify and digests is None else None
     for i, m in enumerate(_messages(header, sources, ranges)):
         if hasher is not None:
             hasher.take(i, _view(m))
         msgs.append(m.to(link.device))
         works.append(_dist.post_send(msgs[-1], peer, link.pg, TAG))
-    digests = hasher.digests() if hasher is not None else [0] * len(sources)
+    if digests is None:
+        digests = hasher.digests() if hasher is not None else [0] * len(sources)
     sums = torch.tensor([_signed(s) for s in digests], dtype=torch.int64)
     msgs.append(sums.to(link.device))
     works.append(_dist.post_send(msgs[-1], peer, link.pg, TAG))
@@ -230,15 +248,21 @@ def _signed(v: int) -> int:
 
 
 async def recv_frame(
-    link: Link, peer: int, buffer: Callable[[int], Awaitable[torch.Tensor]], *, max_data: int
-) -> tuple[Header, torch.Tensor] | None:
-    """Receive one frame from group rank ``peer``: its validated header and its data bytes
-    (``None`` when the peer sent ``send_nothing``).
+    link: Link,
+    peer: int,
+    buffer: Callable[[int], Awaitable[torch.Tensor]],
+    *,
+    max_data: int,
+    check: bool | None = None,
+) -> tuple[Header, torch.Tensor, tuple[int, ...]] | None:
+    """Receive one frame from group rank ``peer``: its validated header, its data bytes and the
+    sender's per-entry digests (``None`` when the peer sent ``send_nothing``).
 
     ``buffer(n)`` supplies a CPU uint8 tensor of ``n`` bytes (reused between rounds by the
-    caller). Blocks on nothing. Raises ``ReplicationError`` naming ``peer`` and the phase:
-    ``"header"`` for a malformed frame (checked before anything is allocated, never unpickled),
-    ``"data"`` when the backend fails, ``"verify"`` on a checksum mismatch.
+    caller). ``check`` (default ``link.verify``): hash the bytes as they land and compare them
+    with the digests. Blocks on nothing. Raises ``ReplicationError`` naming ``peer`` and the
+    phase: ``"header"`` for a malformed frame (checked before anything is allocated, never
+    unpickled), ``"data"`` when the backend fails, ``"verify"`` on a checksum mismatch.
     """
     header = await _recv_header(link, peer, max_data)
     if header is None:
@@ -251,16 +275,18 @@ async def recv_frame(
         data[a:b] if on_cpu else torch.empty(b - a, dtype=torch.uint8, device=link.device)
         for a, b in ranges
     ]
-    landing = _Landing(_Hasher(header, ranges) if link.verify else None, data, ranges, on_cpu)
+    check = link.verify if check is None else check
+    landing = _Landing(_Hasher(header, ranges) if check else None, data, ranges, on_cpu)
     try:
         await anyio.to_thread.run_sync(
             _receive, link, peer, targets, sums, landing, abandon_on_cancel=True
         )
     except RuntimeError as exc:
         raise ReplicationError(f"receiving failed: {exc}", peer=peer, phase="data") from exc
+    digests = tuple(v & _MASK for v in sums.cpu().tolist())
     if landing.hasher is not None:
-        landing.hasher.check([v & _MASK for v in sums.cpu().tolist()], peer)
-    return header, data
+        landing.hasher.check(digests, peer)
+    return header, data, digests
 
 
 async def _recv_header(link: Link, peer: int, max_data: int) -> Header | None:
@@ -362,7 +388,7 @@ class _Hasher:
         """One digest per entry."""
         return [h.intdigest() for h in self.hashes]
 
-    def check(self, sums: list[int], peer: int) -> None:
+    def check(self, sums: Sequence[int], peer: int) -> None:
         """Compare with the sender's checksums; ``ReplicationError(peer, "verify")`` on a mismatch."""
         for e, got, want in zip(self.entries, self.digests(), sums, strict=True):
             if got != want:

@@ -37,7 +37,7 @@ from ._format import (
     encode_manifest,
     round_up,
 )
-from .errors import AiostageError, CheckpointWriteError
+from .errors import AiostageError, CheckpointCorrupt, CheckpointWriteError
 
 __all__ = [
     "DurableWriter",
@@ -105,9 +105,18 @@ class DurableWriter:
         self.options = options or WriterOptions()
 
     async def write_file(
-        self, path: Path, header: Header, sources: Sequence[Source]
+        self,
+        path: Path,
+        header: Header,
+        sources: Sequence[Source],
+        expected: Sequence[int] | None = None,
     ) -> WrittenFile:
-        """Write ``header`` and the bytes of ``sources`` to a new file ``path``, then fsync it."""
+        """Write ``header`` and the bytes of ``sources`` to a new file ``path``, then fsync it.
+
+        ``expected``: the entries' digests as their producer computed them (a received replica);
+        the bytes are checked against them as they are written, and ``CheckpointCorrupt`` naming
+        the entry is raised before the header goes out.
+        """
         began = time.perf_counter()
         o = self.options
         hashes = [xxhash.xxh3_64() for _ in sources]
@@ -127,7 +136,10 @@ class DurableWriter:
                 await self._write(f, ring[slot], job[0], sum(n for _, _, n in job[1]))
 
             await _fs.pipeline(len(ring), jobs, fill, write)
-            final = replace(header, checksums=tuple(h.intdigest() for h in hashes))
+            digests = tuple(h.intdigest() for h in hashes)
+            if expected is not None:
+                _compare(path, header, digests, expected)
+            final = replace(header, checksums=digests)
             blob = await anyio.to_thread.run_sync(encode_header, final)
             for begin in range(0, len(blob), o.chunk_bytes):
                 piece = blob[begin : begin + o.chunk_bytes]
@@ -164,6 +176,17 @@ class DurableWriter:
             if not wrote:  # no progress: write(2) would spin here forever
                 raise OSError(errno.EIO, f"a write to {f.name} stored nothing at {offset + done}")
             done += wrote
+
+
+def _compare(path: Path, header: Header, got: Sequence[int], expected: Sequence[int]) -> None:
+    for e, mine, theirs in zip(header.entries, got, expected, strict=True):
+        if mine != theirs:
+            raise CheckpointCorrupt(
+                f"{path}: entry {e.name!r} does not match the checksum it was produced with; "
+                "its bytes were damaged on the way or in memory",
+                path=path,
+                key=e.name,
+            )
 
 
 def _hooked(name: str, offset: int, n: int) -> Callable[[int, memoryview], int] | None:

@@ -96,6 +96,15 @@ async def no_storage_and_tiny(rank: int, world: int) -> dict[str, Any]:
     unverified = aiostage.ReplicationStager(timeout=30, verify=False)
     assert_state_dict_equal(await unverified.stage(make_state(rank)), make_state(1 - rank))
     await unverified.aclose()
+    # checked on arrival: rank 1's check fails on rank 0's zero digests (a misconfiguration)
+    mixed = aiostage.ReplicationStager(timeout=30, verify=rank == 1, verify_on_arrival=True)
+    if rank == 1:
+        with pytest.raises(ReplicationError, match="verify=False") as caught:
+            await mixed.stage(make_state(rank))
+        assert caught.value.phase == "verify"
+    else:
+        assert_state_dict_equal(await mixed.stage(make_state(rank)), make_state(1 - rank))
+    await mixed.aclose()
     tiny = {f"t{i}": torch.full((1,), float(rank * 10_000 + i)) for i in range(4096)}
     stager.release(await stager.stage(tiny))  # warm-up: buffers, threads
     times = []
@@ -284,3 +293,30 @@ async def recover_dtensors(rank: int, world: int) -> dict[str, Any]:
         assert torch.equal(back[key].to_local(), mine[key].to_local()), key
     await restarted.aclose()
     return {"lost": True}
+
+
+async def damaged_replica(rank: int, world: int, tmp: str) -> dict[str, str]:
+    """Rank 0's copy of rank 1's state is damaged in memory after it arrived: writing it to
+    storage_dir and giving it back both fail the check against rank 1's own digests."""
+    sd, seen = make_state(rank), {}
+    async with aiostage.ReplicationStager(storage_dir=tmp, timeout=30) as stager:
+        stager.release(await stager.stage(sd))
+        await stager.persisted()  # an intact replica on disk first
+        replica = await stager.stage(sd)
+        if rank == 0:  # before the background write has started (no await in between)
+            replica["model"]["ints"].add_(1)
+            with pytest.raises(ReplicationError) as caught:
+                await stager.persisted()
+            seen["persist"] = f"{caught.value.phase}: {caught.value}"
+            kept = await aiostage.load(stager.storage_path(1))  # the previous replica stands
+            assert_state_dict_equal(kept, make_state(1))
+            assert await stager.recover(lost=False) is None
+        else:
+            await stager.persisted()
+            restarted = aiostage.ReplicationStager(timeout=30)
+            with pytest.raises(ReplicationError) as caught:
+                await restarted.recover(lost=True)
+            seen["recover"] = f"{caught.value.phase}: {caught.value}"
+            await restarted.aclose()
+        stager.release(replica)
+    return seen

@@ -78,3 +78,12 @@ def test_recovery_in_a_ring_and_of_two_ranks_at_once_keeps_dtensors(world: int) 
     results = run_world(workers.recover_dtensors, world, timeout=WORLD_TIMEOUT)
     lost = [r["lost"] for r in results]
     assert lost == ([False] * (world - 1) + [True] if world % 2 else [True, True, False, False])
+
+
+@pytest.mark.timeout(90)
+def test_a_replica_damaged_in_memory_is_caught_end_to_end(tmp_path: Path) -> None:
+    holder, owner = run_world(workers.damaged_replica, 2, str(tmp_path), timeout=WORLD_TIMEOUT)
+    assert holder["persist"].startswith("verify: "), holder
+    assert owner["recover"].startswith("verify: "), owner
+    assert "ints" in holder["persist"], holder
+    assert "ints" in owner["recover"], owner
