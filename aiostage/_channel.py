@@ -32,6 +32,7 @@ from ._channel_wire import (
     BYE_ACK,
     CLOSED,
     DONE,
+    FRAME_TAG,
     OFFER,
     OFFER_SHM,
     OFFER_TAG,
@@ -106,11 +107,13 @@ class WeightPublisher:
         cpu = torch.device("cpu")
         self._peers = {
             r: _Peer(
-                r, Link(self._pg, cpu, BACKSTOP, verify=verify), Mailbox(self._pg, r, READY_TAG)
+                r,
+                Link(self._pg, cpu, BACKSTOP, verify=verify, tag=FRAME_TAG),
+                Mailbox(self._pg, r, READY_TAG),
             )
             for r in ranks
         }
-        self._snaps = Snapshots(shared_memory)
+        self._snaps = Snapshots(shared_memory, verify)
         self._host = host_token()
         self._latest: Snapshot | None = None
         self._seq = 0
@@ -262,7 +265,7 @@ class WeightPublisher:
                     await send_note(
                         self._pg, peer.rank, OFFER_TAG, Note(OFFER, snap.version, snap.seq)
                     )
-                    await send_frame(peer.link, peer.rank, snap.header, snap.sources)
+                    await send_frame(peer.link, peer.rank, snap.header, snap.sources, snap.digests)
         except TimeoutError as exc:
             self._snaps.poison(snap)
             error = ReplicationTimeout(

@@ -20,6 +20,7 @@ from ._channel_shm import Region, fill_region
 from ._format import Header, Source
 from ._frames import frame_sources, outgoing
 from ._staging import DefaultStager, StagingOptions
+from ._transport import entry_digests
 
 __all__ = ["Snapshot", "Snapshots"]
 
@@ -35,6 +36,7 @@ class Snapshot:
     staged: Any = None  # the DefaultStager copy (private memory)
     stager: DefaultStager | None = None
     region: Region | None = None  # the shared-memory region (fast path)
+    digests: list[int] | None = None  # per entry, hashed once for every subscriber
     users: int = 0
     poisoned: bool = False
     released: bool = False
@@ -42,9 +44,11 @@ class Snapshot:
 
 @dataclass(eq=False)
 class Snapshots:
-    """Stage versions into a pool of two buffers (``shared``: shared-memory regions)."""
+    """Stage versions into a pool of two buffers (``shared``: shared-memory regions); with
+    ``verify``, hash each version's entries once, for all its sends."""
 
     shared: bool
+    verify: bool = True
     stager: DefaultStager = field(
         default_factory=lambda: DefaultStager(StagingOptions(pool_size=2))
     )
@@ -54,8 +58,19 @@ class Snapshots:
 
     async def stage(self, state_dict: Any, version: int, seq: int) -> Snapshot:
         """Copy ``state_dict`` into a free buffer (waiting for one while both are in use)."""
-        if not self.shared:
-            return await self._stage_private(state_dict, version, seq)
+        if self.shared:
+            snap = await self._stage_shared(state_dict, version, seq)
+        else:
+            snap = await self._stage_private(state_dict, version, seq)
+        if self.verify:
+            try:
+                snap.digests = await anyio.to_thread.run_sync(entry_digests, snap.sources)
+            except BaseException:
+                self.release(snap)
+                raise
+        return snap
+
+    async def _stage_shared(self, state_dict: Any, version: int, seq: int) -> Snapshot:
         planned = await anyio.to_thread.run_sync(outgoing, state_dict, True)
         staged = None
         if planned is None:  # not all on the CPU: stage to the CPU first, then into the region

@@ -28,6 +28,7 @@ from ._channel_wire import (
     BYE_ACK,
     CLOSED,
     DONE,
+    FRAME_TAG,
     NO_SHM,
     OFFER,
     OFFER_SHM,
@@ -115,7 +116,7 @@ class WeightSubscriber:
         self._target = target
         self._swap = swap
         self._installed: torch.Tensor | None = None
-        self._link = Link(self._pg, torch.device("cpu"), BACKSTOP, verify=verify)
+        self._link = Link(self._pg, torch.device("cpu"), BACKSTOP, verify=verify, tag=FRAME_TAG)
         self._offers = Mailbox(self._pg, publisher, OFFER_TAG)
         self._arenas = ReceiveBuffers()
         self._regions: dict[bytes, Region] = {}

@@ -33,6 +33,7 @@ __all__ = [
     "BYE_ACK",
     "CLOSED",
     "DONE",
+    "FRAME_TAG",
     "MARK",
     "NO_SHM",
     "OFFER",
@@ -51,6 +52,9 @@ __all__ = [
 READY, BYE, OFFER, BYE_ACK, CLOSED, OFFER_SHM, DONE, NO_SHM = 1, 2, 3, 4, 5, 6, 7, 8
 READY_TAG = 0x5A61
 OFFER_TAG = 0x5A62
+#: the frames themselves: not the transport's default tag, so a ReplicationStager between the
+#: same two ranks of the same group never takes a frame of this channel (or the reverse)
+FRAME_TAG = 0x5A63
 MARK = 0x4149_4F43_484E_4C31  # "AIOCHNL1"
 #: the longest a worker thread waits for one gloo operation of a transfer both sides have begun.
 #: gloo closes every pair of the group when a wait times out, so this is a last resort (a frozen

@@ -43,6 +43,7 @@ __all__ = [
     "Link",
     "check_head",
     "decode_frame_header",
+    "entry_digests",
     "partners",
     "plan_messages",
     "recv_frame",
@@ -63,7 +64,8 @@ _MASK = (1 << 64) - 1
 @dataclass(slots=True)
 class Link:
     """Where frames go: the group, the device its backend sends from, the per-wait backstop,
-    and the last header validated per peer (a byte-identical header is not decoded again)."""
+    the tag, and the last header validated per peer (a byte-identical header is not decoded
+    again)."""
 
     pg: Any
     device: torch.device
@@ -71,6 +73,7 @@ class Link:
     known: dict[int, tuple[bytes, int, Header]] = field(default_factory=dict)
     sent: tuple[Header, bytes] | None = None  # the last header sent, encoded
     verify: bool = True  # hash entries on both sides (all ranks must agree)
+    tag: int = TAG  # one per kind of stream, so two streams between two ranks never mix
 
 
 def partners(rank: int, world: int, partner: int | None = None) -> tuple[int, int]:
@@ -163,7 +166,7 @@ def _exchange_one(link: Link, peer: int, t: torch.Tensor, send: bool) -> None:
     """Send or receive one message and wait for it (worker thread)."""
     t = t.to(link.device)
     post = _dist.post_send if send else _dist.post_recv
-    _dist.wait_work(post(t, peer, link.pg, TAG), link.backstop)
+    _dist.wait_work(post(t, peer, link.pg, link.tag), link.backstop)
 
 
 def _send(
@@ -185,19 +188,19 @@ def _send(
         torch.frombuffer(bytearray(raw), dtype=torch.uint8),
     ]
     msgs = [m.to(link.device) for m in first]
-    works = [_dist.post_send(m, peer, link.pg, TAG) for m in msgs]
+    works = [_dist.post_send(m, peer, link.pg, link.tag) for m in msgs]
     ranges = plan_messages(_spans(header))
     hasher = _Hasher(header, ranges) if link.verify and digests is None else None
     for i, m in enumerate(_messages(header, sources, ranges)):
         if hasher is not None:
             hasher.take(i, _view(m))
         msgs.append(m.to(link.device))
-        works.append(_dist.post_send(msgs[-1], peer, link.pg, TAG))
+        works.append(_dist.post_send(msgs[-1], peer, link.pg, link.tag))
     if digests is None:
         digests = hasher.digests() if hasher is not None else [0] * len(sources)
     sums = torch.tensor([_signed(s) for s in digests], dtype=torch.int64)
     msgs.append(sums.to(link.device))
-    works.append(_dist.post_send(msgs[-1], peer, link.pg, TAG))
+    works.append(_dist.post_send(msgs[-1], peer, link.pg, link.tag))
     for work in works:
         _dist.wait_work(work, link.backstop)
     return len(raw) + header.data_bytes
@@ -233,6 +236,18 @@ def _pack(buf: torch.Tensor, a: int, begin: int, source: Source, b: int) -> None
         copy_bytes(data[lo - begin : split - begin], buf[lo - a : split - a])
     if hi > max(lo, split):
         buf[max(lo, split) - a : hi - a].zero_()
+
+
+def entry_digests(sources: Sequence[Source]) -> list[int]:
+    """The xxh3_64 of each entry (its bytes, then its zero padding), as a frame carries them
+    (worker thread): hashed once for a frame sent to many peers."""
+    out = []
+    for data, pad in sources:
+        h = xxhash.xxh3_64(_view(data))
+        if pad:
+            h.update(bytes(pad))
+        out.append(h.intdigest())
+    return out
 
 
 def _view(t: torch.Tensor) -> memoryview:
@@ -313,8 +328,8 @@ def _receive(
     link: Link, peer: int, targets: list[torch.Tensor], sums: torch.Tensor, landing: _Landing
 ) -> None:
     """Post every receive, then wait for each and hash it while the next lands (worker)."""
-    works = [_dist.post_recv(t, peer, link.pg, TAG) for t in targets]
-    works.append(_dist.post_recv(sums, peer, link.pg, TAG))
+    works = [_dist.post_recv(t, peer, link.pg, link.tag) for t in targets]
+    works.append(_dist.post_recv(sums, peer, link.pg, link.tag))
     for i, work in enumerate(works):
         _dist.wait_work(work, link.backstop)
         if i < len(targets):

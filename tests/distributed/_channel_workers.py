@@ -21,7 +21,6 @@ import torch.distributed as dist
 
 import aiostage
 from aiostage import _channel_wire as wire
-from aiostage import _transport
 from aiostage.errors import ReplicationError, ReplicationTimeout
 
 
@@ -135,14 +134,20 @@ async def killed_mid_transfer(rank: int, world: int) -> dict[str, Any]:
 
 
 async def _take_offer_then_die() -> None:
+    await _take_offer(then=signal.SIGKILL)
+
+
+async def _take_offer(then: signal.Signals) -> None:
+    """Ask for a version like a subscriber, read the first message of its frame, send ``then``
+    to this process."""
     offers = wire.Mailbox(dist.group.WORLD, 0, wire.OFFER_TAG)
     offers.post()
     await wire.send_note(dist.group.WORLD, 0, wire.READY_TAG, wire.Note(wire.READY, 0))
     note = await offers.take()
     assert note.kind == wire.OFFER, note
     head = torch.zeros(5, dtype=torch.int64)
-    await anyio.to_thread.run_sync(lambda: dist.recv(head, 0, tag=_transport.TAG))
-    os.kill(os.getpid(), signal.SIGKILL)
+    await anyio.to_thread.run_sync(lambda: dist.recv(head, 0, tag=wire.FRAME_TAG))
+    os.kill(os.getpid(), then)
 
 
 async def late_joiner(rank: int, world: int) -> dict[str, Any]:
@@ -218,3 +223,71 @@ async def close_and_rejoin(rank: int, world: int) -> dict[str, Any]:
     assert first.delivered == [1], first
     assert second.deliveries[1].status == "closed", second
     return {}
+
+
+async def frozen_mid_transfer(rank: int, world: int) -> dict[str, Any]:
+    """Rank 2 takes an offer, reads the frame's first message and freezes (SIGSTOP): the
+    publisher drops it with a timeout within its bound, keeps serving rank 1, then kills it."""
+    pid = torch.tensor([os.getpid()])
+    if rank == 2:
+        await anyio.to_thread.run_sync(lambda: dist.send(pid, 0, tag=77))
+        await _take_offer(then=signal.SIGSTOP)
+    if rank == 1:
+        model = make_model(256)
+        async with aiostage.WeightSubscriber(target=model, timeout=20) as sub:
+            await serve(sub, model, last=2)
+        return {}
+    await anyio.to_thread.run_sync(lambda: dist.recv(pid, 2, tag=77))
+    model = make_model(256)
+    timeout = 3.0
+    async with aiostage.WeightPublisher(subscribers=[1, 2], timeout=timeout) as pub:
+        set_version(model, 1)
+        began = time.perf_counter()
+        first = await pub.publish(model.state_dict(), 1)
+        seconds = time.perf_counter() - began
+        set_version(model, 2)
+        second = await pub.publish(model.state_dict(), 2)
+        os.kill(int(pid), signal.SIGKILL)  # the frozen rank's cleanup
+    error = first.deliveries[2].error
+    assert isinstance(error, ReplicationTimeout), first
+    assert (error.peer, error.phase) == (2, "send"), error
+    assert first.delivered == [1], first
+    assert seconds < timeout + 2, f"the publisher took {seconds:.1f} s to drop the frozen rank"
+    assert second.delivered == [1], second
+    assert second.deliveries[2].status == "dropped", second
+    return {"seconds": seconds}
+
+
+async def beside_replication(rank: int, world: int) -> dict[str, Any]:
+    """A weight channel and a ReplicationStager between the same two ranks of the same group at
+    once: each stream keeps to its own tag, so neither takes the other's frames."""
+    mine = {"x": torch.full((1 << 18,), float(rank)), "step": rank}
+    got: list[float] = []
+    async with aiostage.ReplicationStager(timeout=30) as stager:
+
+        async def replicate() -> None:
+            for _ in range(5):
+                replica = await stager.stage(mine)
+                assert replica["step"] == 1 - rank, replica["step"]
+                got.append(float(replica["x"].mean()))
+                stager.release(replica)
+
+        model = make_model(512)
+        if rank == 0:
+            async with (
+                aiostage.WeightPublisher(subscribers=[1], timeout=30) as pub,
+                anyio.create_task_group() as tg,
+            ):
+                tg.start_soon(replicate)
+                for v in (1, 2, 3):
+                    set_version(model, v)
+                    assert (await pub.publish(model.state_dict(), v)).delivered == [1]
+            return {"replicas": got}
+        async with (
+            aiostage.WeightSubscriber(target=model, timeout=30) as sub,
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(replicate)
+            assert await serve(sub, model, last=3)
+    assert request(model) == 3.0
+    return {"replicas": got}

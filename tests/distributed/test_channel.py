@@ -45,3 +45,18 @@ def test_a_closed_subscriber_rejoins_and_a_wrong_target_is_refused() -> None:
     _, sub = run_world(workers.close_and_rejoin, 2, timeout=WORLD_TIMEOUT)
     assert "published" in sub["mismatch"], sub
     assert "target" in sub["mismatch"], sub
+
+
+@pytest.mark.timeout(90)
+def test_a_subscriber_frozen_mid_transfer_times_out_and_the_other_keeps_going() -> None:
+    with pytest.raises(WorldError) as caught:
+        run_world(workers.frozen_mid_transfer, 3, timeout=WORLD_TIMEOUT)
+    assert caught.value.ranks == (2,), caught.value  # killed by rank 0 after the checks
+    assert caught.value.failures[0].signal == "SIGKILL"
+
+
+@pytest.mark.timeout(90)
+def test_the_channel_and_replication_share_two_ranks_without_mixing_frames() -> None:
+    pub, sub = run_world(workers.beside_replication, 2, timeout=WORLD_TIMEOUT)
+    assert pub["replicas"] == [1.0] * 5, pub
+    assert sub["replicas"] == [0.0] * 5, sub
