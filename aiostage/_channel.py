@@ -265,7 +265,8 @@ class WeightPublisher:
                     await send_note(
                         self._pg, peer.rank, OFFER_TAG, Note(OFFER, snap.version, snap.seq)
                     )
-                    await send_frame(peer.link, peer.rank, snap.header, snap.sources, snap.digests)
+                    digests = await self._snaps.digests(snap)
+                    await send_frame(peer.link, peer.rank, snap.header, snap.sources, digests)
         except TimeoutError as exc:
             self._snaps.poison(snap)
             error = ReplicationTimeout(

@@ -37,6 +37,7 @@ class Snapshot:
     stager: DefaultStager | None = None
     region: Region | None = None  # the shared-memory region (fast path)
     digests: list[int] | None = None  # per entry, hashed once for every subscriber
+    hashing: anyio.Lock = field(default_factory=anyio.Lock)
     users: int = 0
     poisoned: bool = False
     released: bool = False
@@ -45,7 +46,7 @@ class Snapshot:
 @dataclass(eq=False)
 class Snapshots:
     """Stage versions into a pool of two buffers (``shared``: shared-memory regions); with
-    ``verify``, hash each version's entries once, for all its sends."""
+    ``verify``, each version's entries are hashed once, for all its frames."""
 
     shared: bool
     verify: bool = True
@@ -59,16 +60,8 @@ class Snapshots:
     async def stage(self, state_dict: Any, version: int, seq: int) -> Snapshot:
         """Copy ``state_dict`` into a free buffer (waiting for one while both are in use)."""
         if self.shared:
-            snap = await self._stage_shared(state_dict, version, seq)
-        else:
-            snap = await self._stage_private(state_dict, version, seq)
-        if self.verify:
-            try:
-                snap.digests = await anyio.to_thread.run_sync(entry_digests, snap.sources)
-            except BaseException:
-                self.release(snap)
-                raise
-        return snap
+            return await self._stage_shared(state_dict, version, seq)
+        return await self._stage_private(state_dict, version, seq)
 
     async def _stage_shared(self, state_dict: Any, version: int, seq: int) -> Snapshot:
         planned = await anyio.to_thread.run_sync(outgoing, state_dict, True)
@@ -90,6 +83,17 @@ class Snapshots:
                 self.stager.release(staged)
         data = region.data[: header.data_bytes]
         return Snapshot(version, seq, header, frame_sources(header, data), region=region)
+
+    async def digests(self, snap: Snapshot) -> list[int] | None:
+        """The entries' digests of ``snap`` (``None`` without ``verify``): hashed by the first
+        send that needs them, not while the trainer waits for ``stage``, and only once."""
+        if not self.verify:
+            await anyio.lowlevel.checkpoint()
+            return None
+        async with snap.hashing:
+            if snap.digests is None:
+                snap.digests = await anyio.to_thread.run_sync(entry_digests, snap.sources)
+        return snap.digests
 
     async def _stage_private(self, state_dict: Any, version: int, seq: int) -> Snapshot:
         stager = self.stager
