@@ -157,10 +157,12 @@ class CpuSnapshot:
     own: float
 
     @classmethod
-    def now(cls) -> CpuSnapshot:
+    def now(cls, children: bool = False) -> CpuSnapshot:
+        """``children``: count this process's ended children (spawned ranks) as its own."""
         s, p = psutil.cpu_times(), psutil.Process().cpu_times()
         busy = s.user + s.nice + s.system + s.irq + s.softirq + s.steal
-        return cls(time.perf_counter(), busy, p.user + p.system)
+        own = p.user + p.system + (p.children_user + p.children_system if children else 0.0)
+        return cls(time.perf_counter(), busy, own)
 
     def others_since(self, start: CpuSnapshot) -> str:
         """How busy other processes kept the CPUs between ``start`` and this snapshot."""

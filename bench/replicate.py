@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import GB, make_sd, table, unique_bytes
+from _common import GB, CpuSnapshot, make_sd, table, unique_bytes
 
 import aiostage
 from aiostage.testing import LoopLag, run_world
@@ -179,8 +179,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="replicate_", dir=Path(__file__).parent / "out") as tmp:
+        start = CpuSnapshot.now(children=True)
         results = run_world(_rank, 2, args.gib, args.reps, tmp, timeout=1200)
     print(_report(results))
+    print("background: " + CpuSnapshot.now(children=True).others_since(start))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import GB, make_sd, percentile_ms, table, unique_bytes
+from _common import GB, CpuSnapshot, make_sd, percentile_ms, table, unique_bytes
 
 import aiostage
 from aiostage.testing import run_world
@@ -278,8 +278,10 @@ def main() -> None:
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="weight_sync_", dir=out) as tmp:
+        start = CpuSnapshot.now(children=True)
         results = run_world(_rank, 3, args, tmp, timeout=1200)
     print(_report(results))
+    print("background: " + CpuSnapshot.now(children=True).others_since(start))
 
 
 if __name__ == "__main__":
