@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -109,18 +110,8 @@ async def killed_mid_transfer(rank: int, world: int) -> dict[str, Any]:
     if rank == 2:
         await _take_offer_then_die()
     if rank == 1:
-        model = make_model(256)
-        async with aiostage.WeightSubscriber(target=model, timeout=20) as sub:
-            await serve(sub, model, last=2)
-        return {}
-    model = make_model(256)
-    async with aiostage.WeightPublisher(subscribers=[1, 2], timeout=20) as pub:
-        set_version(model, 1)
-        began = time.perf_counter()
-        first = await pub.publish(model.state_dict(), 1)
-        seconds = time.perf_counter() - began
-        set_version(model, 2)
-        second = await pub.publish(model.state_dict(), 2)
+        return await _serve_until_two()
+    first, second, seconds, states = await _publish_two(20.0)
     assert first.delivered == [1], first
     error = first.deliveries[2].error
     assert isinstance(error, ReplicationError), first
@@ -129,8 +120,34 @@ async def killed_mid_transfer(rank: int, world: int) -> dict[str, Any]:
     assert seconds < 10, f"the publisher took {seconds:.1f} s to drop the dead subscriber"
     assert second.delivered == [1], second
     assert second.deliveries[2].status == "dropped", second
-    assert pub.states[2] == "dropped", pub.states
+    assert states[2] == "dropped", states
     return {"seconds": seconds}
+
+
+async def _serve_until_two() -> dict[str, Any]:
+    """Rank 1: serve requests until version 2 is installed."""
+    model = make_model(256)
+    async with aiostage.WeightSubscriber(target=model, timeout=20) as sub:
+        await serve(sub, model, last=2)
+    return {}
+
+
+async def _publish_two(
+    drop_after: float, then: Callable[[], None] = lambda: None
+) -> tuple[aiostage.PublishReport, aiostage.PublishReport, float, dict[int, str]]:
+    """Rank 0: publish versions 1 and 2 to ranks 1 and 2 (the first one timed), then call
+    ``then`` before the publisher closes; the reports, the seconds, the subscribers' states."""
+    model = make_model(256)
+    async with aiostage.WeightPublisher(subscribers=[1, 2], timeout=drop_after) as pub:
+        set_version(model, 1)
+        began = time.perf_counter()
+        first = await pub.publish(model.state_dict(), 1)
+        seconds = time.perf_counter() - began
+        set_version(model, 2)
+        second = await pub.publish(model.state_dict(), 2)
+        then()
+        states = pub.states
+    return first, second, seconds, states
 
 
 async def _take_offer_then_die() -> None:
@@ -233,21 +250,13 @@ async def frozen_mid_transfer(rank: int, world: int) -> dict[str, Any]:
         await anyio.to_thread.run_sync(lambda: dist.send(pid, 0, tag=77))
         await _take_offer(then=signal.SIGSTOP)
     if rank == 1:
-        model = make_model(256)
-        async with aiostage.WeightSubscriber(target=model, timeout=20) as sub:
-            await serve(sub, model, last=2)
-        return {}
+        return await _serve_until_two()
     await anyio.to_thread.run_sync(lambda: dist.recv(pid, 2, tag=77))
-    model = make_model(256)
     timeout = 3.0
-    async with aiostage.WeightPublisher(subscribers=[1, 2], timeout=timeout) as pub:
-        set_version(model, 1)
-        began = time.perf_counter()
-        first = await pub.publish(model.state_dict(), 1)
-        seconds = time.perf_counter() - began
-        set_version(model, 2)
-        second = await pub.publish(model.state_dict(), 2)
-        os.kill(int(pid), signal.SIGKILL)  # the frozen rank's cleanup
+    # the frozen rank's cleanup, once both versions are out
+    first, second, seconds, _ = await _publish_two(
+        timeout, lambda: os.kill(int(pid), signal.SIGKILL)
+    )
     error = first.deliveries[2].error
     assert isinstance(error, ReplicationTimeout), first
     assert (error.peer, error.phase) == (2, "send"), error
@@ -261,7 +270,7 @@ async def frozen_mid_transfer(rank: int, world: int) -> dict[str, Any]:
 async def beside_replication(rank: int, world: int) -> dict[str, Any]:
     """A weight channel and a ReplicationStager between the same two ranks of the same group at
     once: each stream keeps to its own tag, so neither takes the other's frames."""
-    mine = {"x": torch.full((1 << 18,), float(rank)), "step": rank}
+    mine: dict[str, Any] = {"x": torch.full((1 << 18,), float(rank)), "step": rank}
     got: list[float] = []
     async with aiostage.ReplicationStager(timeout=30) as stager:
 
