@@ -9,6 +9,7 @@ committed. See ``docs/checkpointer.md``.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import uuid
@@ -35,6 +36,9 @@ from .errors import AiostageWarning, CheckpointNotFound, ClosedError, UsageError
 __all__ = ["Checkpointer", "step_name"]
 
 STEP = re.compile(r"^step_(\d{9,})$")
+
+
+_log = logging.getLogger("aiostage")
 
 
 def step_name(step: int) -> str:
@@ -109,14 +113,22 @@ class Checkpointer:
         if self._replicate:
             self._repl = ReplicationStager(self._bg, timeout=self._pg_timeout)
         if self._rank == 0:
+            stuck: list[tuple[Path, OSError]] = []
             try:
                 await _fs.make_parents(self.root)
-                await anyio.to_thread.run_sync(_fs.sweep_now, self.root, MANIFEST)
+                await anyio.to_thread.run_sync(_fs.sweep_now, self.root, MANIFEST, stuck)
             except OSError as exc:
                 self._state = "closed"
                 raise UsageError(
                     f"{self.root} cannot be a checkpoint root (a directory): {exc}"
                 ) from exc
+            for path, error in stuck:
+                warnings.warn(
+                    f"{path}: a leftover of an interrupted save or deletion could not be "
+                    f"removed ({error}); it is hidden and ignored, remove it by hand",
+                    AiostageWarning,
+                    stacklevel=2,
+                )
         self._steps = await self._scan(warn=True)
         send, receive = anyio.create_memory_object_stream[Job](self.max_in_flight)
         self._send, self._tg = send, anyio.create_task_group()
@@ -217,13 +229,13 @@ class Checkpointer:
                     report = await persist_job(
                         job, pg=self._bg, replicate=self._repl, pg_timeout=self._pg_timeout
                     )
-                    self._committed(job.handle.step)
-                    await self._retain()
                 except Exception as exc:
                     self._failed.append(job.handle)
                     finish_job(job, exc)
                 else:
-                    finish_job(job, report)
+                    self._committed(job.handle.step)
+                    await self._retain()
+                    finish_job(job, report)  # committed, whether retention worked or not
                 finally:
                     self._slots.release()
 
@@ -242,13 +254,22 @@ class Checkpointer:
             self._steps = sorted([*self._steps, step])
 
     async def _retain(self) -> None:
-        """Delete the oldest committed steps beyond ``keep_last`` (group rank 0 only)."""
+        """Delete the oldest committed steps beyond ``keep_last`` (group rank 0 only). A step
+        that cannot be deleted is logged, never raised: the newer save is committed."""
         if self.keep_last is None or len(self._steps) <= self.keep_last:
             return
         old, self._steps = self._steps[: -self.keep_last], self._steps[-self.keep_last :]
         if self._rank == 0:
             for step in old:
-                await _fs.retire(self.root / step_name(step), uuid.uuid4().hex)
+                path = self.root / step_name(step)
+                try:
+                    await _fs.retire(path, uuid.uuid4().hex)
+                except OSError as exc:
+                    _log.warning(
+                        "retention could not delete %s (%s); the newer checkpoints are "
+                        "committed; remove it by hand (`aiostage ls %s` shows what is left)",
+                        path, exc, self.root,
+                    )  # fmt: skip
 
     async def _scan(self, *, warn: bool = False) -> list[int]:
         """The committed steps in ``root``; warn about what is not a checkpoint."""

@@ -278,12 +278,13 @@ def _retire(path: Path, token: str) -> None:
     hidden = temp_path(path, token)
     os.rename(path, hidden)
     _fsync_dir(path.parent)
-    shutil.rmtree(hidden, ignore_errors=True)
+    shutil.rmtree(hidden)  # an error leaves a hidden leftover: raised, and swept later
 
 
 async def retire(path: Path, token: str) -> None:
     """Delete directory ``path`` so it vanishes at once: rename it to a temporary name (which
-    ``sweep`` removes if this is interrupted), fsync the parent, then remove the tree."""
+    ``sweep`` removes if this is interrupted), fsync the parent, then remove the tree. Raises
+    ``OSError``; once the rename is done, what could not be removed stays hidden."""
     await anyio.to_thread.run_sync(_retire, path, token)
 
 
@@ -298,19 +299,37 @@ async def scan_dir(root: Path, manifest: str) -> list[tuple[str, str]]:
     return await anyio.to_thread.run_sync(_scan_dir, root, manifest)
 
 
-def sweep_now(root: Path, manifest: str) -> list[Path]:
-    """The blocking body of ``aiostage.sweep`` (run it in a worker thread)."""
+def _remove(path: Path) -> OSError | None:
+    """Remove a file or a directory tree; the error instead of raising it."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except OSError as exc:
+        return exc
+    return None
+
+
+def sweep_now(
+    root: Path, manifest: str, stuck: list[tuple[Path, OSError]] | None = None
+) -> list[Path]:
+    """The blocking body of ``aiostage.sweep`` (run it in a worker thread). With ``stuck``, a
+    leftover that cannot be removed is listed there instead of raised."""
     for name in sorted(os.listdir(root)):
         m = TEMP_NAME.match(name)
         if m and m["kind"] == "old" and not (root / m["name"]).exists():
             new = temp_path(root / m["name"], m["token"])
             os.rename(new if (new / manifest).exists() else root / name, root / m["name"])
-    removed = [root / n for n in sorted(os.listdir(root)) if TEMP_NAME.match(n)]
-    for path in removed:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
+    removed = []
+    for path in [root / n for n in sorted(os.listdir(root)) if TEMP_NAME.match(n)]:
+        error = _remove(path)
+        if error is None:
+            removed.append(path)
+        elif stuck is None:
+            raise error
         else:
-            path.unlink()
+            stuck.append((path, error))
     if removed:
         _fsync_dir(root)
     return removed
