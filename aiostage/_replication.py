@@ -82,7 +82,8 @@ class ReplicationStager:
 
     Blocks on nothing. Raises ``ReplicationError`` naming the peer rank and phase,
     ``ReplicationTimeout`` after ``timeout`` (the stager is then broken: recreate the process
-    group and the stager), and ``UnsupportedValueError`` for a leaf that is not JSON.
+    group and the stager), ``UnsupportedValueError`` for a leaf that is not JSON, and
+    ``UsageError`` when the ranks' ``partner=`` choices do not pair up (checked once).
     """
 
     def __init__(
@@ -102,6 +103,7 @@ class ReplicationStager:
         self._pg = pg if pg is not None else _dist.default_group()
         self._rank, self._world = _dist.rank_and_size(self._pg) if self._pg is not None else (0, 1)
         self._send_to, self._recv_from = partners(self._rank, self._world, partner)
+        self._paired = partner is None  # a chosen partner is checked against the others' once
         self._dir = Path(storage_dir) if storage_dir is not None else None
         self._copy_cpu, self._verify = copy_cpu, verify
         self._on_arrival = verify and verify_on_arrival
@@ -185,6 +187,8 @@ class ReplicationStager:
         async with self._lock:
             if self._persisting is not None:  # one replica write in flight (backpressure)
                 await self._persisting.wait()
+            if not self._paired:
+                await self._check_pairs()
             began = time.perf_counter()
             planned = await anyio.to_thread.run_sync(outgoing, state_dict, not self._copy_cpu)
             staged = None
@@ -245,6 +249,22 @@ class ReplicationStager:
         self._stats["rounds"] += 1
         header, data, digests = got[0]
         return header, data, digests if self._verify else None
+
+    async def _check_pairs(self) -> None:
+        """With ``partner=``: check that every rank's choice pairs up (one all-gather), so a
+        mismatch is a clear error on every rank, not a timeout."""
+        async with self._guard(self._recv_from, "partners"):
+            rows = await _dist.all_gather_ints(
+                self._pg, [self._send_to, self._recv_from], pg_timeout=self._timeout,
+                what="replication partner check",
+            )  # fmt: skip
+        for rank, (to, _) in enumerate(rows):
+            if rows[to][1] != rank:
+                raise UsageError(
+                    f"partner= does not pair up: rank {rank} sends to rank {to}, which expects "
+                    f"rank {rows[to][1]}; give each pair of ranks each other as partner"
+                )
+        self._paired = True
 
     async def _buffer(self, n: int) -> torch.Tensor:
         return await self._arenas.get(n, "receiving")

@@ -320,3 +320,21 @@ async def damaged_replica(rank: int, world: int, tmp: str) -> dict[str, str]:
             await restarted.aclose()
         stager.release(replica)
     return seen
+
+
+async def chosen_partners(rank: int, world: int) -> dict[str, Any]:
+    """World 4: ``partner=`` pairs 0-3 and 1-2 (not the default 0-2, 1-3) and replicates; then a
+    choice that does not pair up (rank 3 names rank 1, which names rank 2) is a clear error on
+    every rank instead of a timeout."""
+    good = {0: 3, 3: 0, 1: 2, 2: 1}[rank]
+    async with aiostage.ReplicationStager(timeout=30, partner=good) as stager:
+        replica = await stager.stage(make_state(rank))
+        assert_state_dict_equal(replica, make_state(good))
+        stager.release(replica)
+    bad = {0: 2, 2: 0, 1: 2, 3: 1}[rank]
+    stager = aiostage.ReplicationStager(timeout=30, partner=bad)
+    began = time.perf_counter()
+    with pytest.raises(aiostage.errors.UsageError, match="does not pair up") as caught:
+        await stager.stage(make_state(rank))
+    await stager.aclose()
+    return {"error": str(caught.value), "seconds": time.perf_counter() - began}

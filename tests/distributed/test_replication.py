@@ -87,3 +87,11 @@ def test_a_replica_damaged_in_memory_is_caught_end_to_end(tmp_path: Path) -> Non
     assert owner["recover"].startswith("verify: "), owner
     assert "ints" in holder["persist"], holder
     assert "ints" in owner["recover"], owner
+
+
+@pytest.mark.timeout(90)
+def test_chosen_partners_replicate_and_a_choice_that_does_not_pair_up_is_refused() -> None:
+    results = run_world(workers.chosen_partners, 4, timeout=WORLD_TIMEOUT)
+    assert len({r["error"] for r in results}) == 1, results  # the same diagnosis everywhere
+    assert "rank 1 sends to rank 2, which expects rank 0" in results[0]["error"], results
+    assert all(r["seconds"] < 10 for r in results), results
