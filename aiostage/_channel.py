@@ -66,6 +66,7 @@ class _Peer:
     ended: bool = False  # told that the stream ended
     sending: bool = False
     shm: bool = False  # on this host: sent through shared memory
+    unmappable: bool = False  # answered NO_SHM once: it cannot map our regions
     error: ReplicationError | None = field(default=None, repr=False)
 
 
@@ -226,7 +227,7 @@ class WeightPublisher:
             if peer.state != "live":
                 peer.state, peer.error = "live", None  # rejoined
             peer.have = note.a
-            peer.shm = self._snaps.shared and note.b == self._host
+            peer.shm = self._snaps.shared and note.b == self._host and not peer.unmappable
             if not await self._serve_ready(peer):
                 return
 
@@ -302,7 +303,7 @@ class WeightPublisher:
             raise ReplicationError(
                 "closed its end during the transfer", peer=peer.rank, phase="send"
             )
-        peer.shm = False
+        peer.shm, peer.unmappable = False, True  # plain offers from now on
         return False
 
     # -- outcomes and buffers

@@ -109,7 +109,13 @@ class Mailbox:
             await wait_until(self.landed, _POLL)
         work, self._work = self._work, None
         try:
-            await anyio.to_thread.run_sync(_dist.wait_work, work, BACKSTOP, abandon_on_cancel=True)
+            if active:
+                await anyio.to_thread.run_sync(
+                    _dist.wait_work, work, BACKSTOP, abandon_on_cancel=True
+                )
+            else:  # the note is here, completing it is instant: a cancellation must not lose it
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(_dist.wait_work, work, BACKSTOP)
         except RuntimeError as exc:
             raise ReplicationError(
                 f"control message: {exc}", peer=self.peer, phase="control"

@@ -300,3 +300,27 @@ async def beside_replication(rank: int, world: int) -> dict[str, Any]:
             assert await serve(sub, model, last=3)
     assert request(model) == 3.0
     return {"replicas": got}
+
+
+async def shared_memory_fallback(rank: int, world: int) -> dict[str, Any]:
+    """Rank 2 runs with a /dev/shm of its own (as in another container on this host): it cannot
+    map the publisher's shared memory, answers NO_SHM and gets each version over gloo; rank 1
+    maps it."""
+    model = make_model(256)
+    if rank:
+        async with aiostage.WeightSubscriber(target=model, timeout=20) as sub:
+            await serve(sub, model, last=2)
+            began = time.perf_counter()
+        # closing as the publisher closes: a note that had landed as the receiver was cancelled
+        # used to be lost, and closing then waited out the whole timeout
+        assert time.perf_counter() - began < 10, "closing the subscriber waited for the timeout"
+        return {"version": request(model)}
+    reports = []
+    async with aiostage.WeightPublisher(subscribers=[1, 2], timeout=20, shared_memory=True) as pub:
+        for v in (1, 2):
+            set_version(model, v)
+            reports.append(await pub.publish(model.state_dict(), v))
+    return {
+        "delivered": [r.delivered for r in reports],
+        "shared": [[r.deliveries[p].shared_memory for p in (1, 2)] for r in reports],
+    }
