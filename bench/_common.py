@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import math
 import statistics
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
 
-from aiostage.testing import LoopLag
+from aiostage.testing import LoopLag, run_world
 
 GB = 1e9
 GIB = 1 << 30
@@ -172,6 +174,17 @@ class CpuSnapshot:
             f"other processes used {others:.1f} CPU-s over {wall:.1f} s "
             f"(mean {others / wall:.2f} of {cores} cores); figures are only clean near 0"
         )
+
+
+def run_spawned(prefix: str, world: int, rank_fn: Any, *args: Any) -> tuple[list[Any], str]:
+    """``rank_fn(rank, world, *args, tmp)`` in a spawned gloo world, ``tmp`` a scratch directory
+    under bench/out; the ranks' results and the background-CPU line to print."""
+    out = Path(__file__).parent / "out"
+    out.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=out) as tmp:
+        start = CpuSnapshot.now(children=True)
+        results = run_world(rank_fn, world, *args, tmp, timeout=1200)
+    return results, "background: " + CpuSnapshot.now(children=True).others_since(start)
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import GB, CpuSnapshot, make_sd, table, unique_bytes
+from _common import GB, make_sd, run_spawned, table, unique_bytes
 
 import aiostage
-from aiostage.testing import LoopLag, run_world
+from aiostage.testing import LoopLag
 
 Results = dict[str, list[float]]
 
@@ -178,11 +177,9 @@ def main() -> None:
     parser.add_argument("--gib", type=float, default=1.0)
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="replicate_", dir=Path(__file__).parent / "out") as tmp:
-        start = CpuSnapshot.now(children=True)
-        results = run_world(_rank, 2, args.gib, args.reps, tmp, timeout=1200)
+    results, background = run_spawned("replicate_", 2, _rank, args.gib, args.reps)
     print(_report(results))
-    print("background: " + CpuSnapshot.now(children=True).others_since(start))
+    print(background)
 
 
 if __name__ == "__main__":

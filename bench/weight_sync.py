@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +26,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import GB, CpuSnapshot, make_sd, percentile_ms, table, unique_bytes
+from _common import GB, make_sd, percentile_ms, run_spawned, table, unique_bytes
 
 import aiostage
-from aiostage.testing import run_world
 
 WARMUP = 2  # rounds dropped: the two staging and two receive buffers are allocated in them
 
@@ -275,13 +273,9 @@ def main() -> None:
     parser.add_argument("--shared-memory", action="store_true", help="the same-host fast path")
     parser.add_argument("--swap", action="store_true", help="subscribers re-point, not copy")
     args = parser.parse_args()
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="weight_sync_", dir=out) as tmp:
-        start = CpuSnapshot.now(children=True)
-        results = run_world(_rank, 3, args, tmp, timeout=1200)
+    results, background = run_spawned("weight_sync_", 3, _rank, args)
     print(_report(results))
-    print("background: " + CpuSnapshot.now(children=True).others_since(start))
+    print(background)
 
 
 if __name__ == "__main__":
