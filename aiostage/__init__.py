@@ -7,28 +7,28 @@ the event loop; the public names below are the whole API (errors live in ``aiost
 from __future__ import annotations
 
 from . import errors as errors
-from ._channel import WeightPublisher as WeightPublisher
-from ._channel_report import Delivery as Delivery
-from ._channel_report import Publication as Publication
-from ._channel_report import PublishReport as PublishReport
-from ._channel_sub import WeightSubscriber as WeightSubscriber
-from ._channel_sub import WeightUpdate as WeightUpdate
+from ._async_save import CheckpointReport as CheckpointReport
+from ._async_save import SaveHandle as SaveHandle
+from ._async_save import async_save as async_save
+from ._channel.publisher import WeightPublisher as WeightPublisher
+from ._channel.report import Delivery as Delivery
+from ._channel.report import Publication as Publication
+from ._channel.report import PublishReport as PublishReport
+from ._channel.subscriber import WeightSubscriber as WeightSubscriber
+from ._channel.subscriber import WeightUpdate as WeightUpdate
 from ._checkpointer import Checkpointer as Checkpointer
-from ._handle import CheckpointReport as CheckpointReport
-from ._handle import SaveHandle as SaveHandle
-from ._model import apply_train_state as apply_train_state
-from ._model import train_state as train_state
-from ._reader import load as load
-from ._reader import load_metadata as load_metadata
-from ._replication import ReplicationStager as ReplicationStager
-from ._save import SaveReport as SaveReport
-from ._save import save as save
-from ._saving import async_save as async_save
+from ._replication.stager import ReplicationStager as ReplicationStager
 from ._staging import AsyncStager as AsyncStager
 from ._staging import DefaultStager as DefaultStager
 from ._staging import StagerStatistics as StagerStatistics
 from ._staging import StagingOptions as StagingOptions
-from ._writer import sweep as sweep
+from ._storage.commit import sweep as sweep
+from ._storage.reader import load as load
+from ._storage.reader import load_metadata as load_metadata
+from ._storage.save import SaveReport as SaveReport
+from ._storage.save import save as save
+from ._train_state import apply_train_state as apply_train_state
+from ._train_state import train_state as train_state
 
 __version__ = "0.1.0"
 

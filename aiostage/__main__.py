@@ -18,9 +18,9 @@ from typing import Any, TextIO
 import anyio
 
 from ._cli import Found, RankFile, export, read_checkpoint, scan, verify
-from ._dtypes import dtype_name
-from ._reader import read_manifest
-from ._tree import Leaf, MapNode, Node, SeqNode, Value, key_str
+from ._core.dtypes import dtype_name
+from ._core.tree import Leaf, MapNode, Node, SeqNode, Value, key_str
+from ._storage.reader import read_manifest
 from .errors import AiostageError, CheckpointCorrupt
 
 __all__ = ["main"]

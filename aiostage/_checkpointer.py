@@ -23,14 +23,14 @@ import anyio.abc
 import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from . import _dist, _fs
-from ._format import MANIFEST
-from ._handle import CheckpointReport, SaveHandle
-from ._reader import load
-from ._replication import ReplicationStager
-from ._save import PathLike
-from ._saving import Job, finish_job, persist_job, stage_job
+from ._async_save import CheckpointReport, Job, SaveHandle, finish_job, persist_job, stage_job
+from ._core import dist
+from ._format.codec import MANIFEST
+from ._replication.stager import ReplicationStager
 from ._staging import AsyncStager, DefaultStager, StagingOptions
+from ._storage import localfs
+from ._storage.reader import load
+from ._storage.save import PathLike
 from .errors import AiostageWarning, CheckpointNotFound, ClosedError, UsageError
 
 __all__ = ["Checkpointer", "step_name"]
@@ -89,7 +89,7 @@ class Checkpointer:
         self._pg, self._replicate, self._pg_timeout = pg, replicate, pg_timeout
         self._own_stager = stager is None
         self._stager = stager or DefaultStager(StagingOptions(pool_size=max_in_flight))
-        self._rank, self._world = _dist.rank_and_size(pg) if pg is not None else (0, 1)
+        self._rank, self._world = dist.rank_and_size(pg) if pg is not None else (0, 1)
         self._bg: Any = None  # private groups: background saves, and the skip agreement
         self._fg: Any = None
         self._repl: ReplicationStager | None = None
@@ -107,16 +107,16 @@ class Checkpointer:
             raise UsageError("a Checkpointer can be entered once; create a new one")
         self._state = "open"
         if self._pg is not None and self._world > 1:
-            self._bg = await _dist.private_group(self._pg)
+            self._bg = await dist.private_group(self._pg)
             if self.on_busy == "skip":
-                self._fg = await _dist.private_group(self._pg)
+                self._fg = await dist.private_group(self._pg)
         if self._replicate:
             self._repl = ReplicationStager(self._bg, timeout=self._pg_timeout)
         if self._rank == 0:
             stuck: list[tuple[Path, OSError]] = []
             try:
-                await _fs.make_parents(self.root)
-                await anyio.to_thread.run_sync(_fs.sweep_now, self.root, MANIFEST, stuck)
+                await localfs.make_parents(self.root)
+                await anyio.to_thread.run_sync(localfs.sweep_now, self.root, MANIFEST, stuck)
             except OSError as exc:
                 self._state = "closed"
                 raise UsageError(
@@ -216,7 +216,7 @@ class Checkpointer:
         mine = int(self._slots.value == 0)
         if self._fg is None:
             return bool(mine)
-        rows = await _dist.all_gather_ints(
+        rows = await dist.all_gather_ints(
             self._fg, [mine], pg_timeout=self._pg_timeout, what="Checkpointer skip agreement"
         )
         return any(r[0] for r in rows)
@@ -263,7 +263,7 @@ class Checkpointer:
             for step in old:
                 path = self.root / step_name(step)
                 try:
-                    await _fs.retire(path, uuid.uuid4().hex)
+                    await localfs.retire(path, uuid.uuid4().hex)
                 except OSError as exc:
                     _log.warning(
                         "retention could not delete %s (%s); the newer checkpoints are "
@@ -274,11 +274,11 @@ class Checkpointer:
     async def _scan(self, *, warn: bool = False) -> list[int]:
         """The committed steps in ``root``; warn about what is not a checkpoint."""
         steps = []
-        for name, kind in await _fs.scan_dir(self.root, MANIFEST):
+        for name, kind in await localfs.scan_dir(self.root, MANIFEST):
             m = STEP.match(name)
             if m and kind == "checkpoint":
                 steps.append(int(m[1]))
-            elif warn and not _fs.TEMP_NAME.match(name):
+            elif warn and not localfs.TEMP_NAME.match(name):
                 what = "an incomplete checkpoint" if m and kind in ("other", "empty") else kind
                 warnings.warn(
                     f"{self.root / name}: ignored by the Checkpointer ({what}, not a committed "

@@ -22,17 +22,11 @@ import anyio.to_thread
 import torch
 import xxhash
 
-from . import _fs, _reader
-from ._dtypes import ST_DTYPES
-from ._format import (
-    MANIFEST,
-    FileInfo,
-    Header,
-    Manifest,
-    decode_manifest,
-)
-from ._reader import load, read_manifest
-from ._tree import KeyPath, MapNode, Node, SeqNode, Value, flatten, key_str
+from ._core.dtypes import ST_DTYPES
+from ._core.tree import KeyPath, MapNode, Node, SeqNode, Value, flatten, key_str
+from ._format.codec import MANIFEST, FileInfo, Header, Manifest, decode_manifest
+from ._storage import localfs, reader
+from ._storage.reader import load, read_manifest
 from .errors import CheckpointCorrupt, UsageError
 
 __all__ = [
@@ -88,7 +82,7 @@ def _scan(root: Path) -> list[Found]:
     for child in sorted(root.iterdir()):
         if not child.is_dir() or child.is_symlink():
             continue
-        tmp = _fs.TEMP_NAME.match(child.name)
+        tmp = localfs.TEMP_NAME.match(child.name)
         if tmp or STEP_NAME.match(child.name) or (child / MANIFEST).exists():
             try:
                 found.append(_describe(child, tmp["name"] if tmp else child.name, tmp))
@@ -170,7 +164,7 @@ async def read_checkpoint(path: Path) -> tuple[Manifest, list[RankFile]]:
 async def read_header(directory: Path, info: FileInfo, rank: int) -> RankFile:
     """Read and check the header of ``directory/info.name`` against the manifest's ``info``."""
     file = directory / info.name
-    header, root, paths = await _reader.read_header(file, info, True, rank)
+    header, root, paths = await reader.read_header(file, info, True, rank)
     return RankFile(file, info.size, header, root, paths)
 
 
@@ -207,10 +201,10 @@ async def _hash_entries(rf: RankFile, progress: Progress) -> list[int]:
     hashes = [xxhash.xxh3_64() for _ in entries]
     order = sorted(range(len(entries)), key=lambda i: entries[i].begin)
     lengths = [entries[i].end - entries[i].begin for i in order]
-    mapping = await _fs.map_private(rf.path, rf.size)
+    mapping = await localfs.map_private(rf.path, rf.size)
     try:
         with memoryview(mapping) as data:
-            for pieces in _fs.cut(lengths, _CHUNK):
+            for pieces in localfs.cut(lengths, _CHUNK):
                 spans = [(order[s], start + entries[order[s]].begin + at, n) for s, at, n in pieces]
                 await anyio.to_thread.run_sync(_hash, data, spans, hashes)
                 progress(sum(n for _, _, n in spans))
@@ -275,7 +269,7 @@ async def export(path: Path, fmt: str, out: Path, progress: Progress) -> int:
         await anyio.to_thread.run_sync(os.replace, tmp, out)
     finally:
         await anyio.to_thread.run_sync(lambda: tmp.unlink(missing_ok=True))
-    return await _fs.file_size(out)
+    return await localfs.file_size(out)
 
 
 def _writer(fmt: str) -> Callable[[Any, dict[str, Any], Path], None]:

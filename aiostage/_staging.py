@@ -18,10 +18,11 @@ import anyio
 import anyio.lowlevel
 import torch
 
-from . import _cuda, _gc
-from ._buffers import Buffers, Layout, allocate, copy_chunks, free, source_bytes, touch
-from ._completion import Backoff, wait_until
-from ._tree import StoragePlan, Tree, flatten, plan_storages, unflatten, view_tensor
+from ._core import cuda, gc_pause
+from ._core.buffers import Buffers, Layout, allocate, copy_chunks, free, source_bytes, touch
+from ._core.completion import Backoff, wait_until
+from ._core.storages import StoragePlan, plan_storages, view_tensor
+from ._core.tree import Tree, flatten, unflatten
 from .errors import ClosedError, LeaseTimeout, UsageError
 
 __all__ = ["AsyncStager", "DefaultStager", "StagerStatistics", "StagingOptions"]
@@ -133,9 +134,9 @@ class DefaultStager:
     def __init__(self, options: StagingOptions | None = None) -> None:
         self.options = options or StagingOptions()
         self._backoff = Backoff(self.options.poll_min_interval, self.options.poll_max_interval)
-        self._cuda = _cuda.available()
+        self._cuda = cuda.available()
         self._pin = self.options.pin_memory and self._cuda
-        self._streams = _cuda.SideStreams() if self._cuda else None
+        self._streams = cuda.SideStreams() if self._cuda else None
         self._pool: list[Buffers] = []
         self._leases: dict[int, tuple[Any, Buffers]] = {}
         self._changed = anyio.Event()
@@ -322,7 +323,7 @@ class DefaultStager:
         streams = self._streams if self._pin and self.options.non_blocking else None
         job = _CopyJob(tree, plan, buffers, self.options.chunk_bytes)
         if streams is not None:
-            job.cuda = (streams, _cuda.current_streams(s.device for s in plan.spans))
+            job.cuda = (streams, cuda.current_streams(s.device for s in plan.spans))
         try:
             staged = await anyio.to_thread.run_sync(job.run, abandon_on_cancel=False)
         finally:
@@ -335,7 +336,7 @@ class DefaultStager:
 
 def _plan(state_dict: Any) -> tuple[Tree, StoragePlan]:
     """Walk the state dict and plan its storages (a worker thread: large dicts take a while)."""
-    with _gc.paused():
+    with gc_pause.paused():
         tree = flatten(state_dict)
         return tree, plan_storages([leaf.data for leaf in tree.leaves])
 
@@ -348,7 +349,7 @@ class _CopyJob:
     plan: StoragePlan
     buffers: Buffers
     chunk: int
-    cuda: tuple[_cuda.SideStreams, dict[torch.device, Any]] | None = None
+    cuda: tuple[cuda.SideStreams, dict[torch.device, Any]] | None = None
     events: list[Any] = field(default_factory=list)
 
     def run(self) -> Any:
@@ -367,6 +368,6 @@ class _CopyJob:
             for device, pairs in by_device.items():
                 self.events.append(streams.issue_copies(device, pairs, after=current[device]))
         copy_chunks(host, self.chunk)
-        with _gc.paused():
+        with gc_pause.paused():
             storages = self.buffers.storages()
             return unflatten(self.tree, [view_tensor(v, storages) for v in self.plan.views])

@@ -8,7 +8,7 @@ import pytest
 from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
 from torch.distributed.tensor.placement_types import Placement, Replicate, Shard
 
-from aiostage._boxes import Box, shard_box
+from aiostage._format.placements import Box, shard_box
 
 PLACEMENTS: list[tuple[Placement, ...]] = [
     (Shard(0),),

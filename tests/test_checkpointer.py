@@ -257,7 +257,7 @@ CHILD = r"""
 import os, signal, sys
 import anyio, torch
 import aiostage
-from aiostage import _writer
+from aiostage._storage import writer as _writer
 
 def state(step):
     return {"w": torch.full((1 << 20,), float(step)), "step": step}

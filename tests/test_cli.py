@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import aiostage
-from aiostage import _fs
+from aiostage._storage import localfs
 from aiostage.testing import assert_state_dict_equal, run_world
 
 pytestmark = pytest.mark.timeout(120)
@@ -77,7 +77,7 @@ def test_ls_lists_step_directories_by_step_with_their_state(tmp_path: Path) -> N
         save(root / f"step_{step:09d}", metadata={"step": step})
     save(root / "best")
     (root / "step_000000500").mkdir()  # no manifest
-    tmp = _fs.temp_path(root / "step_000000400", "0" * 32)
+    tmp = localfs.temp_path(root / "step_000000400", "0" * 32)
     tmp.mkdir()
     (tmp / "rank_00000.safetensors").write_bytes(b"partial")  # an interrupted save
     (root / "logs").mkdir()

@@ -7,7 +7,7 @@ import time
 import anyio
 import pytest
 
-from aiostage._completion import Backoff, wait_until
+from aiostage._core.completion import Backoff, wait_until
 from aiostage.testing import LoopLag
 
 

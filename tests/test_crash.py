@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import aiostage
-from aiostage import _fs
+from aiostage._storage import localfs
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -38,7 +38,7 @@ ZYGOTE = r"""
 import asyncio, os, signal, sys
 import torch
 import aiostage
-from aiostage import _fs
+from aiostage._storage import localfs
 
 def make_sd(step):
     gen = torch.Generator().manual_seed(step)
@@ -64,7 +64,7 @@ for line in sys.stdin:
         if pid == 0:
             sys.stdin.close()
             if not exchange:
-                _fs._renameat2 = None  # the three-rename fallback and its crash window
+                localfs._renameat2 = None  # the three-rename fallback and its crash window
             asyncio.run(save_forever(root, int(arg)))
             os._exit(0)
         say(f"forked {pid}")
@@ -159,7 +159,7 @@ async def check_root(root: Path) -> tuple[int, int]:
                 assert out[key] == value, (name, key)
         assert out["tied"].untyped_storage().data_ptr() == out["a"].untyped_storage().data_ptr()
     removed = await aiostage.sweep(root)
-    assert [n for n in os.listdir(root) if _fs.TEMP_NAME.match(n)] == []
+    assert [n for n in os.listdir(root) if localfs.TEMP_NAME.match(n)] == []
     for name in sorted(n for n in os.listdir(root) if n not in visible):
         await aiostage.load(root / name)  # an interrupted overwrite that sweep finished
     return len(visible), len(removed)

@@ -15,7 +15,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aiostage._format import (
+from aiostage._core.storages import plan_storages
+from aiostage._core.tree import flatten, unflatten
+from aiostage._format.codec import (
     DATA_ALIGN,
     FileInfo,
     Header,
@@ -28,9 +30,8 @@ from aiostage._format import (
     header_length,
     rank_file,
 )
-from aiostage._layout import plan_file
-from aiostage._skeleton import decode_skeleton, decode_value, encode_skeleton, encode_value
-from aiostage._tree import flatten, plan_storages, unflatten
+from aiostage._format.plan import plan_file
+from aiostage._format.structure import decode_skeleton, decode_value, encode_skeleton, encode_value
 from aiostage.errors import CheckpointCorrupt, UnsupportedValueError
 
 

@@ -13,13 +13,8 @@ import safetensors.torch
 import torch
 
 import aiostage
-from aiostage._format import MANIFEST, rank_file
-from aiostage.errors import (
-    CheckpointCorrupt,
-    CheckpointNotFound,
-    StateDictMismatch,
-    UsageError,
-)
+from aiostage._format.codec import MANIFEST, rank_file
+from aiostage.errors import CheckpointCorrupt, CheckpointNotFound, StateDictMismatch, UsageError
 
 
 class Pair(NamedTuple):

@@ -11,9 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import aiostage
-from aiostage._format import encode_header
-from aiostage._frames import outgoing, rebuild
-from aiostage._transport import MAGIC, check_head, decode_frame_header, partners, plan_messages
+from aiostage._format.codec import encode_header
+from aiostage._replication.frames import outgoing, rebuild
+from aiostage._replication.transport import partners
+from aiostage._replication.wire import MAGIC, check_head, decode_frame_header, plan_messages
 from aiostage.errors import ReplicationError, ReplicationTimeout
 
 

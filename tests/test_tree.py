@@ -4,17 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from aiostage._tree import (
-    SPAN_ALIGN,
-    Leaf,
-    MapNode,
-    Value,
-    flatten,
-    key_str,
-    plan_storages,
-    unflatten,
-    view_tensor,
-)
+from aiostage._core.storages import SPAN_ALIGN, plan_storages, view_tensor
+from aiostage._core.tree import Leaf, MapNode, Value, flatten, key_str, unflatten
 
 
 def test_key_paths_name_nested_positions() -> None:

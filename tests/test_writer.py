@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import aiostage
-from aiostage import _fs
-from aiostage._format import MANIFEST, rank_file
-from aiostage._save import save_with
-from aiostage._writer import DurableWriter, WriterOptions
+from aiostage._format.codec import MANIFEST, rank_file
+from aiostage._storage import localfs
+from aiostage._storage.save import save_with
+from aiostage._storage.writer import DurableWriter, WriterOptions
 from aiostage.errors import CheckpointWriteError, UnsupportedValueError
 from aiostage.testing import FaultyWrites
 
@@ -31,7 +31,7 @@ def make_sd(seed: int = 0, n: int = 6, size: int = 50_000) -> dict[str, Any]:
 
 
 def leftovers(root: Path) -> list[str]:
-    return sorted(n for n in os.listdir(root) if _fs.TEMP_NAME.match(n))
+    return sorted(n for n in os.listdir(root) if localfs.TEMP_NAME.match(n))
 
 
 async def assert_loads(path: Path, sd: dict[str, Any]) -> None:
@@ -99,7 +99,7 @@ async def test_overwrite_replaces_an_empty_directory(tmp_path: Path) -> None:
 async def test_overwrite_without_atomic_exchange_uses_renames(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_fs, "_renameat2", None)  # as on a libc or file system without it
+    monkeypatch.setattr(localfs, "_renameat2", None)  # as on a libc or file system without it
     await aiostage.save(make_sd(1), tmp_path / "ckpt")
     await aiostage.save(make_sd(2), tmp_path / "ckpt", overwrite=True)
     await assert_loads(tmp_path / "ckpt", make_sd(2))

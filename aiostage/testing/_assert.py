@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .._tree import flatten
+from .._core.tree import flatten
 
 
 def assert_state_dict_equal(

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 import aiostage
-from aiostage import _channel_wire as wire
+from aiostage._channel import notes as wire
 from aiostage.errors import ReplicationError, ReplicationTimeout
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import aiostage
-from aiostage import _transport
+from aiostage._replication import transport
 from aiostage.errors import ReplicationError, ReplicationTimeout
 from aiostage.testing import assert_state_dict_equal
 
@@ -175,16 +175,16 @@ async def peer_dies(rank: int, world: int) -> float:
 
 
 def _send_header_then_die() -> None:
-    from aiostage._format import encode_header
-    from aiostage._frames import outgoing
+    from aiostage._format.codec import encode_header
+    from aiostage._replication.frames import outgoing
 
     planned = outgoing(make_state(1))
     assert planned is not None
     header = planned[1]
     raw = bytearray(encode_header(header))
-    head = [_transport.MAGIC, 1, len(raw), header.data_bytes, len(header.entries)]
+    head = [transport.MAGIC, 1, len(raw), header.data_bytes, len(header.entries)]
     for t in (torch.tensor(head), torch.frombuffer(raw, dtype=torch.uint8)):
-        dist.send(t, 0, tag=_transport.TAG)
+        dist.send(t, 0, tag=transport.TAG)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -211,18 +211,18 @@ async def malformed(rank: int, world: int) -> list[str]:
     """Rank 1 sends frames that lie; rank 0's receive names rank 1 and phase "header"."""
     frames = [
         [0x1234, 1, 4096, 0, 0],  # not aiostage
-        [_transport.MAGIC, 1, 1 << 40, 0, 0],  # a 1 TB header: refused before allocating
-        [_transport.MAGIC, 1, 4096, 16, 1],  # then 4,096 bytes of pickle
+        [transport.MAGIC, 1, 1 << 40, 0, 0],  # a 1 TB header: refused before allocating
+        [transport.MAGIC, 1, 4096, 16, 1],  # then 4,096 bytes of pickle
     ]
     if rank == 1:
         for head in frames:
-            dist.send(torch.tensor(head), 0, tag=_transport.TAG)
+            dist.send(torch.tensor(head), 0, tag=transport.TAG)
         pickle = b"\x80\x04\x95cos\nsystem\n(S'echo pwned'\ntR."
         body = struct.pack("<Q", 4088) + pickle.ljust(4088, b" ")
-        dist.send(torch.frombuffer(bytearray(body), dtype=torch.uint8), 0, tag=_transport.TAG)
+        dist.send(torch.frombuffer(bytearray(body), dtype=torch.uint8), 0, tag=transport.TAG)
         dist.barrier()
         return []
-    link = _transport.Link(dist.group.WORLD, torch.device("cpu"), 30.0)
+    link = transport.Link(dist.group.WORLD, torch.device("cpu"), 30.0)
 
     async def no_buffer(n: int) -> torch.Tensor:
         raise AssertionError("allocated for a malformed frame")
@@ -230,7 +230,7 @@ async def malformed(rank: int, world: int) -> list[str]:
     errors = []
     for _ in frames:
         with pytest.raises(ReplicationError) as caught:
-            await _transport.recv_frame(link, 1, no_buffer, max_data=1 << 30)
+            await transport.recv_frame(link, 1, no_buffer, max_data=1 << 30)
         assert caught.value.peer == 1
         assert caught.value.phase == "header", caught.value
         errors.append(str(caught.value))

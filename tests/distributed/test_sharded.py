@@ -20,7 +20,7 @@ import torch
 import xxhash
 
 import aiostage
-from aiostage._format import rank_file
+from aiostage._format.codec import rank_file
 from aiostage.errors import CheckpointCorrupt, StateDictMismatch
 from aiostage.testing import assert_state_dict_equal, run_world
 

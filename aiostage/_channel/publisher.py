@@ -1,0 +1,376 @@
+"""``WeightPublisher``: push versioned weights from a trainer rank to serving ranks.
+
+``submit`` stages the state dict into one of two pooled CPU buffers (so the next version can be
+staged while the previous one is still on the wire) and makes it the latest version. One task per
+subscriber, owned by the publisher's task group, waits for that subscriber's ``READY`` note and
+answers with the latest version it does not hold: an ``OFFER`` note, then the frame
+(``_transport.send_frame``), under ``timeout``. A version a subscriber was too busy to take is
+superseded by the next one (latest wins). A subscriber that dies or times out is dropped, with the
+error in each pending report, and rejoins when its next ``READY`` arrives. See ``docs/channel.md``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import torch
+
+from .._core.completion import Backoff, wait_until
+from .._replication.transport import Link, send_frame
+from ..errors import ClosedError, ReplicationError, ReplicationTimeout, UsageError
+from .notes import (
+    BACKSTOP,
+    BYE,
+    BYE_ACK,
+    CLOSED,
+    DONE,
+    FRAME_TAG,
+    OFFER,
+    OFFER_SHM,
+    OFFER_TAG,
+    READY,
+    READY_TAG,
+    Mailbox,
+    Note,
+    check_timeout,
+    cpu_group,
+    send_note,
+)
+from .report import Delivery, Publication, PublishReport
+from .shm import host_token, send_description
+from .versions import Snapshot, Snapshots
+
+__all__ = ["WeightPublisher"]
+
+_POLL = Backoff(0.0005, 0.005)
+
+
+@dataclass(eq=False)
+class _Peer:
+    """The publisher's view of one subscriber."""
+
+    rank: int
+    link: Link
+    mailbox: Mailbox
+    state: str = "live"  # live | dropped | closed
+    have: int = 0  # the publish sequence number it holds (0: none)
+    heard: bool = False  # it has asked at least once
+    ended: bool = False  # told that the stream ended
+    sending: bool = False
+    shm: bool = False  # on this host: sent through shared memory
+    unmappable: bool = False  # answered NO_SHM once: it cannot map our regions
+    error: ReplicationError | None = field(default=None, repr=False)
+
+
+class WeightPublisher:
+    """Send versioned state dicts from this rank to the ``subscribers`` (group ranks).
+
+    ``async with WeightPublisher(pg, subscribers=[1, 2], timeout=30) as pub:`` then
+    ``report = await pub.publish(model.state_dict(), version)``, or ``publication = await
+    pub.submit(...)`` to keep training while it is sent and ``await publication.wait()`` later.
+    Versions must increase. Each subscriber gets the latest version it does not hold, when it
+    asks (a busy one skips versions); all are sent concurrently, each under ``timeout``. A
+    subscriber that dies or does not answer in time is dropped (``report.deliveries[rank]``
+    holds the ``ReplicationError``) without delaying the others beyond ``timeout``, and is
+    re-admitted when it asks again. ``pg`` must move CPU tensors (gloo); ``None``: the default
+    group. ``verify=False`` (on the subscribers too) skips per-entry checksums.
+
+    Blocks on nothing. Raises ``UsageError`` for a bad group or subscriber list, ``ValueError``
+    for a version that does not increase, ``ClosedError`` after ``aclose``.
+    """
+
+    def __init__(
+        self,
+        pg: Any = None,
+        subscribers: Sequence[int] = (),
+        *,
+        timeout: timedelta | float = timedelta(minutes=5),
+        verify: bool = True,
+        shared_memory: bool = False,
+    ) -> None:
+        self._timeout = check_timeout(timeout)
+        self._pg, self._rank, world = cpu_group(pg)
+        ranks = list(subscribers)
+        if len(set(ranks)) != len(ranks) or any(
+            not 0 <= r < world or r == self._rank for r in ranks
+        ):
+            raise UsageError(
+                f"subscribers must be distinct other ranks of a group of {world}: {ranks}"
+            )
+        cpu = torch.device("cpu")
+        self._peers = {
+            r: _Peer(
+                r,
+                Link(self._pg, cpu, BACKSTOP, verify=verify, tag=FRAME_TAG),
+                Mailbox(self._pg, r, READY_TAG),
+            )
+            for r in ranks
+        }
+        self._snaps = Snapshots(shared_memory, verify)
+        self._host = host_token()
+        self._latest: Snapshot | None = None
+        self._seq = 0
+        self._last_version: int | None = None
+        self._pending: list[Publication] = []
+        self._lock = anyio.Lock()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._closing = self._closed = False
+
+    @property
+    def states(self) -> dict[int, str]:
+        """Each subscriber's state: ``"live"``, ``"dropped"`` or ``"closed"``."""
+        return {r: p.state for r, p in self._peers.items()}
+
+    @property
+    def errors(self) -> dict[int, ReplicationError]:
+        """Why each dropped subscriber was dropped."""
+        return {r: p.error for r, p in self._peers.items() if p.error is not None}
+
+    async def __aenter__(self) -> WeightPublisher:
+        if self._closed or self._tg is not None:
+            raise UsageError("a WeightPublisher is entered once; create a new one")
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        for peer in self._peers.values():
+            peer.mailbox.post()
+            self._tg.start_soon(self._serve, peer)
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._close(abandon=e is not None)
+
+    async def aclose(self) -> None:
+        """Wait for pending publications, tell waiting subscribers the stream ended, stop every
+        task and free the buffers; idempotent. Blocks at most about twice ``timeout``."""
+        await self._close(abandon=False)
+
+    async def publish(self, state_dict: Any, version: int) -> PublishReport:
+        """Stage ``state_dict`` as ``version``, send it, and return the report once every
+        subscriber has an outcome; see ``submit`` for what it raises."""
+        publication = await self.submit(state_dict, version)
+        return await publication.wait()
+
+    async def submit(self, state_dict: Any, version: int) -> Publication:
+        """Stage ``state_dict`` as ``version`` and return once it is staged (the caller may then
+        change its tensors); it is sent in the background: ``await publication.wait()``.
+
+        Waits for the copy, and for a free buffer while two versions are still being sent.
+        Raises ``ValueError`` when ``version`` does not increase, ``UsageError`` outside
+        ``async with``, ``ClosedError`` after ``aclose``, ``StagingError`` for a leaf that
+        cannot be staged.
+        """
+        if self._closed:
+            raise ClosedError("this WeightPublisher is closed; create a new one")
+        if self._tg is None:
+            raise UsageError("use `async with WeightPublisher(...) as pub:`")
+        if self._last_version is not None and version <= self._last_version:
+            raise ValueError(f"version {version} does not increase (last: {self._last_version})")
+        self._last_version = version
+        async with self._lock:
+            began = time.perf_counter()
+            snap = await self._stage(state_dict, version)
+            took = time.perf_counter() - began
+        old, self._latest = self._latest, snap
+        if old is not None:
+            self._maybe_release(old)
+        publication = Publication(
+            version, snap.seq, frozenset(self._peers), took, snap.header.data_bytes
+        )
+        for peer in self._peers.values():
+            if peer.state != "live":
+                publication.decide(
+                    Delivery(
+                        peer.rank,
+                        "dropped" if peer.state == "dropped" else "closed",
+                        error=peer.error,
+                    )
+                )
+        publication.check()
+        self._pending.append(publication)
+        self._tg.start_soon(self._watchdog, publication)
+        return publication
+
+    async def _stage(self, state_dict: Any, version: int) -> Snapshot:
+        snap = await self._snaps.stage(state_dict, version, self._seq + 1)
+        self._seq += 1  # only once staged: a failed stage leaves no gap
+        return snap
+
+    # -- per subscriber
+
+    async def _serve(self, peer: _Peer) -> None:
+        """Answer each note of one subscriber for the publisher's lifetime."""
+        while True:
+            try:
+                note = await peer.mailbox.take()
+            except ReplicationError as exc:
+                self._drop(peer, exc)
+                return
+            peer.mailbox.post()
+            peer.heard = True
+            if note.kind == BYE:
+                await self._farewell(peer, BYE_ACK)
+                peer.state = "closed"
+                self._decide_all(peer, "closed")
+                continue
+            if note.kind != READY:
+                continue
+            if peer.state != "live":
+                peer.state, peer.error = "live", None  # rejoined
+            peer.have = note.a
+            peer.shm = self._snaps.shared and note.b == self._host and not peer.unmappable
+            if not await self._serve_ready(peer):
+                return
+
+    async def _serve_ready(self, peer: _Peer) -> bool:
+        """Send the next version the subscriber lacks; ``False`` once the publisher closes."""
+        await wait_until(lambda: self._closing or self._newer(peer) or peer.mailbox.landed(), _POLL)
+        if peer.mailbox.landed():
+            return True  # a note came first (BYE): handle it
+        if self._closing:
+            await self._farewell(peer, CLOSED)
+            peer.ended = True
+            return False
+        assert self._latest is not None
+        await self._deliver(peer, self._latest)
+        return True
+
+    def _newer(self, peer: _Peer) -> bool:
+        return self._latest is not None and self._latest.seq > peer.have
+
+    async def _farewell(self, peer: _Peer, kind: int) -> None:
+        """Tell a subscriber its stream ended (best effort, bounded by the timeout)."""
+        with anyio.move_on_after(self._timeout):
+            try:
+                await send_note(self._pg, peer.rank, OFFER_TAG, Note(kind, 0))
+            except ReplicationError as exc:
+                self._drop(peer, exc)
+
+    async def _deliver(self, peer: _Peer, snap: Snapshot) -> None:
+        """Send ``snap`` to ``peer`` under the timeout; record the outcome."""
+        snap.users += 1
+        peer.sending = True
+        began = time.perf_counter()
+        try:
+            with anyio.fail_after(self._timeout):
+                if not (peer.shm and await self._offer_shared(peer, snap)):
+                    await send_note(
+                        self._pg, peer.rank, OFFER_TAG, Note(OFFER, snap.version, snap.seq)
+                    )
+                    digests = await self._snaps.digests(snap)
+                    await send_frame(peer.link, peer.rank, snap.header, snap.sources, digests)
+        except TimeoutError as exc:
+            self._snaps.poison(snap)
+            error = ReplicationTimeout(
+                f"version {snap.version} was not received within {self._timeout} s; the "
+                "subscriber is frozen or too slow: dropped until it asks again",
+                peer=peer.rank,
+                phase="send",
+            )
+            error.__cause__ = exc
+            self._drop(peer, error)
+        except ReplicationError as exc:
+            self._drop(peer, exc)
+        else:
+            peer.have = snap.seq
+            self._delivered(peer, snap, time.perf_counter() - began)
+        finally:
+            snap.users -= 1
+            peer.sending = False
+            self._maybe_release(snap)
+
+    async def _offer_shared(self, peer: _Peer, snap: Snapshot) -> bool:
+        """Offer ``snap`` through shared memory; ``False`` when the subscriber cannot map it
+        (then it waits for a plain offer, and gets plain offers from now on)."""
+        assert snap.region is not None
+        await send_note(self._pg, peer.rank, OFFER_TAG, Note(OFFER_SHM, snap.version, snap.seq))
+        await send_description(self._pg, peer.rank, snap.region, snap.header)
+        note = await peer.mailbox.take(active=True)  # DONE: it copied the data out
+        peer.mailbox.post()
+        if note.kind == DONE:
+            return True
+        if note.kind == BYE:  # it closed instead of copying
+            await self._farewell(peer, BYE_ACK)
+            raise ReplicationError(
+                "closed its end during the transfer", peer=peer.rank, phase="send"
+            )
+        peer.shm, peer.unmappable = False, True  # plain offers from now on
+        return False
+
+    # -- outcomes and buffers
+
+    def _delivered(self, peer: _Peer, snap: Snapshot, seconds: float) -> None:
+        for publication in self._pending:
+            if publication.seq == snap.seq:
+                publication.decide(
+                    Delivery(peer.rank, "delivered", seconds, shared_memory=peer.shm)
+                )
+            elif publication.seq < snap.seq:
+                publication.decide(Delivery(peer.rank, "superseded"))
+        self._prune()
+
+    def _drop(self, peer: _Peer, error: ReplicationError) -> None:
+        peer.state, peer.error = "dropped", error
+        self._decide_all(peer, "dropped")
+
+    def _decide_all(self, peer: _Peer, status: str) -> None:
+        for publication in self._pending:
+            if status == "dropped":
+                publication.decide(Delivery(peer.rank, "dropped", error=peer.error))
+            else:
+                publication.decide(Delivery(peer.rank, "closed"))
+        self._prune()
+
+    def _prune(self) -> None:
+        self._pending = [p for p in self._pending if not p.done.is_set()]
+
+    async def _watchdog(self, publication: Publication) -> None:
+        """Drop the subscribers that did not ask for ``publication`` within the timeout."""
+        while not publication.done.is_set():
+            with anyio.move_on_after(self._timeout):
+                await publication.done.wait()
+            for rank in publication.undecided():
+                peer = self._peers[rank]
+                if peer.state == "live" and not peer.sending:
+                    self._drop(peer, ReplicationTimeout(
+                        f"did not ask for version {publication.version} within {self._timeout} s "
+                        "(not started, frozen, or gone): dropped until it asks again",
+                        peer=rank, phase="ready",
+                    ))  # fmt: skip
+
+    def _all_told(self) -> bool:
+        """Whether every subscriber that asked and is still live was told the stream ended."""
+        return all(p.ended or not p.heard or p.state != "live" for p in self._peers.values())
+
+    def _maybe_release(self, snap: Snapshot) -> None:
+        if snap is not self._latest and not snap.users:
+            self._snaps.release(snap)
+
+    async def _close(self, *, abandon: bool) -> None:
+        if self._closed:
+            await anyio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        tg, self._tg = self._tg, None
+        try:
+            if tg is not None and not abandon:
+                for publication in list(self._pending):
+                    await publication.done.wait()
+                self._closing = True
+                with anyio.move_on_after(self._timeout):
+                    await wait_until(self._all_told, _POLL)
+            if tg is not None:
+                tg.cancel_scope.cancel()
+                await tg.__aexit__(None, None, None)
+        finally:
+            self._latest = None
+            await self._snaps.aclose()

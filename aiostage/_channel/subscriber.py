@@ -1,0 +1,378 @@
+"""``WeightSubscriber``: receive versioned weights in the background, install them between requests.
+
+A background task (owned by the subscriber's task group) posts a receive for the publisher's next
+note, says ``READY`` (with the publish sequence number it holds), and lands the frame that follows
+in a reused receive buffer, so serving never waits on the network. The newest received version
+is kept; ``WeightUpdate.apply`` copies it into the target tensors in place from a worker thread.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import torch
+
+from .._core.buffers import copy_bytes
+from .._format.codec import Header
+from .._replication.receive import ReceiveBuffers
+from .._replication.transport import Link, recv_frame
+from ..errors import ClosedError, ReplicationError, ReplicationTimeout, UsageError
+from .install import Received, copy_targets, install, match, swap_targets
+from .notes import (
+    BACKSTOP,
+    BYE,
+    BYE_ACK,
+    CLOSED,
+    DONE,
+    FRAME_TAG,
+    NO_SHM,
+    OFFER,
+    OFFER_SHM,
+    OFFER_TAG,
+    READY,
+    READY_TAG,
+    Mailbox,
+    Note,
+    check_timeout,
+    cpu_group,
+    send_note,
+)
+from .shm import Region, host_token, recv_description
+
+__all__ = ["WeightSubscriber", "WeightUpdate"]
+
+_MAX_DATA = 1 << 42
+
+
+class WeightUpdate:
+    """A version that arrived: ``version``, its transfer ``seconds`` and ``nbytes``.
+
+    ``await update.apply()`` installs the newest version received so far (this one or a later
+    one, never an older one) and returns its version.
+    """
+
+    def __init__(self, subscriber: WeightSubscriber, received: Received) -> None:
+        self._subscriber = subscriber
+        self.version = received.version
+        self.seconds = received.seconds
+        self.nbytes = received.header.data_bytes
+
+    async def apply(self) -> int:
+        """Copy the newest received version into the subscriber's target, in place, from a
+        worker thread (``swap=True``: re-point its tensors instead); call it where no request
+        reads the target (between requests).
+
+        Blocks on the copy only (shielded from cancellation so the target is never left half
+        copied). Raises ``UsageError`` without a target and ``StateDictMismatch`` when the
+        published state differs from the target in keys, shapes or dtypes.
+        """
+        return await self._subscriber._apply()
+
+    def __repr__(self) -> str:
+        return f"WeightUpdate(version={self.version}, nbytes={self.nbytes})"
+
+
+class WeightSubscriber:
+    """Receive the versions a ``WeightPublisher`` on group rank ``publisher`` sends.
+
+    ``async with WeightSubscriber(pg, publisher=0, target=model) as sub:`` then ``async for
+    update in sub: await update.apply()`` (each update is the newest version; ones that arrived
+    while the loop was busy are skipped and counted in ``skipped``), or ``await
+    sub.wait_for(version)``. ``target``: an ``nn.Module`` or a state dict whose tensors
+    ``apply`` overwrites in place. ``swap=True`` (CPU targets): ``apply`` re-points the target's
+    tensors at the received buffer instead of copying (microseconds, not a copy of the whole
+    state; the buffer then stays with the target until the next version is installed).
+    ``version`` is the installed version. Iteration ends when the publisher closes.
+
+    Blocks on nothing. Iteration and ``wait_for`` raise the ``ReplicationError`` that ended the
+    stream (the publisher died, a frame was malformed or damaged) or ``ReplicationTimeout``
+    when a started frame did not arrive within ``timeout``.
+    """
+
+    def __init__(
+        self,
+        pg: Any = None,
+        publisher: int = 0,
+        *,
+        target: Any = None,
+        timeout: timedelta | float = timedelta(minutes=5),
+        verify: bool = True,
+        swap: bool = False,
+    ) -> None:
+        self._timeout = check_timeout(timeout)
+        self._pg, rank, world = cpu_group(pg)
+        if not 0 <= publisher < world or publisher == rank:
+            raise UsageError(
+                f"publisher must be another rank of a group of {world}, got {publisher}"
+            )
+        self._pub = publisher
+        self._target = target
+        self._swap = swap
+        self._installed: torch.Tensor | None = None
+        self._link = Link(self._pg, torch.device("cpu"), BACKSTOP, verify=verify, tag=FRAME_TAG)
+        self._offers = Mailbox(self._pg, publisher, OFFER_TAG)
+        self._arenas = ReceiveBuffers()
+        self._regions: dict[bytes, Region] = {}
+        self._host = host_token()
+        self._latest: Received | None = None
+        self._plans: dict[int, tuple[Header, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+        self._have = self._applied = self._yielded = self._skipped = self._received = 0
+        self._version: int | None = None
+        self._changed = anyio.Event()
+        self._apply_lock = anyio.Lock()
+        self._error: ReplicationError | None = None
+        self._ended = self._closed = self._receiving = False
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    @property
+    def version(self) -> int | None:
+        """The version installed by the last ``apply`` (``None`` before the first)."""
+        return self._version
+
+    @property
+    def pending(self) -> WeightUpdate | None:
+        """The newest received version not installed yet, or ``None``: a serving loop checks it
+        between requests without waiting (``if (u := sub.pending) is not None: await u.apply()``)."""
+        latest = self._latest
+        if latest is None or latest.seq == self._applied:
+            return None
+        return WeightUpdate(self, latest)
+
+    @property
+    def received_version(self) -> int | None:
+        """The newest version received (installed or not)."""
+        return self._latest.version if self._latest is not None else None
+
+    @property
+    def receiving(self) -> bool:
+        """Whether a version is landing right now (its frame has begun to arrive)."""
+        return self._receiving
+
+    @property
+    def skipped(self) -> int:
+        """Published versions never installed because a newer one was installed instead."""
+        return self._skipped
+
+    @property
+    def received(self) -> int:
+        """How many versions arrived."""
+        return self._received
+
+    async def __aenter__(self) -> WeightSubscriber:
+        if self._closed or self._tg is not None:
+            raise UsageError("a WeightSubscriber is entered once; create a new one")
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self._receive_loop)
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop receiving and tell the publisher (bounded by ``timeout``); idempotent."""
+        if self._closed:
+            await anyio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        tg, self._tg = self._tg, None
+        if tg is not None:
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(None, None, None)
+            if not self._ended and self._error is None:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self._timeout):
+                    await self._goodbye()
+        self._latest = None
+        self._plans.clear()
+        self._regions.clear()
+        self._arenas.clear()
+        self._notify()
+
+    async def _goodbye(self) -> None:
+        """Say BYE and take the publisher's BYE_ACK, so no receive of ours stays posted."""
+        try:
+            self._offers.post()
+            await send_note(self._pg, self._pub, READY_TAG, Note(BYE, self._have))
+            while (await self._offers.take()).kind not in (BYE_ACK, CLOSED):
+                pass
+        except ReplicationError:
+            pass  # the publisher is gone: nothing is left to tell
+
+    # -- waiting for versions
+
+    def __aiter__(self) -> AsyncIterator[WeightUpdate]:
+        return self
+
+    async def __anext__(self) -> WeightUpdate:
+        """The newest version not yet yielded; waits for one. Ends when the publisher closes."""
+        received = await self._wait(lambda r: r.seq > self._yielded)
+        if received is None:
+            raise StopAsyncIteration
+        self._yielded = received.seq
+        return WeightUpdate(self, received)
+
+    async def wait_for(self, version: int) -> WeightUpdate:
+        """Wait until a version >= ``version`` has arrived and return the newest (bound it with
+        ``anyio.fail_after``). Raises ``ClosedError`` when the stream ends first."""
+        received = await self._wait(lambda r: r.version >= version)
+        if received is None:
+            raise ClosedError(f"the weight stream ended before version {version}")
+        return WeightUpdate(self, received)
+
+    async def _wait(self, ready: Any) -> Received | None:
+        while True:
+            latest = self._latest
+            if latest is not None and ready(latest):
+                await anyio.lowlevel.checkpoint()
+                return latest
+            if self._error is not None:
+                raise self._error
+            if self._ended or self._closed:
+                await anyio.lowlevel.checkpoint()
+                return None
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    # -- the background receiver
+
+    async def _receive_loop(self) -> None:
+        try:
+            while True:
+                self._offers.post()
+                await send_note(self._pg, self._pub, READY_TAG, Note(READY, self._have, self._host))
+                if not await self._next_version():
+                    self._ended = True
+                    return
+        except ReplicationError as exc:
+            self._error = exc
+        finally:
+            self._notify()
+
+    async def _next_version(self) -> bool:
+        """Take offers until a version has landed; ``False`` when the stream ended."""
+        while True:
+            note = await self._offers.take()
+            if note.kind in (CLOSED, BYE_ACK):
+                return False
+            if note.kind == OFFER:
+                await self._receive(note, shared=False)
+                return True
+            if note.kind == OFFER_SHM:
+                if await self._receive(note, shared=True):
+                    return True
+                self._offers.post()  # the plain offer follows
+                await send_note(self._pg, self._pub, READY_TAG, Note(NO_SHM, self._have))
+
+    async def _receive(self, note: Note, *, shared: bool) -> bool:
+        """Land the offered version; ``False`` when its shared memory cannot be mapped."""
+        began = time.perf_counter()
+        self._receiving = True
+        try:
+            with anyio.fail_after(self._timeout):
+                if shared:
+                    frame = await self._copy_shared(note)
+                else:
+                    got = await recv_frame(self._link, self._pub, self._buffer, max_data=_MAX_DATA)
+                    frame = got[:2] if got is not None else None
+        except TimeoutError as exc:
+            raise ReplicationTimeout(
+                f"version {note.a} did not arrive within {self._timeout} s; the stream is broken",
+                peer=self._pub,
+                phase="receive",
+            ) from exc
+        finally:
+            self._receiving = False
+        if frame is None:
+            return not shared
+        self._land(note, *frame, time.perf_counter() - began)
+        return True
+
+    async def _copy_shared(self, note: Note) -> tuple[Header, torch.Tensor] | None:
+        """Copy a version out of the publisher's shared memory, then say DONE; ``None`` when
+        the region cannot be mapped here (another IPC namespace)."""
+        name, size, header = await recv_description(self._pg, self._pub, _MAX_DATA)
+        region = self._regions.get(name)
+        if region is None:
+            try:
+                region = await anyio.to_thread.run_sync(Region.open, name, size)
+            except (RuntimeError, OSError):
+                return None
+            if len(self._regions) >= 4:
+                self._regions.clear()
+            self._regions[name] = region
+        data = await self._buffer(header.data_bytes)
+        try:
+            await anyio.to_thread.run_sync(copy_bytes, region.data[: header.data_bytes], data)
+            await send_note(self._pg, self._pub, READY_TAG, Note(DONE, note.b))
+        except BaseException:
+            self._arenas.drop(data, "receiving")
+            raise
+        return header, data
+
+    def _land(self, note: Note, header: Header, data: torch.Tensor, seconds: float) -> None:
+        received = Received(note.a, note.b, header, data, seconds)
+        old, self._latest = self._latest, received
+        self._arenas.hold(data, "latest")
+        self._arenas.drop(data, "receiving")
+        if old is not None:
+            self._arenas.drop(old.data, "latest")
+        self._have = note.b
+        self._received += 1
+        self._notify()
+
+    async def _buffer(self, n: int) -> torch.Tensor:
+        return await self._arenas.get(n, "receiving")
+
+    # -- installing
+
+    async def _apply(self) -> int:
+        if self._target is None:
+            raise UsageError("this WeightSubscriber has no target= to apply updates to")
+        async with self._apply_lock:
+            received = self._latest
+            if received is None:
+                raise ClosedError("this WeightSubscriber is closed; its updates are gone")
+            if received.seq == self._applied:
+                await anyio.lowlevel.checkpoint()
+                return received.version
+            self._arenas.hold(received.data, "applying")
+            try:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self._install, received)
+            finally:
+                self._arenas.drop(received.data, "applying")
+            if self._swap:  # the target now lives in this buffer: keep it until the next one
+                self._arenas.hold(received.data, "installed")
+                if self._installed is not None:
+                    self._arenas.drop(self._installed, "installed")
+                self._installed = received.data
+            self._skipped += max(0, received.seq - self._applied - 1)
+            self._applied, self._version = received.seq, received.version
+            return received.version
+
+    def _install(self, received: Received) -> None:
+        """Copy ``received`` into the target, or re-point the target at it (worker thread)."""
+        cached = self._plans.get(received.data.data_ptr())
+        if cached is not None and cached[0] is received.header and not self._swap:
+            pairs = cached[1]
+        else:
+            found = swap_targets(self._target) if self._swap else copy_targets(self._target)
+            if self._swap and any(t.device.type != "cpu" for _, t in found):
+                raise UsageError("swap=True needs a target on the CPU; use the default copy")
+            pairs = match(found, received, self._pub)
+            if len(self._plans) >= 4:
+                self._plans.clear()
+            self._plans[received.data.data_ptr()] = (received.header, pairs)
+        install(pairs, self._swap)

@@ -1,0 +1,160 @@
+"""The one module that calls ``torch.distributed``: awaitable collectives with timeouts, no pickle.
+
+Each collective is issued with ``async_op=True`` (gloo runs it on its own threads) and its work
+polled from the loop (``_completion.wait_until``) under ``anyio.fail_after``: the loop never
+blocks, and a peer that is slow or gone turns into a ``TimeoutError`` naming the step. A timed-out
+collective cannot be withdrawn from the group; treat the group as broken afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+import anyio
+import torch
+
+from .completion import Backoff, wait_until
+
+__all__ = [
+    "all_gather_ints",
+    "backend_device",
+    "broadcast_bytes",
+    "default_group",
+    "foreign_sharded_tensor",
+    "global_rank",
+    "post_recv",
+    "post_send",
+    "private_group",
+    "rank_and_size",
+    "wait_work",
+]
+
+#: peers may be writing gigabytes; a few wake-ups per 10 ms is plenty
+_POLL = Backoff(0.0005, 0.01)
+
+
+def rank_and_size(pg: Any) -> tuple[int, int]:
+    """This process's rank in ``pg`` and the size of ``pg``."""
+    import torch.distributed as dist
+
+    return dist.get_rank(pg), dist.get_world_size(pg)
+
+
+async def broadcast_bytes(pg: Any, data: bytes, *, pg_timeout: float, what: str) -> bytes:
+    """Group rank 0's ``data`` on every rank (all pass the same length)."""
+    import torch.distributed as dist
+
+    buf = bytearray(data)
+    t = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+    work = dist.broadcast(t, group=pg, group_src=0, async_op=True)
+    await _wait(work, pg, pg_timeout, what)
+    return bytes(buf)
+
+
+async def all_gather_ints(
+    pg: Any, values: Sequence[int], *, pg_timeout: float, what: str
+) -> list[list[int]]:
+    """Every rank's ``values`` (int64, same length everywhere), indexed by group rank."""
+    import torch.distributed as dist
+
+    mine = torch.tensor(list(values), dtype=torch.int64)
+    out = [torch.empty_like(mine) for _ in range(dist.get_world_size(pg))]
+    work = dist.all_gather(out, mine, group=pg, async_op=True)
+    await _wait(work, pg, pg_timeout, what)
+    return [[int(v) for v in t.tolist()] for t in out]
+
+
+async def _wait(work: Any, pg: Any, pg_timeout: float, what: str) -> None:
+    try:
+        with anyio.fail_after(pg_timeout):
+            await wait_until(work.is_completed, _POLL)
+    except TimeoutError as exc:
+        rank, size = rank_and_size(pg)
+        raise TimeoutError(
+            f"rank {rank} of {size}: {what} did not complete within {pg_timeout} s; a peer is slow, "
+            "hung or gone (raise pg_timeout= if saves legitimately take longer)"
+        ) from exc
+    work.wait()  # already complete: returns at once, or raises the backend's error
+
+
+async def private_group(pg: Any) -> Any:
+    """A new gloo group over the ranks of ``pg``, so background collectives never interleave
+    with the caller's own on ``pg``. Collective: every rank of the default group must call it."""
+    import torch.distributed as dist
+
+    ranks = dist.get_process_group_ranks(pg)
+    return await anyio.to_thread.run_sync(lambda: dist.new_group(ranks=ranks, backend="gloo"))
+
+
+def default_group() -> Any:
+    """The default (world) group, or ``None`` when no process group is initialised."""
+    import torch.distributed as dist
+
+    return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+
+
+def backend_device(pg: Any) -> torch.device:
+    """Where ``pg`` moves tensors from: ``cuda`` for NCCL, the CPU for gloo (and others)."""
+    import torch.distributed as dist
+
+    if "nccl" in str(dist.get_backend(pg)).lower():
+        return torch.device("cuda")  # the current device
+    return torch.device("cpu")
+
+
+def global_rank(pg: Any, group_rank: int) -> int:
+    """The default-group rank of ``group_rank`` in ``pg``."""
+    import torch.distributed as dist
+
+    return dist.get_global_rank(pg, group_rank)
+
+
+def post_send(t: torch.Tensor, peer: int, pg: Any, tag: int) -> Any:
+    """Post a non-blocking send of ``t`` to group rank ``peer``; return its work."""
+    import torch.distributed as dist
+
+    return dist.isend(t, group=pg, group_dst=peer, tag=tag)
+
+
+def post_recv(t: torch.Tensor, peer: int, pg: Any, tag: int) -> Any:
+    """Post a non-blocking receive into ``t`` from group rank ``peer``; return its work."""
+    import torch.distributed as dist
+
+    return dist.irecv(t, group=pg, group_src=peer, tag=tag)
+
+
+def wait_work(work: Any, backstop: float) -> None:
+    """Wait for a point-to-point ``work``: blocking, so call it from a worker thread only.
+
+    gloo's p2p works neither report ``is_completed()`` before ``wait()`` nor offer a future
+    ("Work::getFuture not implemented"), so a worker thread waits, at most ``backstop`` seconds
+    (an abandoned thread ends too). Raises the backend's ``RuntimeError`` (a peer gone, the
+    backstop expired).
+    """
+    work.wait(timedelta(seconds=backstop))
+
+
+def foreign_sharded_tensor(
+    shards: Sequence[torch.Tensor], metadata: Any, owner: int, pg: Any
+) -> Any:
+    """A ShardedTensor holding global rank ``owner``'s local ``shards`` (a replica kept on another
+    rank), described by the global ``metadata`` (a ``ShardedTensorMetadata``, the same on all
+    ranks). Raises ``ValueError`` when the shapes do not match ``owner``'s shards in it.
+    """
+    from torch.distributed._shard.sharded_tensor import Shard  # type: ignore[attr-defined]
+    from torch.distributed._shard.sharded_tensor.api import ShardedTensorBase
+
+    mine = [
+        m
+        for m in metadata.shards_metadata
+        if m.placement is not None and m.placement.rank() == owner
+    ]
+    if [list(m.shard_sizes) for m in mine] != [list(t.shape) for t in shards]:
+        raise ValueError(f"the received shards do not match rank {owner}'s shards")
+    out = ShardedTensorBase._init_from_local_shards_and_global_metadata(
+        [Shard(t, m) for t, m in zip(shards, mine, strict=True)], metadata
+    )
+    out._process_group = pg  # type: ignore[attr-defined]
+    return out

@@ -1,0 +1,163 @@
+"""A state dict as a frame and back: its outgoing layout, its rebuild, and reused receive buffers.
+
+Outgoing, a CPU state dict is laid out exactly like a data file (``_layout.plan_file``), a
+ShardedTensor as the list of its local shards. Incoming, each record becomes a view into the one
+buffer the frame landed in (aliasing kept), and the receiver's own state dict of the same
+structure (the template) gives DTensors their spec and ShardedTensors their global metadata.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .._core import dist, gc_pause
+from .._core.storages import plan_storages
+from .._core.tree import (
+    KeyPath,
+    MapNode,
+    Node,
+    SeqNode,
+    ShardedNode,
+    TensorLeaf,
+    Tree,
+    Wrap,
+    flatten,
+    key_str,
+    unflatten,
+    wrap_leaf,
+)
+from .._format.codec import Header, Source
+from .._format.plan import plan_file
+from .._format.structure import decode_skeleton, decode_value
+from ..errors import CheckpointCorrupt, ReplicationError
+
+__all__ = ["frame_sources", "outgoing", "rebuild"]
+
+_NO_DATA = torch.empty(0)
+
+
+def frame_sources(header: Header, data: torch.Tensor) -> list[Source]:
+    """The entries of a received frame as sources (padding included, so none added)."""
+    return [(data[e.begin : e.end], 0) for e in header.entries]
+
+
+def outgoing(state: Any, in_place: bool = True) -> tuple[Tree, Header, list[Source]] | None:
+    """Flatten a state dict and lay it out as a frame sent from the tensors' own memory (worker
+    thread); ``None`` when a tensor is not on the CPU or ``in_place`` is false: stage it first.
+
+    Raises ``UnsupportedValueError`` naming the key of a leaf the format cannot hold.
+    """
+    with gc_pause.paused():
+        tree = flatten(state)
+        if not in_place or any(leaf.data.device.type != "cpu" for leaf in tree.leaves):
+            return None
+        portable = Tree(_portable(tree.root), tree.leaves)
+        header, sources = plan_file(portable, plan_storages([leaf.data for leaf in tree.leaves]))
+        return tree, header, sources
+
+
+def _portable(node: Node) -> Node:
+    """The skeleton with each ShardedTensor as the list of its local shards."""
+    if isinstance(node, ShardedNode):
+        return SeqNode(list, node.children)
+    if isinstance(node, MapNode):
+        kids = tuple(_portable(c) for c in node.children)
+        return MapNode(node.cls, node.keys, kids, node.default_factory)
+    if isinstance(node, SeqNode):
+        return SeqNode(node.cls, tuple(_portable(c) for c in node.children), node.named)
+    return node
+
+
+def rebuild(
+    header: Header, data: torch.Tensor, template: Tree | None, sender: int, owner: Any
+) -> Any:
+    """The state dict of a frame as views into ``data`` (worker thread).
+
+    Where ``template`` (this rank's own flattened state dict) has a DTensor or a ShardedTensor
+    at the same key, the tensors are wrapped with its spec or global metadata; ``owner`` is
+    ``(global rank, pg)`` of the rank whose state it is. Raises ``ReplicationError`` naming
+    ``sender`` (phase ``"header"``) for a structure that does not decode or fit.
+    """
+    with gc_pause.paused():
+        return _rebuild(header, data, template, sender, owner)
+
+
+def _rebuild(
+    header: Header, data: torch.Tensor, template: Tree | None, sender: int, owner: Any
+) -> Any:
+    root, leaves = frame_leaves(header, sender)
+    mine = {leaf.path: leaf for leaf in template.leaves} if template is not None else {}
+    tensors = frame_tensors(header, data)
+    for i, leaf in enumerate(leaves):
+        t = mine.get(leaf.path)
+        if t is not None and t.wrap == "dtensor":
+            tensors[i] = wrap_leaf(t, tensors[i])
+    out = unflatten(Tree(root, tuple(leaves)), tensors, copy_values=False)
+    sharded = _sharded(template.root, ()) if template is not None else {}
+    try:
+        for path, node in sharded.items():
+            _replace_sharded(out, path, node, *owner)
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise ReplicationError(f"a ShardedTensor: {exc}", peer=sender, phase="header") from exc
+    return out
+
+
+def frame_tensors(header: Header, data: torch.Tensor) -> list[torch.Tensor]:
+    """One tensor per record, a view into ``data`` (entries sharing bytes share storage)."""
+    base = data.storage_offset()
+    typed: dict[torch.dtype, torch.Tensor] = {}
+    out = []
+    for r in header.records:
+        if r.entry < 0 or r.numel == 0:
+            out.append(torch.empty_strided(r.shape, r.stride, dtype=r.dtype))
+            continue
+        whole = typed.get(r.dtype)
+        if whole is None:  # as_strided on one typed view per dtype: ~5x faster than set_
+            n = data.numel() // r.dtype.itemsize * r.dtype.itemsize
+            whole = typed[r.dtype] = data[:n].view(r.dtype)
+        at = (base + header.entries[r.entry].begin) // r.dtype.itemsize + r.offset
+        out.append(whole.as_strided(r.shape, r.stride, at))
+    return out
+
+
+def frame_leaves(header: Header, peer: int) -> tuple[Node, list[TensorLeaf]]:
+    """The skeleton and one (data-less) leaf per record; ``ReplicationError(peer, "header")``."""
+    where = f"frame from rank {peer}"
+    try:
+        root, paths = decode_skeleton(header.skeleton, len(header.records), where)
+        leaves = []
+        for path, r in zip(paths, header.records, strict=True):
+            attrs = decode_value(r.attrs) if r.attrs is not None else {}
+            if not isinstance(attrs, dict) or not all(isinstance(k, str) for k in attrs):
+                raise ValueError(f"{key_str(path)}: tensor attributes must be a dict of str keys")
+            wrap: Wrap = "parameter" if r.wrap == "parameter" else "tensor"
+            leaves.append(TensorLeaf(path, _NO_DATA, wrap, r.requires_grad, attrs))
+    except (CheckpointCorrupt, ValueError) as exc:
+        raise ReplicationError(str(exc), peer=peer, phase="header") from exc
+    return root, leaves
+
+
+def _sharded(node: Node, path: KeyPath) -> dict[KeyPath, ShardedNode]:
+    if isinstance(node, ShardedNode):
+        return {path: node}
+    out: dict[KeyPath, ShardedNode] = {}
+    if isinstance(node, MapNode):
+        for k, c in zip(node.keys, node.children, strict=True):
+            out |= _sharded(c, (*path, k))
+    elif isinstance(node, SeqNode):
+        for i, c in enumerate(node.children):
+            out |= _sharded(c, (*path, i))
+    return out
+
+
+def _replace_sharded(out: Any, path: KeyPath, node: ShardedNode, owner: int, pg: Any) -> None:
+    """Swap the list of shards at ``path`` in ``out`` for a ShardedTensor (dict/list parents)."""
+    parent: Any = out
+    for k in path[:-1]:
+        parent = parent[k]
+    key: Any = path[-1]
+    shards = parent[key]
+    if isinstance(parent, dict | list) and isinstance(shards, list):
+        parent[key] = dist.foreign_sharded_tensor(shards, node.metadata, owner, pg)

@@ -1,0 +1,56 @@
+"""Receive buffers for replicas, reused across rounds and held while any reason needs them."""
+
+from __future__ import annotations
+
+import anyio.lowlevel
+import anyio.to_thread
+import torch
+
+from .._core.buffers import allocate
+
+__all__ = ["ReceiveBuffers"]
+
+_KEEP = 2  # idle receive buffers kept for reuse
+
+
+class ReceiveBuffers:
+    """Receive buffers by size; a buffer is busy while any reason (a string) holds it.
+
+    ``get`` reuses an idle buffer of the same size or allocates one (worker thread); at most
+    ``_KEEP`` buffers are kept once idle.
+    """
+
+    def __init__(self) -> None:
+        self.held: list[tuple[torch.Tensor, set[str]]] = []
+        self.allocations = 0
+
+    async def get(self, n: int, reason: str) -> torch.Tensor:
+        """An idle ``n``-byte CPU uint8 buffer, now held for ``reason``."""
+        for data, why in self.held:
+            if not why and data.numel() == n:
+                why.add(reason)
+                await anyio.lowlevel.checkpoint()
+                return data
+        idle = [i for i, (_, why) in enumerate(self.held) if not why]
+        if len(self.held) >= _KEEP and idle:
+            del self.held[idle[0]]
+        flats = (await anyio.to_thread.run_sync(allocate, (("cpu", n),), False, False, True)).flats
+        self.allocations += 1
+        self.held.append((flats[0], {reason}))
+        return flats[0]
+
+    def hold(self, data: torch.Tensor, reason: str) -> None:
+        """Mark ``data`` busy for ``reason`` too."""
+        for held, why in self.held:
+            if held is data:
+                why.add(reason)
+
+    def drop(self, data: torch.Tensor, reason: str) -> None:
+        """``reason`` no longer holds ``data``."""
+        for held, why in self.held:
+            if held is data:
+                why.discard(reason)
+
+    def clear(self) -> None:
+        """Forget every buffer (replicas still referenced keep their memory)."""
+        self.held.clear()

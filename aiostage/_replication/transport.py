@@ -1,0 +1,261 @@
+"""Safe metadata and bucketed payloads over a ProcessGroup: one frame per state dict, no pickle.
+
+A frame is what a data file holds, sent as point-to-point messages on one tag (gloo and NCCL keep
+per-pair FIFO order):
+
+0. ``int64[5]``: ``MAGIC, WIRE_VERSION, header_len, data_len, n_entries``;
+1. the header bytes of the persistence format (``_format.encode_header``: JSON, validated by
+   ``decode_header`` on arrival), checksums left at zero;
+2. the data region (entries back to back, exactly as in a file) in messages of at most
+   ``BUCKET`` bytes: an entry of ``SMALL`` bytes or more is sent straight from its memory,
+   consecutive smaller entries packed into one message;
+3. ``int64[n_entries]``: the xxh3_64 of each entry (zeros when the link does not verify), hashed
+   by the sender while the data is on the wire, or given by the caller: a replica sent back on
+   recovery carries the digests its owner computed, so the check is end to end.
+
+The message ranges depend only on the entries, so both sides derive them from the header. The
+receiver bounds every length before allocating and lands each message in the matching slice of one
+buffer; when asked to check, it hashes each message while the next one arrives and compares. It
+returns the sender's digests either way, so a later reader (the replica's writer, a recovery) can
+check the bytes against them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio.to_thread
+import torch
+
+from .._core import dist
+from .._format.codec import Header, Source, encode_header
+from ..errors import ReplicationError
+from .wire import (
+    MAGIC,
+    MASK,
+    WIRE_VERSION,
+    Hasher,
+    check_head,
+    decode_frame_header,
+    messages,
+    plan_messages,
+    signed,
+    spans,
+    tensor_bytes,
+)
+
+__all__ = ["Link", "partners", "recv_frame", "send_frame", "send_nothing"]
+
+TAG = 0x5A57
+
+
+@dataclass(slots=True)
+class Link:
+    """Where frames go: the group, the device its backend sends from, the per-wait backstop,
+    the tag, and the last header validated per peer (a byte-identical header is not decoded
+    again)."""
+
+    pg: Any
+    device: torch.device
+    backstop: float
+    known: dict[int, tuple[bytes, int, Header]] = field(default_factory=dict)
+    sent: tuple[Header, bytes] | None = None  # the last header sent, encoded
+    verify: bool = True  # hash entries on both sides (all ranks must agree)
+    tag: int = TAG  # one per kind of stream, so two streams between two ranks never mix
+
+
+def partners(rank: int, world: int, partner: int | None = None) -> tuple[int, int]:
+    """``(send_to, receive_from)`` for ``rank`` of ``world`` (group ranks).
+
+    Even world: the pair ``(rank + world // 2) % world``; odd: a ring (send to ``rank + 1``,
+    receive from ``rank - 1``); one rank: itself. ``partner`` overrides with a symmetric pair.
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in a group of {world}")
+    if partner is not None:
+        if not 0 <= partner < world or (partner == rank and world > 1):
+            raise ValueError(f"partner {partner} is not another rank of a group of {world}")
+        return partner, partner
+    if world % 2 == 0:
+        p = (rank + world // 2) % world
+        return p, p
+    return (rank + 1) % world, (rank - 1) % world
+
+
+async def send_frame(
+    link: Link,
+    peer: int,
+    header: Header,
+    sources: Sequence[Source],
+    digests: Sequence[int] | None = None,
+) -> int:
+    """Send ``header`` and the bytes of ``sources`` (one per entry) to group rank ``peer``, with
+    ``digests`` as the entries' checksums (hashed here when ``None`` and ``link.verify``).
+
+    Blocks on nothing: one worker thread (abandoned on cancellation) encodes, packs, posts and
+    waits, since posting a large gloo send writes to the socket in the caller. Returns the bytes
+    sent. Raises ``ReplicationError(peer, "send")`` when the backend fails (the peer is gone,
+    the backstop expired); bound it with ``anyio.fail_after``.
+    """
+    try:
+        return await anyio.to_thread.run_sync(
+            _send, link, peer, header, sources, digests, abandon_on_cancel=True
+        )
+    except RuntimeError as exc:
+        raise ReplicationError(f"sending failed: {exc}", peer=peer, phase="send") from exc
+
+
+async def send_nothing(link: Link, peer: int) -> None:
+    """Tell ``peer`` there is no frame for it (a recovery with no replica to give)."""
+    head = torch.tensor([MAGIC, WIRE_VERSION, 0, 0, 0], dtype=torch.int64)
+    try:
+        await anyio.to_thread.run_sync(
+            _exchange_one, link, peer, head, True, abandon_on_cancel=True
+        )
+    except RuntimeError as exc:
+        raise ReplicationError(f"sending failed: {exc}", peer=peer, phase="send") from exc
+
+
+def _exchange_one(link: Link, peer: int, t: torch.Tensor, send: bool) -> None:
+    """Send or receive one message and wait for it (worker thread)."""
+    t = t.to(link.device)
+    post = dist.post_send if send else dist.post_recv
+    dist.wait_work(post(t, peer, link.pg, link.tag), link.backstop)
+
+
+def _send(
+    link: Link,
+    peer: int,
+    header: Header,
+    sources: Sequence[Source],
+    digests: Sequence[int] | None,
+) -> int:
+    """Post the frame message by message, hashing each one just before it is posted (its bytes
+    are then in the cache when the kernel copies them) unless ``digests`` are given, then the
+    checksums; wait for every send (worker thread)."""
+    if link.sent is None or link.sent[0] != header:  # same layout as last round: reuse
+        link.sent = (header, encode_header(header))
+    raw = link.sent[1]
+    head = [MAGIC, WIRE_VERSION, len(raw), header.data_bytes, len(header.entries)]
+    first = [
+        torch.tensor(head, dtype=torch.int64),
+        torch.frombuffer(bytearray(raw), dtype=torch.uint8),
+    ]
+    msgs = [m.to(link.device) for m in first]
+    works = [dist.post_send(m, peer, link.pg, link.tag) for m in msgs]
+    ranges = plan_messages(spans(header))
+    hasher = Hasher(header, ranges) if link.verify and digests is None else None
+    for i, m in enumerate(messages(header, sources, ranges)):
+        if hasher is not None:
+            hasher.take(i, tensor_bytes(m))
+        msgs.append(m.to(link.device))
+        works.append(dist.post_send(msgs[-1], peer, link.pg, link.tag))
+    if digests is None:
+        digests = hasher.digests() if hasher is not None else [0] * len(sources)
+    sums = torch.tensor([signed(s) for s in digests], dtype=torch.int64)
+    msgs.append(sums.to(link.device))
+    works.append(dist.post_send(msgs[-1], peer, link.pg, link.tag))
+    for work in works:
+        dist.wait_work(work, link.backstop)
+    return len(raw) + header.data_bytes
+
+
+async def recv_frame(
+    link: Link,
+    peer: int,
+    buffer: Callable[[int], Awaitable[torch.Tensor]],
+    *,
+    max_data: int,
+    check: bool | None = None,
+) -> tuple[Header, torch.Tensor, tuple[int, ...]] | None:
+    """Receive one frame from group rank ``peer``: its validated header, its data bytes and the
+    sender's per-entry digests (``None`` when the peer sent ``send_nothing``).
+
+    ``buffer(n)`` supplies a CPU uint8 tensor of ``n`` bytes (reused between rounds by the
+    caller). ``check`` (default ``link.verify``): hash the bytes as they land and compare them
+    with the digests. Blocks on nothing. Raises ``ReplicationError`` naming ``peer`` and the
+    phase: ``"header"`` for a malformed frame (checked before anything is allocated, never
+    unpickled), ``"data"`` when the backend fails, ``"verify"`` on a checksum mismatch.
+    """
+    header = await _recv_header(link, peer, max_data)
+    if header is None:
+        return None
+    data = await buffer(header.data_bytes)
+    ranges = plan_messages(spans(header))
+    sums = torch.empty(len(header.entries), dtype=torch.int64, device=link.device)
+    on_cpu = link.device.type == "cpu"
+    targets = [
+        data[a:b] if on_cpu else torch.empty(b - a, dtype=torch.uint8, device=link.device)
+        for a, b in ranges
+    ]
+    check = link.verify if check is None else check
+    landing = _Landing(Hasher(header, ranges) if check else None, data, ranges, on_cpu)
+    try:
+        await anyio.to_thread.run_sync(
+            _receive, link, peer, targets, sums, landing, abandon_on_cancel=True
+        )
+    except RuntimeError as exc:
+        raise ReplicationError(f"receiving failed: {exc}", peer=peer, phase="data") from exc
+    digests = tuple(v & MASK for v in sums.cpu().tolist())
+    if landing.hasher is not None:
+        landing.hasher.check(digests, peer)
+    return header, data, digests
+
+
+async def _recv_header(link: Link, peer: int, max_data: int) -> Header | None:
+    head = torch.zeros(5, dtype=torch.int64, device=link.device)
+    await _recv_one(link, peer, head)
+    magic, version, header_len, data_len, n_entries = (int(v) for v in head.cpu().tolist())
+    if (magic, version, header_len, data_len, n_entries) == (MAGIC, WIRE_VERSION, 0, 0, 0):
+        return None
+    problem = check_head(magic, version, header_len, data_len, n_entries, max_data)
+    if problem:
+        raise ReplicationError(problem, peer=peer, phase="header")
+    raw = torch.empty(header_len, dtype=torch.uint8, device=link.device)
+    await _recv_one(link, peer, raw)
+    body = raw.cpu().numpy().tobytes()
+    known = link.known.get(peer)
+    if known is not None and known[:2] == (body, data_len):
+        return known[2]
+    header = await anyio.to_thread.run_sync(decode_frame_header, body, data_len, n_entries, peer)
+    link.known[peer] = (body, data_len, header)
+    return header
+
+
+def _receive(
+    link: Link, peer: int, targets: list[torch.Tensor], sums: torch.Tensor, landing: _Landing
+) -> None:
+    """Post every receive, then wait for each and hash it while the next lands (worker)."""
+    works = [dist.post_recv(t, peer, link.pg, link.tag) for t in targets]
+    works.append(dist.post_recv(sums, peer, link.pg, link.tag))
+    for i, work in enumerate(works):
+        dist.wait_work(work, link.backstop)
+        if i < len(targets):
+            landing.take(i, targets[i])
+
+
+async def _recv_one(link: Link, peer: int, t: torch.Tensor) -> None:
+    try:
+        await anyio.to_thread.run_sync(_exchange_one, link, peer, t, False, abandon_on_cancel=True)
+    except RuntimeError as exc:
+        raise ReplicationError(f"receiving failed: {exc}", peer=peer, phase="header") from exc
+
+
+@dataclass(slots=True)
+class _Landing:
+    """Where received messages go: off-CPU messages copied into the CPU buffer, then hashed."""
+
+    hasher: Hasher | None
+    data: torch.Tensor
+    ranges: list[tuple[int, int]]
+    on_cpu: bool
+
+    def take(self, i: int, message: torch.Tensor) -> None:
+        """Message ``i`` has landed (worker thread)."""
+        a, b = self.ranges[i]
+        if not self.on_cpu:
+            self.data[a:b].copy_(message)
+        if self.hasher is not None:
+            self.hasher.take(i, tensor_bytes(self.data[a:b]))

@@ -1,0 +1,380 @@
+"""``aiostage.load``: open a checkpoint, verify it, and rebuild the state dict or fill one in place.
+
+The manifest says which files make the checkpoint and how big they are; a data file's header is
+validated against its real size before anything is allocated. The data is mapped copy-on-write
+and paged in by hashing it in worker threads (faster here than reading into fresh memory, and no
+copy); every stored entry becomes one storage, every tensor a view into it, so aliasing survives.
+Loading into another layout (``_reshard``) maps the files of other ranks too, and reads only the
+entries (verified) or pages (``verify=False``) of the saved shards it needs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import torch
+import xxhash
+
+from .._core import dist
+from .._core.storages import View, view_tensor
+from .._core.tree import KeyPath, Node, TensorLeaf, Tree, Wrap, flatten, key_str, unflatten
+from .._format.codec import (
+    MANIFEST,
+    FileInfo,
+    Header,
+    Manifest,
+    Record,
+    decode_header,
+    decode_manifest,
+    header_length,
+)
+from .._format.structure import decode_skeleton, decode_value
+from ..errors import CheckpointCorrupt, CheckpointNotFound, PersistenceError, UsageError
+from . import localfs
+from .reshard import Piece, Saved, check_local, copy_pieces, into_result, needs_reshard, plan_pieces
+
+__all__ = ["load", "load_metadata", "read_header", "read_manifest"]
+
+_CHUNK = 16 << 20
+
+
+_MAX_MANIFEST = 64 << 20
+
+
+_NO_DATA = torch.empty(0)
+
+
+async def load(
+    path: str | os.PathLike[str],
+    *,
+    into: Any = None,
+    map_location: str | torch.device = "cpu",
+    verify: bool = True,
+    pg: Any = None,
+) -> Any:
+    """Read the checkpoint at ``path`` and return its state dict.
+
+    Tensors that shared storage when saved share it again; DTensors come back as their local
+    tensor. With ``into`` (a state dict of existing tensors, e.g. ``model.state_dict()``),
+    every tensor is first checked against the checkpoint, then copied in place, and the result
+    holds ``into``'s own tensor objects (and the checkpoint's non-tensor values);
+    ``map_location`` is then ignored. With ``pg``, each rank reads the file it wrote. When
+    ``into`` holds DTensors or the world or a layout differs, the checkpoint is resharded: each
+    rank reads only the saved shards that overlap its part of each tensor, from any rank's file.
+
+    Blocks on nothing: reads, hashing and copies run in worker threads. Raises
+    ``CheckpointNotFound`` (no manifest at ``path``), ``CheckpointCorrupt`` naming the file and
+    key (a missing file; a checksum, size or header that does not match; ``verify=False``
+    skips the checksum comparison, to salvage a damaged checkpoint), ``StateDictMismatch``
+    listing every difference from ``into`` (before anything is copied) and ``UsageError`` when
+    the world size differs from the saving one and there is no ``into``.
+    """
+    target, device = Path(path), torch.device(map_location)
+    manifest = await read_manifest(target)
+    rank, world = dist.rank_and_size(pg) if pg is not None else (0, 1)
+    if into is None and manifest.world_size != world:
+        raise UsageError(
+            f"{target} was saved by {manifest.world_size} rank(s); load it from a process group "
+            f"of that size (pg=...), not from {world}, or pass into=... to reshard it"
+        )
+    where = _Where(target, manifest, rank if rank < manifest.world_size else 0, rank)
+    file, info = where.file(where.home)
+    header, root, paths = await read_header(file, info, verify, where.home)
+    if into is None:
+        data = await _verified_data(file, info, header, paths, verify)
+        return await anyio.to_thread.run_sync(_build, data, header, root, paths, file, device)
+    return await _load_into(where, (header, root, paths), verify, into, world)
+
+
+async def load_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``metadata`` the checkpoint at ``path`` was saved with (its manifest's copy).
+
+    Reads only ``manifest.json``; raises ``CheckpointNotFound`` and ``CheckpointCorrupt``.
+    """
+    return (await read_manifest(Path(path))).metadata
+
+
+async def read_manifest(target: Path) -> Manifest:
+    """Read and validate ``target/manifest.json`` (``CheckpointNotFound`` if there is none)."""
+    file = target / MANIFEST
+    try:
+        raw = await localfs.read_at(file, 0, _MAX_MANIFEST + 1)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        hint = await _recoverable(target)
+        raise CheckpointNotFound(
+            f"no checkpoint at {target} (no {MANIFEST}){hint}", path=target
+        ) from exc
+    except OSError as exc:
+        raise PersistenceError(f"cannot read {file}: {exc}", path=file) from exc
+    if len(raw) > _MAX_MANIFEST:
+        raise CheckpointCorrupt(f"{file}: larger than {_MAX_MANIFEST} bytes", path=file)
+    return decode_manifest(raw, str(file))
+
+
+async def _recoverable(target: Path) -> str:
+    """A hint when an interrupted overwrite left the checkpoint under a temporary name."""
+    try:
+        names = await localfs.list_dir(target.parent)
+    except OSError:
+        return ""
+    for name in names:
+        m = localfs.TEMP_NAME.match(name)
+        if m and m["name"] == target.name and m["kind"] == "old":
+            root = str(target.parent)
+            return f"; an interrupted overwrite left it beside: run aiostage.sweep({root!r})"
+    return ""
+
+
+async def read_header(
+    file: Path, info: FileInfo, verify: bool, rank: int
+) -> tuple[Header, Node, list[KeyPath]]:
+    """Read, check and decode the header of ``file``, rank ``rank``'s data file as the manifest
+    lists it in ``info`` (decoding in a worker thread). Raises ``CheckpointCorrupt``."""
+    try:
+        size = await localfs.file_size(file)
+        if size != info.size:
+            raise CheckpointCorrupt(
+                f"{file}: {size} bytes on disk but the manifest says {info.size} (truncated or "
+                "replaced)",
+                path=file,
+            )
+        first = await localfs.read_at(file, 0, 8)
+        body = await localfs.read_at(file, 8, header_length(first, size, str(file)))
+    except FileNotFoundError as exc:
+        raise CheckpointCorrupt(f"{file}: listed in the manifest but missing", path=file) from exc
+    except OSError as exc:
+        raise PersistenceError(f"cannot read {file}: {exc}", path=file) from exc
+    if verify and xxhash.xxh3_64_intdigest(first + body) != info.header_xxh3:
+        raise CheckpointCorrupt(f"{file}: the header does not match its checksum", path=file)
+    return await anyio.to_thread.run_sync(_decode, body, size - 8 - len(body), file, rank)
+
+
+def _decode(
+    body: bytes, data_len: int, file: Path, rank: int
+) -> tuple[Header, Node, list[KeyPath]]:
+    header = decode_header(body, data_len, str(file))
+    if header.rank != rank:
+        raise CheckpointCorrupt(f"{file}: written by rank {header.rank}, not {rank}", path=file)
+    root, paths = decode_skeleton(header.skeleton, len(header.records), str(file))
+    return header, root, paths
+
+
+async def _map_data(
+    file: Path, header: Header, start: int, verify: bool, only: Collection[int] | None = None
+) -> tuple[memoryview, dict[int, int] | None]:
+    """Map ``file`` copy-on-write and return its data (from byte ``start``), paged in.
+
+    Every entry (or each of ``only``) is hashed (xxh3_64) chunk by chunk in worker threads,
+    which is also what brings its pages in (sequential faults ride the kernel's readahead):
+    afterwards touching a tensor never blocks on the disk. Returns the digests by entry when
+    ``verify``. With ``only`` and not ``verify`` nothing is touched: only the pages a copy
+    later reads come in.
+    """
+    try:
+        mapping = await localfs.map_private(file, start + header.data_bytes)
+    except OSError as exc:
+        raise PersistenceError(f"cannot map {file}: {exc}", path=file) from exc
+    data = memoryview(mapping)[start:]
+    if only is not None and not verify:
+        return data, None
+    entries = header.entries
+    order = sorted(range(len(entries)) if only is None else only, key=lambda i: entries[i].begin)
+    hashes = {i: xxhash.xxh3_64() for i in order}
+    lengths = [entries[i].end - entries[i].begin for i in order]
+    for pieces in localfs.cut(lengths, _CHUNK):
+        spans = [(order[seg], entries[order[seg]].begin + at, n) for seg, at, n in pieces]
+        await anyio.to_thread.run_sync(_hash, data, spans, hashes)
+    return data, {i: h.intdigest() for i, h in hashes.items()} if verify else None
+
+
+def _hash(data: memoryview, spans: list[tuple[int, int, int]], hashes: dict[int, Any]) -> None:
+    """Feed ``data[begin : begin + n]`` to entry ``index``'s hash for each span (worker thread)."""
+    for index, begin, n in spans:
+        hashes[index].update(data[begin : begin + n])
+
+
+async def _verified_data(
+    file: Path,
+    info: FileInfo,
+    header: Header,
+    paths: Sequence[KeyPath],
+    verify: bool,
+    only: Collection[int] | None = None,
+) -> memoryview:
+    """``_map_data`` of ``file``, its checksums compared when ``verify``."""
+    data, digests = await _map_data(file, header, info.size - header.data_bytes, verify, only)
+    _check_sums(digests, header, paths, file)
+    return data
+
+
+def _check_sums(
+    digests: dict[int, int] | None, header: Header, paths: Sequence[KeyPath], file: Path
+) -> None:
+    for i, got in (digests or {}).items():
+        if header.checksums[i] != got:
+            keys = [key_str(paths[t]) for t, r in enumerate(header.records) if r.entry == i]
+            raise CheckpointCorrupt(
+                f"{file}: checksum mismatch in entry {header.entries[i].name!r} (tensor "
+                f"{', '.join(keys)}): the data is corrupt; load an earlier checkpoint",
+                path=file,
+                key=keys[0] if keys else header.entries[i].name,
+            )
+
+
+def _tensors(data: memoryview, header: Header, device: torch.device) -> list[torch.Tensor]:
+    """One storage per entry (moved to ``device``), one view per record (worker thread)."""
+    flats = [
+        torch.frombuffer(data[e.begin : e.end], dtype=torch.uint8)
+        if e.end > e.begin
+        else torch.empty(0, dtype=torch.uint8)
+        for e in header.entries
+    ]
+    if device.type != "cpu":
+        flats = [t.to(device) for t in flats]
+    storages = [t.untyped_storage() for t in flats]
+    out = []
+    for r in header.records:
+        view = View(r.entry if r.numel else -1, r.offset, r.shape, r.stride, r.dtype)
+        t = view_tensor(view, storages)
+        out.append(t if t.device == device else t.to(device))
+    return out
+
+
+def _build(
+    data: memoryview,
+    header: Header,
+    root: Node,
+    paths: list[KeyPath],
+    file: Path,
+    device: torch.device,
+) -> Any:
+    """The loaded state dict (worker thread)."""
+    leaves = [_leaf(p, r, file) for p, r in zip(paths, header.records, strict=True)]
+    return unflatten(Tree(root, tuple(leaves)), _tensors(data, header, device), copy_values=False)
+
+
+def _leaf(path: KeyPath, r: Record, file: Path) -> TensorLeaf:
+    """How to wrap record ``r``: a DTensor comes back as its local shard (a Parameter if it was)."""
+    was_param = r.wrap == "dtensor" and isinstance(r.dtensor, dict) and r.dtensor.get("param")
+    wrap: Wrap = "parameter" if r.wrap == "parameter" or was_param else "tensor"
+    try:
+        attrs = decode_value(r.attrs) if r.attrs is not None else {}
+        if not isinstance(attrs, dict) or not all(isinstance(k, str) for k in attrs):
+            raise ValueError("tensor attributes must be a dict with str keys")
+    except ValueError as exc:
+        raise CheckpointCorrupt(f"{file}: {exc}", path=file, key=key_str(path)) from exc
+    return TensorLeaf(path, _NO_DATA, wrap, r.requires_grad, attrs)
+
+
+def _fill_into(
+    data: memoryview,
+    header: Header,
+    targets: Sequence[torch.Tensor],
+    root: Node,
+    paths: list[KeyPath],
+    into: Any,
+) -> Any:
+    """Copy each loaded tensor into its target (worker thread); ``into_result``."""
+    with torch.no_grad():
+        for dst, src in zip(targets, _tensors(data, header, torch.device("cpu")), strict=True):
+            dst.copy_(src)
+    return into_result(root, paths, into)
+
+
+async def _load_into(
+    where: _Where, home: tuple[Header, Node, list[KeyPath]], verify: bool, into: Any, world: int
+) -> Any:
+    """Check ``into`` against the checkpoint and copy into it, resharding when needed."""
+    header, root, paths = home
+    leaves = (await anyio.to_thread.run_sync(flatten, into)).leaves
+    if where.manifest.world_size != world or needs_reshard(leaves, paths, header.records):
+        return await _load_resharded(where, leaves, header, verify, into, (root, paths))
+    file, info = where.file(where.home)
+    targets = await anyio.to_thread.run_sync(check_local, leaves, paths, header.records, str(file))
+    data = await _verified_data(file, info, header, paths, verify)
+    return await anyio.to_thread.run_sync(_fill_into, data, header, targets, root, paths, into)
+
+
+@dataclass(frozen=True, slots=True)
+class _Where:
+    """A checkpoint being loaded: its directory and manifest, this rank's home file and rank."""
+
+    target: Path
+    manifest: Manifest
+    home: int
+    rank: int
+
+    def file(self, rank: int) -> tuple[Path, FileInfo]:
+        """The path and manifest entry of the file ``rank`` saved."""
+        info = self.manifest.files[rank]
+        return self.target / info.name, info
+
+
+_Headers = list[tuple[Header, list[KeyPath]]]
+
+
+async def _load_resharded(
+    where: _Where,
+    leaves: Sequence[TensorLeaf],
+    home: Header,
+    verify: bool,
+    into: Any,
+    tree: tuple[Node, list[KeyPath]],
+) -> Any:
+    """Fill ``into`` from the saved shards that overlap this rank's part of each tensor.
+
+    Every file's header is read (to learn its shards); data is mapped only from the files
+    that hold an overlapping shard, and only the entries read are verified.
+    """
+    root, paths = tree
+    headers = await _read_headers(where, verify, home, paths)
+    saved = [Saved(r, p, h.records, str(where.file(r)[0])) for r, (h, p) in enumerate(headers)]
+    pieces = await anyio.to_thread.run_sync(plan_pieces, leaves, saved, where.home, where.rank)
+    datas = await _map_needed(where, headers, pieces, verify)
+    source = functools.partial(_record_tensor, datas, headers)
+    targets = [leaf.data for leaf in leaves]
+    await anyio.to_thread.run_sync(copy_pieces, pieces, targets, source)
+    return await anyio.to_thread.run_sync(into_result, root, paths, into)
+
+
+async def _read_headers(
+    where: _Where, verify: bool, home: Header, paths: list[KeyPath]
+) -> _Headers:
+    """Header and key paths of every saving rank's file (the home one is already read)."""
+    out: _Headers = []
+    for r in range(where.manifest.world_size):
+        if r == where.home:
+            out.append((home, paths))
+            continue
+        header, _, p = await read_header(*where.file(r), verify, r)
+        out.append((header, p))
+    return out
+
+
+async def _map_needed(
+    where: _Where, headers: _Headers, pieces: Sequence[Piece], verify: bool
+) -> dict[int, memoryview]:
+    """Map the files the pieces read from; verify the entries they read (when ``verify``)."""
+    needed: dict[int, set[int]] = {}
+    for p in pieces:  # a piece has elements, so its record has an entry
+        needed.setdefault(p.file, set()).add(headers[p.file][0].records[p.record].entry)
+    out: dict[int, memoryview] = {}
+    for f, entries in sorted(needed.items()):
+        out[f] = await _verified_data(*where.file(f), *headers[f], verify, entries)
+    return out
+
+
+def _record_tensor(datas: dict[int, memoryview], headers: _Headers, f: int, i: int) -> torch.Tensor:
+    """Record ``i`` of file ``f`` as a tensor over the mapped data (no page touched yet)."""
+    header = headers[f][0]
+    r = header.records[i]
+    e = header.entries[r.entry]
+    flat = torch.frombuffer(datas[f][e.begin : e.end], dtype=torch.uint8)
+    return view_tensor(View(0, r.offset, r.shape, r.stride, r.dtype), [flat.untyped_storage()])
