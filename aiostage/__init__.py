@@ -17,6 +17,7 @@ from ._channel.report import PublishReport as PublishReport
 from ._channel.subscriber import WeightSubscriber as WeightSubscriber
 from ._channel.subscriber import WeightUpdate as WeightUpdate
 from ._checkpointer import Checkpointer as Checkpointer
+from ._core.outcome import Outcome as Outcome
 from ._replication.stager import ReplicationStager as ReplicationStager
 from ._staging import AsyncStager as AsyncStager
 from ._staging import DefaultStager as DefaultStager
@@ -27,6 +28,7 @@ from ._storage.reader import load as load
 from ._storage.reader import load_metadata as load_metadata
 from ._storage.save import SaveReport as SaveReport
 from ._storage.save import save as save
+from ._storage.writer import WriteOptions as WriteOptions
 from ._train_state import apply_train_state as apply_train_state
 from ._train_state import train_state as train_state
 
@@ -38,6 +40,7 @@ __all__ = [
     "Checkpointer",
     "DefaultStager",
     "Delivery",
+    "Outcome",
     "Publication",
     "PublishReport",
     "ReplicationStager",
@@ -48,6 +51,7 @@ __all__ = [
     "WeightPublisher",
     "WeightSubscriber",
     "WeightUpdate",
+    "WriteOptions",
     "__version__",
     "apply_train_state",
     "async_save",

@@ -17,10 +17,9 @@ from typing import Any, TextIO
 
 import anyio
 
-from ._cli import Found, RankFile, export, read_checkpoint, scan, verify
+from ._cli import Found, RankFile, checkpoint_manifest, export, read_checkpoint, scan, verify
 from ._core.dtypes import dtype_name
 from ._core.tree import Leaf, MapNode, Node, SeqNode, Value, key_str
-from ._storage.reader import read_manifest
 from .errors import AiostageError, CheckpointCorrupt
 
 __all__ = ["main"]
@@ -119,7 +118,7 @@ async def _inspect(args: argparse.Namespace) -> int:
 
 async def _verify(args: argparse.Namespace) -> int:
     try:
-        manifest = await read_manifest(args.path)
+        manifest = await checkpoint_manifest(args.path)
     except CheckpointCorrupt as exc:
         print(f"CORRUPT {_one_line(exc)}")
         return 1
@@ -136,7 +135,7 @@ async def _verify(args: argparse.Namespace) -> int:
 
 
 async def _export(args: argparse.Namespace) -> int:
-    manifest = await read_manifest(args.path)
+    manifest = await checkpoint_manifest(args.path)
     with ProgressBar("export", sum(f.size for f in manifest.files), sys.stderr) as bar:
         size = await export(args.path, args.fmt, args.out, bar)
     print(f"{args.out}: {human_bytes(size)} ({args.fmt})")

@@ -1,44 +1,48 @@
 """One asynchronous save: stage in the caller, then replicate, write and commit behind it.
 
-``async_save`` is the one-off form; the ``Checkpointer`` runs the same two halves (``stage_job``
-in ``save``, ``persist_job`` in its background task).
+``async_save`` is the one-off form, its background work a task of the caller's task group; the
+``Checkpointer`` runs the same two halves (``stage_job`` in ``save``, ``persist_job`` in its own
+background task). Either way the caller gets a read-only ``SaveHandle``; the side doing the work
+settles it through a ``Settler``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
-from collections.abc import Generator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import anyio
+import anyio.abc
 
+from ._core.outcome import Outcome, Resolver, wait_settled
+from ._core.timeouts import DEFAULT_TIMEOUT, seconds
 from ._replication.stager import ReplicationStager
 from ._staging import AsyncStager, DefaultStager, StagingOptions
-from ._storage.save import PathLike, SaveReport, save
+from ._storage.locate import PathLike
+from ._storage.save import SaveReport, save
+from .errors import PersistenceError
 
 __all__ = [
     "CheckpointReport",
     "Job",
-    "Outcome",
     "SaveHandle",
+    "Settler",
     "async_save",
     "finish_job",
     "persist_job",
+    "settled_handle",
     "stage_job",
 ]
-
-_RUNNING: set[asyncio.Task[None]] = set()  # async_save's background tasks, until they finish
 
 
 @dataclass(slots=True)
 class Job:
     """A staged state dict on its way to disk, and what it cost so far."""
 
-    handle: SaveHandle
+    settler: Settler
     staged: Any
     stager: AsyncStager
     metadata: dict[str, Any] | None
@@ -48,6 +52,11 @@ class Job:
     stage_bytes: int = 0
     stall: float = 0.0
     times: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def handle(self) -> SaveHandle:
+        """The caller's read-only view of this save."""
+        return self.settler.handle
 
 
 async def stage_job(job: Job, state_dict: Any) -> None:
@@ -59,21 +68,21 @@ async def stage_job(job: Job, state_dict: Any) -> None:
     job.stage = time.perf_counter() - t
     job.stage_bytes = stats().bytes_staged - before if stats is not None else 0
     job.stall = time.perf_counter() - job.began
-    job.handle.staged.set(None)
+    job.settler.staged.set(None)
 
 
 async def persist_job(
-    job: Job, *, pg: Any, replicate: ReplicationStager | None, pg_timeout: float
+    job: Job, *, pg: Any, replication: ReplicationStager | None, pg_timeout: float
 ) -> CheckpointReport:
     """Replicate (optionally), write and commit ``job``; release its staged copy either way."""
     t0 = time.perf_counter()
     try:
-        if replicate is not None:
-            replicate.release(await replicate.stage(job.staged))
+        if replication is not None:
+            replication.release(await replication.stage(job.staged))
         t1 = time.perf_counter()
         report = await save(
             job.staged, job.handle.path, pg=pg, overwrite=True,
-            metadata=job.metadata, pg_timeout=pg_timeout,
+            metadata=job.metadata, timeout=pg_timeout,
         )  # fmt: skip
     finally:
         job.stager.release(job.staged)
@@ -85,121 +94,70 @@ async def persist_job(
 
 
 def finish_job(job: Job, outcome: CheckpointReport | BaseException) -> None:
-    if isinstance(outcome, BaseException):
-        job.handle.committed.fail(outcome)
-        job.handle.report.fail(outcome)
-    else:
-        job.handle.committed.set(outcome.save)
-        job.handle.report.set(outcome)
+    """Settle ``job``'s handle with its report or its error."""
+    job.settler.finish(outcome)
 
 
 async def async_save(
     state_dict: Any,
     path: PathLike,
     *,
+    task_group: anyio.abc.TaskGroup,
     stager: AsyncStager | None = None,
     pg: Any = None,
-    replicate: ReplicationStager | None = None,
+    replication: ReplicationStager | None = None,
     metadata: dict[str, Any] | None = None,
-    pg_timeout: float = 600.0,
+    timeout: float | timedelta = DEFAULT_TIMEOUT,  # noqa: ASYNC109 - ProcessGroup waits Python cannot cancel
 ) -> SaveHandle:
-    """Stage ``state_dict``, then write it to ``path`` in the background; return at once.
+    """Stage ``state_dict``, then write it to ``path`` in a task of ``task_group``; return at once.
 
-    Returns after staging (``handle.staged`` is already done): the caller may change the state
-    from then on. The rest runs in an asyncio task the handle owns: ``replicate.stage`` of the
-    staged copy when given, then ``aiostage.save`` (with ``pg``: every rank calls it; give it a
-    group the training loop does not use concurrently). ``await handle.committed`` raises the
-    save's error; one nobody awaits is logged. Without ``stager`` the copy goes to fresh memory
-    (a ``Checkpointer`` reuses buffers across saves). Blocks on nothing; raises what staging
-    raises (``StagingError``, ``LeaseTimeout``) before returning.
+    Returns once the state is staged (by ``stager``, else into fresh memory; the state may change
+    from then on). The rest is a task of ``task_group``, which bounds it: ``replication.stage`` of
+    the staged copy (a ``ReplicationStager`` the caller owns), then ``aiostage.save`` (with ``pg``:
+    on every rank, on a group the training loop leaves alone; ``timeout``, seconds or ``timedelta``,
+    default 600: the longest any one wait for another rank may take, past it
+    ``CheckpointWriteError``). Leaving the task group waits for the save; cancelling it cancels the
+    save (nothing half-written is visible; ``handle.committed`` raises ``PersistenceError``). A
+    failed save never fails the group: ``await handle.committed`` raises it (logged if unseen).
+
+    Blocks on staging. Raises what staging raises (``StagingError``, ``LeaseTimeout``), and
+    ``ValueError`` (bad ``timeout``) or ``RuntimeError`` (``task_group`` not active) first.
     """
-    own = stager is None
+    limit, own = seconds(timeout), stager is None
     use = stager or DefaultStager(StagingOptions(pool_size=1))
-    job = Job(SaveHandle(None, Path(path)), None, use, metadata, time.perf_counter())
+    job = Job(Settler(None, Path(path)), None, use, metadata, time.perf_counter())
     try:
         await stage_job(job, state_dict)
+        args = (job, pg, replication, limit, use if own else None)
+        task_group.start_soon(_background, *args, name=f"aiostage.async_save to {path}")
     except BaseException:
-        if own:
-            await use.aclose()
+        with anyio.CancelScope(shield=True):
+            if job.staged is not None:
+                use.release(job.staged)
+            if own:
+                await use.aclose()
         raise
-
-    closing = use if own else None
-    task = asyncio.get_running_loop().create_task(
-        _background(job, pg, replicate, pg_timeout, closing)
-    )
-    _RUNNING.add(task)
-    task.add_done_callback(_RUNNING.discard)
     return job.handle
 
 
 async def _background(
-    job: Job, pg: Any, replicate: ReplicationStager | None, pg_timeout: float, closing: Any
+    job: Job,
+    pg: Any,
+    replication: ReplicationStager | None,
+    pg_timeout: float,
+    closing: AsyncStager | None,
 ) -> None:
     """``async_save``'s task: persist ``job``, settle its handle, close a stager it made."""
     try:
-        finish_job(job, await persist_job(job, pg=pg, replicate=replicate, pg_timeout=pg_timeout))
+        report = await persist_job(job, pg=pg, replication=replication, pg_timeout=pg_timeout)
+        finish_job(job, report)
     except Exception as exc:
         finish_job(job, exc)
     finally:
+        job.settler.abandon()  # cancelled: settle what is still open, for other waiters
         if closing is not None:
-            await closing.aclose()
-
-
-_T = TypeVar("_T")
-
-
-_log = logging.getLogger("aiostage")
-
-
-class Outcome(Generic[_T]):
-    """A result set once and awaited by any number of tasks (``await outcome``)."""
-
-    def __init__(self, what: str) -> None:
-        self._what = what
-        self._event = anyio.Event()
-        self._value: _T | None = None
-        self._error: BaseException | None = None
-        self.seen = False  # someone received the error
-
-    def done(self) -> bool:
-        """Whether the result (or the error) is set."""
-        return self._event.is_set()
-
-    def set(self, value: _T) -> None:
-        """Set the result (once)."""
-        self._value = value
-        self._event.set()
-
-    def fail(self, error: BaseException) -> None:
-        """Set the error that every ``await`` raises (once)."""
-        self._error = error
-        self._event.set()
-
-    async def wait_set(self) -> None:
-        """Block until the result or the error is set; raise nothing."""
-        await self._event.wait()
-
-    async def wait(self) -> _T:
-        """The result; raises the error. Blocks until it is set."""
-        await self._event.wait()
-        if self._error is not None:
-            self.seen = True
-            raise self._error
-        return self._value  # type: ignore[return-value]
-
-    def unseen_error(self) -> BaseException | None:
-        """The error if no ``await`` received it yet (it counts as received now)."""
-        if self._error is None or self.seen:
-            return None
-        self.seen = True
-        return self._error
-
-    def __await__(self) -> Generator[Any, None, _T]:
-        return self.wait().__await__()
-
-    def __del__(self) -> None:
-        if self._error is not None and not self.seen:
-            _log.error("aiostage: %s failed and nobody awaited it: %r", self._what, self._error)
+            with anyio.CancelScope(shield=True):
+                await closing.aclose()
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,46 +194,77 @@ class CheckpointReport:
         return n / self.persist_seconds / 1e9 if self.persist_seconds else 0.0
 
 
+@dataclass(frozen=True, eq=False)
 class SaveHandle:
-    """One asynchronous save: ``await handle.staged`` (the state may be changed after it),
-    ``await handle.committed`` (durable and visible; returns the ``SaveReport``) and
-    ``await handle.report`` (a ``CheckpointReport``). The last two raise the save's error.
+    """One asynchronous save, read-only: ``await handle.staged`` (the state may be changed
+    after it), ``await handle.committed`` (durable and visible; returns the ``SaveReport``) and
+    ``await handle.report`` (a ``CheckpointReport``). The last two block until the save ends and
+    raise its error; ``staged``, ``committed`` and ``report`` are ``Outcome``s, which the save
+    itself settles.
 
     ``skipped`` is true when a ``Checkpointer`` with ``on_busy="skip"`` did not save this step;
-    ``committed`` then returns ``None``.
+    ``committed`` then returns ``None``. ``step`` is ``None`` for ``async_save``.
     """
 
-    def __init__(self, step: int | None, path: Path, *, skipped: bool = False) -> None:
-        self.step, self.path, self.skipped = step, path, skipped
-        what = f"the save of {path}"
-        self._staged: Outcome[None] = Outcome(what)
-        self._committed: Outcome[SaveReport | None] = Outcome(what)
-        self._report: Outcome[CheckpointReport] = Outcome(what)
-        self._report.seen = True  # an error is reported once, through `committed`
-
-    @property
-    def staged(self) -> Outcome[None]:
-        """Awaitable: the state is copied; the caller may change it from now on."""
-        return self._staged
-
-    @property
-    def committed(self) -> Outcome[SaveReport | None]:
-        """Awaitable: the checkpoint is durable and visible (``None`` when skipped)."""
-        return self._committed
-
-    @property
-    def report(self) -> Outcome[CheckpointReport]:
-        """Awaitable: the ``CheckpointReport`` once the save finished."""
-        return self._report
+    step: int | None
+    path: Path
+    staged: Outcome[None]
+    committed: Outcome[SaveReport | None]
+    report: Outcome[CheckpointReport]
+    skipped: bool = False
 
     def done(self) -> bool:
-        """Whether the save finished (committed or failed)."""
-        return self._committed.done()
+        """Whether the save finished (committed or failed); never blocks."""
+        return self.committed.done()
 
     async def wait(self) -> None:
-        """Wait until the save finished, committed or failed, without raising its error."""
-        await self._committed.wait_set()
+        """Block until the save finished, committed or failed; raise nothing (its error stays
+        unreceived: a ``Checkpointer`` raises it at the next ``save``)."""
+        await wait_settled(self.committed)
 
     def __repr__(self) -> str:
         state = "skipped" if self.skipped else "done" if self.done() else "in flight"
         return f"<SaveHandle step={self.step} path={str(self.path)!r} {state}>"
+
+
+class Settler:
+    """The working side of one ``SaveHandle``: settles its outcomes (the handle cannot)."""
+
+    def __init__(self, step: int | None, path: Path, *, skipped: bool = False) -> None:
+        what = f"the save of {path}"
+        self.staged = Resolver[None](what)
+        self.committed = Resolver[SaveReport | None](what)
+        self.report = Resolver[CheckpointReport](what, report_unseen=False)  # once: committed
+        self.handle = SaveHandle(
+            step, path, Outcome(self.staged), Outcome(self.committed), Outcome(self.report),
+            skipped,
+        )  # fmt: skip
+
+    def finish(self, outcome: CheckpointReport | BaseException) -> None:
+        """Settle ``committed`` and ``report`` with the save's report or its error."""
+        if isinstance(outcome, BaseException):
+            self.committed.fail(outcome)
+            self.report.fail(outcome)
+        else:
+            self.committed.set(outcome.save)
+            self.report.set(outcome)
+
+    def abandon(self) -> None:
+        """Settle what is still open after the save was cancelled (logged nowhere: the
+        cancellation was the owner's doing); a no-op once settled."""
+        error = PersistenceError(
+            f"the save of {self.handle.path} was cancelled (with the task group running it) "
+            "before it was reported committed; nothing half-written is visible",
+            path=self.handle.path,
+        )
+        self.staged.fail(error, seen=True)
+        self.committed.fail(error, seen=True)
+        self.report.fail(error, seen=True)
+
+
+def settled_handle(report: CheckpointReport) -> SaveHandle:
+    """A handle settled already with ``report`` (a ``Checkpointer``'s skipped step)."""
+    settler = Settler(report.step, report.path, skipped=report.skipped)
+    settler.staged.set(None)
+    settler.finish(report)
+    return settler.handle

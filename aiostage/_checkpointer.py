@@ -10,11 +10,11 @@ committed. See ``docs/checkpointer.md``.
 from __future__ import annotations
 
 import logging
-import re
 import time
 import uuid
 import warnings
-from pathlib import Path
+from datetime import timedelta
+from pathlib import Path, PurePath
 from types import TracebackType
 from typing import Any, Literal
 
@@ -23,29 +23,29 @@ import anyio.abc
 import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ._async_save import CheckpointReport, Job, SaveHandle, finish_job, persist_job, stage_job
+from ._async_save import (
+    CheckpointReport,
+    Job,
+    SaveHandle,
+    Settler,
+    finish_job,
+    persist_job,
+    settled_handle,
+    stage_job,
+)
 from ._core import dist
-from ._format.codec import MANIFEST
+from ._core.timeouts import DEFAULT_TIMEOUT, seconds
+from ._format.codec import STEP_NAME, step_name
 from ._replication.stager import ReplicationStager
 from ._staging import AsyncStager, DefaultStager, StagingOptions
-from ._storage import localfs
+from ._storage.locate import PathLike, locate
 from ._storage.reader import load
-from ._storage.save import PathLike
 from .errors import AiostageWarning, CheckpointNotFound, ClosedError, UsageError
 
 __all__ = ["Checkpointer", "step_name"]
 
-STEP = re.compile(r"^step_(\d{9,})$")
-
 
 _log = logging.getLogger("aiostage")
-
-
-def step_name(step: int) -> str:
-    """The directory name of ``step`` (``step_000000100``): names sort in step order."""
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    return f"step_{step:09d}"
 
 
 class Checkpointer:
@@ -64,6 +64,10 @@ class Checkpointer:
     ``save`` and at ``aclose`` unless its handle already delivered it; ``aclose`` waits for saves
     in flight. With ``pg`` (gloo; every rank of the default group enters the Checkpointer, as it
     creates private groups), ``root`` must be shared by the ranks; group rank 0 deletes old steps.
+    ``timeout`` (seconds or ``timedelta``, default 600) is the longest any one wait for another
+    rank may take (a collective, a send or a receive); past it that save fails
+    (``CheckpointWriteError``, or ``ReplicationTimeout`` from the replication). Raises
+    ``ValueError`` for a bad ``keep_last``, ``max_in_flight``, ``on_busy`` or ``timeout``.
     """
 
     def __init__(
@@ -76,7 +80,7 @@ class Checkpointer:
         replicate: bool = False,
         max_in_flight: int = 1,
         on_busy: Literal["wait", "skip"] = "wait",
-        pg_timeout: float = 600.0,
+        timeout: float | timedelta = DEFAULT_TIMEOUT,
     ) -> None:
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"keep_last must be at least 1 (or None: keep all), got {keep_last}")
@@ -84,9 +88,9 @@ class Checkpointer:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         if on_busy not in ("wait", "skip"):
             raise ValueError(f'on_busy must be "wait" or "skip", got {on_busy!r}')
-        self.root = Path(root)
+        self._storage, self.root = locate(root)
         self.keep_last, self.max_in_flight, self.on_busy = keep_last, max_in_flight, on_busy
-        self._pg, self._replicate, self._pg_timeout = pg, replicate, pg_timeout
+        self._pg, self._replicate, self._timeout = pg, replicate, seconds(timeout)
         self._own_stager = stager is None
         self._stager = stager or DefaultStager(StagingOptions(pool_size=max_in_flight))
         self._rank, self._world = dist.rank_and_size(pg) if pg is not None else (0, 1)
@@ -96,7 +100,7 @@ class Checkpointer:
         self._slots = anyio.Semaphore(max_in_flight)
         self._send: MemoryObjectSendStream[Job] | None = None
         self._tg: anyio.abc.TaskGroup | None = None
-        self._failed: list[SaveHandle] = []
+        self._failed: list[Settler] = []
         self._steps: list[int] = []
         self._state = "new"
 
@@ -111,12 +115,12 @@ class Checkpointer:
             if self.on_busy == "skip":
                 self._fg = await dist.private_group(self._pg)
         if self._replicate:
-            self._repl = ReplicationStager(self._bg, timeout=self._pg_timeout)
+            self._repl = ReplicationStager(self._bg, timeout=self._timeout)
         if self._rank == 0:
-            stuck: list[tuple[Path, OSError]] = []
+            stuck: list[tuple[PurePath, OSError]] = []
             try:
-                await localfs.make_parents(self.root)
-                await anyio.to_thread.run_sync(localfs.sweep_now, self.root, MANIFEST, stuck)
+                await self._storage.make_root(self.root)
+                await self._storage.sweep(self.root, lambda path, e: stuck.append((path, e)))
             except OSError as exc:
                 self._state = "closed"
                 raise UsageError(
@@ -183,7 +187,7 @@ class Checkpointer:
         if await self._busy():
             return _skipped(step, path, began)
         meta = {**(metadata or {}), "step": step}
-        job = Job(SaveHandle(step, path), None, self._stager, meta, began)
+        job = Job(Settler(step, path), None, self._stager, meta, began)
         await self._slots.acquire()
         job.wait = time.perf_counter() - began
         try:
@@ -217,7 +221,7 @@ class Checkpointer:
         if self._fg is None:
             return bool(mine)
         rows = await dist.all_gather_ints(
-            self._fg, [mine], pg_timeout=self._pg_timeout, what="Checkpointer skip agreement"
+            self._fg, [mine], pg_timeout=self._timeout, what="Checkpointer skip agreement"
         )
         return any(r[0] for r in rows)
 
@@ -227,10 +231,10 @@ class Checkpointer:
             async for job in receive:
                 try:
                     report = await persist_job(
-                        job, pg=self._bg, replicate=self._repl, pg_timeout=self._pg_timeout
+                        job, pg=self._bg, replication=self._repl, pg_timeout=self._timeout
                     )
                 except Exception as exc:
-                    self._failed.append(job.handle)
+                    self._failed.append(job.settler)
                     finish_job(job, exc)
                 else:
                     self._committed(job.handle.step)
@@ -238,12 +242,13 @@ class Checkpointer:
                     finish_job(job, report)  # committed, whether retention worked or not
                 finally:
                     self._slots.release()
+                    job.settler.abandon()  # cancelled: settle the handle for its other waiters
 
     def _raise_failure(self) -> None:
         """Raise the first background failure that no ``await handle.committed`` delivered."""
         failed, self._failed = self._failed, []
-        for handle in failed:
-            error = handle.committed.unseen_error()
+        for settler in failed:
+            error = settler.committed.unseen_error()
             if error is not None:
                 raise error
 
@@ -263,7 +268,7 @@ class Checkpointer:
             for step in old:
                 path = self.root / step_name(step)
                 try:
-                    await localfs.retire(path, uuid.uuid4().hex)
+                    await self._storage.delete(path, uuid.uuid4().hex)
                 except OSError as exc:
                     _log.warning(
                         "retention could not delete %s (%s); the newer checkpoints are "
@@ -274,11 +279,11 @@ class Checkpointer:
     async def _scan(self, *, warn: bool = False) -> list[int]:
         """The committed steps in ``root``; warn about what is not a checkpoint."""
         steps = []
-        for name, kind in await localfs.scan_dir(self.root, MANIFEST):
-            m = STEP.match(name)
+        for name, kind in await self._storage.scan(self.root):
+            m = STEP_NAME.match(name)
             if m and kind == "checkpoint":
-                steps.append(int(m[1]))
-            elif warn and not localfs.TEMP_NAME.match(name):
+                steps.append(int(m["step"]))
+            elif warn:
                 what = "an incomplete checkpoint" if m and kind in ("other", "empty") else kind
                 warnings.warn(
                     f"{self.root / name}: ignored by the Checkpointer ({what}, not a committed "
@@ -319,9 +324,5 @@ class Checkpointer:
 
 
 def _skipped(step: int, path: Path, began: float) -> SaveHandle:
-    handle = SaveHandle(step, path, skipped=True)
     stall = time.perf_counter() - began
-    handle.staged.set(None)
-    handle.committed.set(None)
-    handle.report.set(CheckpointReport(step, path, True, stall, 0, 0, 0, 0, stall, 0, None))
-    return handle
+    return settled_handle(CheckpointReport(step, path, True, stall, 0, 0, 0, 0, stall, 0, None))

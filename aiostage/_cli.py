@@ -7,40 +7,38 @@ chunk, reporting its progress in bytes.
 
 from __future__ import annotations
 
-import contextlib
 import errno
+import functools
 import json
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import anyio
-import anyio.to_thread
 import torch
-import xxhash
 
 from ._core.dtypes import ST_DTYPES
 from ._core.tree import KeyPath, MapNode, Node, SeqNode, Value, flatten, key_str
-from ._format.codec import MANIFEST, FileInfo, Header, Manifest, decode_manifest
-from ._storage import localfs, reader
-from ._storage.reader import load, read_manifest
-from .errors import CheckpointCorrupt, UsageError
+from ._format.codec import MANIFEST, STEP_NAME, FileInfo, Header, Manifest
+from ._storage import localfs
+from ._storage.backend import Leftover, Storage
+from ._storage.digests import entry_keys, hash_entries
+from ._storage.local import LOCAL
+from ._storage.locate import locate
+from ._storage.reader import load, read_header, read_manifest
+from .errors import CheckpointCorrupt, CheckpointNotFound, UsageError
 
 __all__ = [
     "Found",
     "RankFile",
+    "checkpoint_manifest",
     "export",
     "read_checkpoint",
     "scan",
     "verify",
 ]
 
-#: the step directories ``Checkpointer`` names ``f"step_{step:09d}"``
-STEP_NAME = re.compile(r"^step_(?P<step>\d+)$")
-_CHUNK = 16 << 20
 #: called with a number of bytes just processed
 Progress = Callable[[int], None]
 
@@ -67,72 +65,58 @@ class Found:
 async def scan(root: Path) -> list[Found]:
     """The checkpoints in ``root`` (and ``root`` itself if it is one), sorted by step.
 
-    Lists step directories whatever their state, temporaries of interrupted saves, and any other
-    subdirectory holding a manifest. Blocks a worker thread; raises ``OSError`` for a missing
-    or unreadable ``root``.
+    Lists step directories whatever their state, leftovers of interrupted saves, and any other
+    entry holding a manifest. Raises ``OSError`` for a missing or unreadable ``root``.
     """
-    return await anyio.to_thread.run_sync(_scan, root)
-
-
-def _scan(root: Path) -> list[Found]:
-    if not root.is_dir():
-        err = errno.ENOTDIR if root.exists() else errno.ENOENT
-        raise OSError(err, os.strerror(err), str(root))
-    found = [_describe(root, root.resolve().name, None)] if (root / MANIFEST).exists() else []
-    for child in sorted(root.iterdir()):
-        if not child.is_dir() or child.is_symlink():
+    storage, where = locate(root)
+    kind = await storage.kind(where)
+    if kind == "absent":
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(root))
+    found = [await _describe(storage, where, where.resolve().name)] if kind == "checkpoint" else []
+    for name, kind in await storage.scan(where, leftovers=True):
+        left = storage.leftover(name)
+        if kind == "file" or not (left or STEP_NAME.match(name) or kind == "checkpoint"):
             continue
-        tmp = localfs.TEMP_NAME.match(child.name)
-        if tmp or STEP_NAME.match(child.name) or (child / MANIFEST).exists():
-            try:
-                found.append(_describe(child, tmp["name"] if tmp else child.name, tmp))
-            except FileNotFoundError:
-                continue  # it went while we looked: a save committed or a sweep removed it
+        try:
+            found.append(await _describe(storage, where / name, left.name if left else name, left))
+        except FileNotFoundError:
+            continue  # it went while we looked: a save committed or a sweep removed it
     return sorted(found, key=lambda f: (f.step is None, f.step or 0, f.path.name))
 
 
-def _describe(path: Path, name: str, tmp: re.Match[str] | None) -> Found:
+async def _describe(storage: Storage, path: Path, name: str, left: Leftover | None = None) -> Found:
     step_match = STEP_NAME.match(name)
     step = int(step_match["step"]) if step_match else None
-    size, mtime = _tree_size(path)
-    if tmp is not None:
-        why = "an interrupted overwrite" if tmp["kind"] == "old" else "an interrupted save"
+    size, mtime = await storage.usage(path)
+    if left is not None:
+        why = (
+            "an interrupted overwrite" if left.interrupted == "overwrite" else "an interrupted save"
+        )
         note = f"left by {why} of {name}; aiostage.sweep removes it"
         return Found(path, step, "incomplete", size, mtime, note)
-    status, note = _manifest_status(path)
+    status, note = await _manifest_status(storage, path)
     if status != "incomplete":
-        mtime = (path / MANIFEST).stat().st_mtime
+        mtime = (await storage.usage(path / MANIFEST))[1]
     return Found(path, step, status, size, mtime, note)
 
 
-def _manifest_status(path: Path) -> tuple[str, str]:
+async def _manifest_status(storage: Storage, path: Path) -> tuple[str, str]:
     """("committed" | "incomplete" | "corrupt", why) from the manifest and the file sizes."""
     try:
-        raw = (path / MANIFEST).read_bytes()
-    except FileNotFoundError:
+        manifest = await read_manifest(storage, path)
+    except CheckpointNotFound:
         return "incomplete", f"no {MANIFEST}"
-    try:
-        manifest = decode_manifest(raw, str(path / MANIFEST))
     except CheckpointCorrupt as exc:
         return "corrupt", str(exc)
     for info in manifest.files:
         file = path / info.name
-        size = file.stat().st_size if file.exists() else None
-        if size is None:
+        try:
+            size = await storage.size(file)
+        except FileNotFoundError:
             return "corrupt", f"{file}: listed in the manifest but missing"
         if size != info.size:
             return "corrupt", f"{file}: {size} bytes on disk, the manifest says {info.size}"
     return "committed", ""
-
-
-def _tree_size(path: Path) -> tuple[int, float]:
-    """Bytes of the files under ``path`` and the latest modification time found."""
-    size, mtime = 0, path.stat().st_mtime
-    for folder, _, names in os.walk(path):
-        for name in names:
-            st = os.stat(os.path.join(folder, name), follow_symlinks=False)
-            size, mtime = size + st.st_size, max(mtime, st.st_mtime)
-    return size, mtime
 
 
 # ---------------------------------------------------------------- inspect
@@ -155,16 +139,23 @@ async def read_checkpoint(path: Path) -> tuple[Manifest, list[RankFile]]:
     Raises ``CheckpointNotFound`` (no manifest), ``CheckpointCorrupt`` naming the file (sizes,
     header checksum or header contents that do not match) and ``PersistenceError`` (unreadable).
     """
-    manifest = await read_manifest(path)
+    storage, where = locate(path)
+    manifest = await read_manifest(storage, where)
     return manifest, [
-        await read_header(path, info, rank) for rank, info in enumerate(manifest.files)
+        await _read_header(storage, where, info, rank) for rank, info in enumerate(manifest.files)
     ]
 
 
-async def read_header(directory: Path, info: FileInfo, rank: int) -> RankFile:
+async def checkpoint_manifest(path: Path) -> Manifest:
+    """The validated manifest of the checkpoint at ``path`` (``CheckpointNotFound``,
+    ``CheckpointCorrupt``)."""
+    return await read_manifest(*locate(path))
+
+
+async def _read_header(storage: Storage, directory: Path, info: FileInfo, rank: int) -> RankFile:
     """Read and check the header of ``directory/info.name`` against the manifest's ``info``."""
     file = directory / info.name
-    header, root, paths = await reader.read_header(file, info, True, rank)
+    header, root, paths = await read_header(storage, file, info, True, rank)
     return RankFile(file, info.size, header, root, paths)
 
 
@@ -179,52 +170,29 @@ async def verify(path: Path, progress: Progress) -> tuple[list[RankFile], list[C
     calling ``progress`` with the bytes done. Raises ``CheckpointNotFound`` (no manifest) and
     ``CheckpointCorrupt`` (a manifest that cannot be decoded).
     """
-    manifest = await read_manifest(path)
+    storage, where = locate(path)
+    manifest = await read_manifest(storage, where)
     files: list[RankFile] = []
     problems: list[CheckpointCorrupt] = []
     for rank, info in enumerate(manifest.files):
         try:
-            rf = await read_header(path, info, rank)
+            rf = await _read_header(storage, where, info, rank)
         except CheckpointCorrupt as exc:
             problems.append(exc)
             continue
         files.append(rf)
-        digests = await _hash_entries(rf, progress)
+        data = (await storage.map(rf.path, rf.size))[rf.size - rf.header.data_bytes :]
+        digests = await hash_entries(data, rf.header, progress=progress)
         problems += _mismatches(rf, digests)
     return files, problems
 
 
-async def _hash_entries(rf: RankFile, progress: Progress) -> list[int]:
-    """xxh3_64 of each entry's bytes, hashed chunk by chunk in worker threads."""
-    entries = rf.header.entries
-    start = rf.size - rf.header.data_bytes
-    hashes = [xxhash.xxh3_64() for _ in entries]
-    order = sorted(range(len(entries)), key=lambda i: entries[i].begin)
-    lengths = [entries[i].end - entries[i].begin for i in order]
-    mapping = await localfs.map_private(rf.path, rf.size)
-    try:
-        with memoryview(mapping) as data:
-            for pieces in localfs.cut(lengths, _CHUNK):
-                spans = [(order[s], start + entries[order[s]].begin + at, n) for s, at, n in pieces]
-                await anyio.to_thread.run_sync(_hash, data, spans, hashes)
-                progress(sum(n for _, _, n in spans))
-    finally:
-        with contextlib.suppress(BufferError):  # a cancelled hash still holds a view
-            mapping.close()
-    return [h.intdigest() for h in hashes]
-
-
-def _hash(data: memoryview, spans: list[tuple[int, int, int]], hashes: list[Any]) -> None:
-    for index, begin, n in spans:
-        hashes[index].update(data[begin : begin + n])
-
-
-def _mismatches(rf: RankFile, digests: list[int]) -> list[CheckpointCorrupt]:
+def _mismatches(rf: RankFile, digests: dict[int, int]) -> list[CheckpointCorrupt]:
     out = []
     header = rf.header
-    for i, (want, got) in enumerate(zip(header.checksums, digests, strict=True)):
-        if want != got:
-            keys = [key_str(rf.paths[t]) for t, r in enumerate(header.records) if r.entry == i]
+    for i, want in enumerate(header.checksums):
+        if want != digests[i]:
+            keys = entry_keys(header, rf.paths, i)
             what = f"tensor {', '.join(keys)}" if keys else f"entry {header.entries[i].name}"
             out.append(
                 CheckpointCorrupt(
@@ -249,9 +217,10 @@ async def export(path: Path, fmt: str, out: Path, progress: Progress) -> int:
     a tensor safetensors cannot hold), the first ``CheckpointCorrupt`` found, and what
     ``aiostage.load`` raises.
     """
-    if await anyio.Path(out).exists():
+    storage, where = locate(path)
+    if await LOCAL.kind(out) != "absent":
         raise UsageError(f"{out} exists; remove it or choose another output path")
-    manifest = await read_manifest(path)
+    manifest = await read_manifest(storage, where)
     if manifest.world_size != 1:
         raise UsageError(
             f"{path} was saved by {manifest.world_size} ranks; export writes single-rank "
@@ -263,13 +232,10 @@ async def export(path: Path, fmt: str, out: Path, progress: Progress) -> int:
     if problems:
         raise problems[0]
     state = await load(path, verify=False)
-    tmp = out.with_name(f".{out.name}.partial")
     try:
-        await anyio.to_thread.run_sync(write, state, manifest.metadata, tmp)
-        await anyio.to_thread.run_sync(os.replace, tmp, out)
-    finally:
-        await anyio.to_thread.run_sync(lambda: tmp.unlink(missing_ok=True))
-    return await localfs.file_size(out)
+        return await localfs.publish_file(out, functools.partial(write, state, manifest.metadata))
+    except FileExistsError as exc:
+        raise UsageError(f"{out} appeared while exporting; nothing was replaced") from exc
 
 
 def _writer(fmt: str) -> Callable[[Any, dict[str, Any], Path], None]:

@@ -4,15 +4,15 @@
 
     AiostageError(Exception)                  root of every deliberate raise
     ├── StagingError                          a leaf could not be staged (names the key path)
-    │   └── LeaseTimeout(…, TimeoutError)     every pooled staged copy stayed leased too long
+    │   ├── LeaseTimeout(…, TimeoutError)     every pooled staged copy stayed leased too long
+    │   └── UnsupportedValueError(…, TypeError) a value the format cannot store or send (names the key)
     ├── UsageError(…, RuntimeError)           the object was used in a way it cannot serve
     │   └── ClosedError                       used after ``aclose()``
     ├── PersistenceError                      a checkpoint could not be written or read (names the path)
     │   ├── CheckpointNotFound(…, LookupError) no committed checkpoint (no manifest) at the path
     │   ├── CheckpointCorrupt                 a file, header or tensor failed validation (names file, key)
     │   ├── CheckpointWriteError              an OS error while writing; nothing was committed
-    │   ├── StateDictMismatch(…, ValueError)  a load target differs in keys, shapes or dtypes
-    │   └── UnsupportedValueError(…, TypeError) a leaf the format cannot store (names the key)
+    │   └── StateDictMismatch(…, ValueError)  a load target differs in keys, shapes or dtypes
     └── ReplicationError                      an exchange with a peer failed (names peer rank, phase)
         └── ReplicationTimeout(…, TimeoutError) the exchange ran past its timeout; the group is broken
 
@@ -104,12 +104,9 @@ class StateDictMismatch(PersistenceError, ValueError):
         self.problems = list(problems or [])
 
 
-class UnsupportedValueError(PersistenceError, TypeError):
-    """A leaf the checkpoint format cannot store without pickle; ``key`` names it."""
-
-    def __init__(self, message: str, *, key: str | None = None) -> None:
-        super().__init__(f"{key}: {message}" if key else message)
-        self.key = key
+class UnsupportedValueError(StagingError, TypeError):
+    """A value the checkpoint format cannot store (or replication send) without pickle; ``key``
+    names it. Raised while the state dict (or ``metadata``) is walked, before any copy or I/O."""
 
 
 class ReplicationError(AiostageError):

@@ -59,7 +59,7 @@ async def trainer(args: argparse.Namespace, world: int) -> dict[str, Any]:
             await anyio.to_thread.run_sync(train_step, model, opt, step)
             if step % args.every == 0:  # staged, then sent while training goes on
                 publications.append(await pub.submit(model.state_dict(), step))
-        reports = [await p.wait() for p in publications]
+        reports = [await p.report for p in publications]
     rows = []
     for r in reports:
         sent = {peer: (d.status, d.seconds) for peer, d in r.deliveries.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import pathlib
@@ -169,27 +170,82 @@ async def test_misuse_gets_clear_errors(tmp_path: pathlib.Path) -> None:
 async def test_async_save_returns_after_staging(tmp_path: pathlib.Path) -> None:
     sd = state(3)
     expected = clone(sd)
-    handle = await aiostage.async_save(sd, tmp_path / "one", metadata={"k": 1})
-    assert handle.staged.done()
-    sd["model"]["w"].zero_()  # type: ignore[index]
-    report = await handle.committed
-    assert report is not None
-    assert report.bytes_written > 0
-    assert (await handle.report).stage_bytes > 0
+    async with anyio.create_task_group() as tg:
+        handle = await aiostage.async_save(sd, tmp_path / "one", task_group=tg, metadata={"k": 1})
+        assert handle.staged.done()
+        sd["model"]["w"].zero_()  # type: ignore[index]
+        report = await handle.committed
+        assert report is not None
+        assert report.bytes_written > 0
+        assert (await handle.report).stage_bytes > 0
     assert_state_dict_equal(await aiostage.load(tmp_path / "one"), expected)
-    async with aiostage.DefaultStager() as stager:
-        handle = await aiostage.async_save(sd, tmp_path / "two", stager=stager)
+    async with aiostage.DefaultStager() as stager, anyio.create_task_group() as tg:
+        handle = await aiostage.async_save(sd, tmp_path / "two", task_group=tg, stager=stager)
         await handle.committed
         assert stager.statistics().leased == 0
 
 
+async def test_leaving_the_task_group_waits_for_the_save(tmp_path: pathlib.Path) -> None:
+    async with anyio.create_task_group() as tg:
+        handle = await aiostage.async_save(state(4), tmp_path / "one", task_group=tg)
+    assert handle.done()
+    assert (await handle.committed) is not None
+    assert_state_dict_equal(await aiostage.load(tmp_path / "one"), state(4))
+
+
 async def test_async_save_failure_is_raised_by_committed(tmp_path: pathlib.Path) -> None:
-    handle = await aiostage.async_save({"x": object()}, tmp_path / "bad")
+    async with anyio.create_task_group() as tg:  # a failed save does not fail the group
+        handle = await aiostage.async_save({"x": object()}, tmp_path / "bad", task_group=tg)
     with pytest.raises(UnsupportedValueError):
         await handle.committed
     with pytest.raises(UnsupportedValueError):
         await handle.report
     assert not (tmp_path / "bad").exists()
+
+
+async def test_an_async_save_error_nobody_awaits_is_logged(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="aiostage"):
+        async with anyio.create_task_group() as tg:
+            await aiostage.async_save({"x": object()}, tmp_path / "lost", task_group=tg)
+        gc.collect()
+        assert "nobody awaited it" in caplog.text
+        assert "UnsupportedValueError" in caplog.text
+        caplog.clear()
+        async with anyio.create_task_group() as tg:
+            handle = await aiostage.async_save({"x": object()}, tmp_path / "seen", task_group=tg)
+        with pytest.raises(UnsupportedValueError):
+            await handle.committed
+        del handle
+        gc.collect()
+        assert "nobody awaited" not in caplog.text
+
+
+async def test_a_cancelled_async_save_settles_its_handle(tmp_path: pathlib.Path) -> None:
+    async with anyio.create_task_group() as tg:
+        handle = await aiostage.async_save(state(5), tmp_path / "gone", task_group=tg)
+        tg.cancel_scope.cancel()
+    assert handle.done()
+    with pytest.raises(aiostage.errors.PersistenceError, match="cancelled"):
+        await handle.committed
+    assert not (tmp_path / "gone").exists()
+    with pytest.raises(RuntimeError, match="not active"):
+        await aiostage.async_save(state(5), tmp_path / "late", task_group=tg)
+
+
+async def test_a_handle_cannot_be_settled_by_its_caller(tmp_path: pathlib.Path) -> None:
+    async with aiostage.Checkpointer(tmp_path) as ckpt:
+        handle = await ckpt.save(1, state(1))
+        for name in ("staged", "committed", "report"):
+            outcome = getattr(handle, name)
+            assert isinstance(outcome, aiostage.Outcome)
+            assert not {"set", "fail", "unseen_error"} & set(dir(outcome))
+        with pytest.raises(AttributeError):
+            handle.step = 2  # type: ignore[misc]
+        await handle.committed
+        assert handle.done()
+        assert "done" in repr(handle.committed)
 
 
 async def test_the_body_error_is_not_masked_by_a_background_failure(
@@ -257,7 +313,7 @@ CHILD = r"""
 import os, signal, sys
 import anyio, torch
 import aiostage
-from aiostage._storage import writer as _writer
+from aiostage._storage import localfs
 
 def state(step):
     return {"w": torch.full((1 << 20,), float(step)), "step": step}
@@ -272,7 +328,7 @@ async def main(root):
                 writes.append(n)
                 if len(writes) == 2:
                     os.kill(os.getpid(), signal.SIGKILL)
-        _writer.write_hooks.append(kill_mid_file)
+        localfs.write_hooks.append(kill_mid_file)
         await (await ckpt.save(3, state(3))).committed
 
 anyio.run(main, sys.argv[1])

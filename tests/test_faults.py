@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import aiostage
-from aiostage._storage import writer
+from aiostage._storage import localfs
 from aiostage.errors import CheckpointCorrupt, CheckpointWriteError
 from aiostage.testing import FaultyWrites, LoopLag, assert_state_dict_equal
 
@@ -69,7 +69,7 @@ async def test_every_write_from_the_nth_fails_with_times_none(tmp_path: Path) ->
             with pytest.raises(CheckpointWriteError):
                 await aiostage.save(make_sd(), tmp_path / name)
     assert len(faults.injected) == 2
-    assert writer.write_hooks == []
+    assert localfs.write_hooks == []
     await aiostage.save(make_sd(), tmp_path / "c")  # inactive after the block
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from aiostage._storage import writer
+from aiostage._storage import localfs
 from aiostage.testing import FaultyWrites, WorldError, WorldRunner
 
 pytest_plugins = ["pytester"]
@@ -24,11 +24,11 @@ def rank_that_fails(rank: int, world_size: int) -> int:
 
 
 def test_aiostage_faults_is_active_and_removed_at_teardown(aiostage_faults: FaultyWrites) -> None:
-    assert writer.write_hooks == [aiostage_faults]
+    assert localfs.write_hooks == [aiostage_faults]
 
 
 def test_no_fault_outlives_its_test() -> None:
-    assert writer.write_hooks == []
+    assert localfs.write_hooks == []
 
 
 @pytest.mark.distributed

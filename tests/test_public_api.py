@@ -114,7 +114,12 @@ WORLDS = {
 #: (the channel's own transport), and the test kit (spawned worlds, fault injection)
 NOT_USERS = {
     "torch.distributed": {"_core/tree.py", "_train_state.py", "testing/_world.py"},
-    "the file system": {"__main__.py", "_channel/shm.py", "testing/_world.py", "testing/_faults.py"},
+    "the file system": {
+        "__main__.py",
+        "_channel/shm.py",
+        "testing/_world.py",
+        "testing/_faults.py",
+    },
     "CUDA": set(),
 }
 

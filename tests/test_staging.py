@@ -364,14 +364,48 @@ async def test_reference_cycle_is_an_error(stager: aiostage.DefaultStager) -> No
 def test_options_are_validated() -> None:
     with pytest.raises(ValueError, match="pool_size"):
         aiostage.StagingOptions(pool_size=0)
-    with pytest.raises(ValueError, match="poll intervals"):
-        aiostage.StagingOptions(poll_min_interval=0.01, poll_max_interval=0.001)
     with pytest.raises(ValueError, match="chunk_bytes"):
         aiostage.StagingOptions(chunk_bytes=10)
 
 
-def test_default_stager_is_an_async_stager() -> None:
-    assert isinstance(aiostage.DefaultStager(), aiostage.AsyncStager)
+async def test_default_stager_is_an_async_stager() -> None:
+    """Used only through the protocol: ``stage`` gives a copy that later changes never reach,
+    ``release`` hands its buffer back for the next ``stage``, ``aclose`` ends it (twice too)."""
+    sd: dict[str, Any] = {"w": torch.randn(4, 3), "nested": [torch.arange(5)], "step": 7}
+    one = aiostage.StagingOptions(pool_size=1, lease_timeout=5)
+    stager: aiostage.AsyncStager = aiostage.DefaultStager(one)
+    assert isinstance(stager, aiostage.AsyncStager)
+    async with stager as entered:
+        assert entered is stager
+        copy = await stager.stage(sd)
+        assert_staged_like(sd, copy)
+        sd["w"].add_(1)
+        assert not torch.equal(copy["w"], sd["w"])
+        stager.release(copy)
+        again = await stager.stage(sd)  # one buffer: this returns only because of the release
+        assert_staged_like(sd, again)
+        assert same_storage(again["w"], copy["w"])
+        stager.release(again)
+    await stager.aclose()
+    with pytest.raises(ClosedError):
+        await stager.stage(sd)
+    assert not isinstance(_NoRelease(), aiostage.AsyncStager)  # missing a method: refused
+
+
+class _NoRelease:
+    """Stages, but never hands a copy back: not an ``AsyncStager``."""
+
+    async def stage(self, state_dict: Any) -> Any:
+        return state_dict
+
+    async def aclose(self) -> None:
+        pass
+
+    async def __aenter__(self) -> Any:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        pass
 
 
 # ---------------------------------------------------------------- leases and lifecycle

@@ -1,10 +1,13 @@
-"""Transport and frames without a world: partners, message plans, header checks, local round trips."""
+"""Transport and frames without a world: partners, message plans, header checks, local round
+trips, and the stager's parts (planned frames, held buffers, the guard, the replica writes)."""
 
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import torch
 from hypothesis import given
@@ -12,10 +15,29 @@ from hypothesis import strategies as st
 
 import aiostage
 from aiostage._format.codec import encode_header
-from aiostage._replication.frames import outgoing, rebuild
+from aiostage._replication import frames
+from aiostage._replication.frames import (
+    Frame,
+    NeedsStaging,
+    Planned,
+    frame_sources,
+    plan_cpu_frame,
+    plan_frame,
+    rebuild,
+)
+from aiostage._replication.guard import Breaker
+from aiostage._replication.held import HeldReplicas
+from aiostage._replication.persist import ReplicaWrites
+from aiostage._replication.receive import ReceiveBuffers
 from aiostage._replication.transport import partners
-from aiostage._replication.wire import MAGIC, check_head, decode_frame_header, plan_messages
-from aiostage.errors import ReplicationError, ReplicationTimeout
+from aiostage._replication.wire import (
+    MAGIC,
+    check_head,
+    decode_frame_header,
+    entry_digests,
+    plan_messages,
+)
+from aiostage.errors import ReplicationError, ReplicationTimeout, UsageError
 
 
 @pytest.mark.parametrize(
@@ -100,16 +122,21 @@ def test_error_tree() -> None:
     assert str(err) == "peer rank 2, data: late"
 
 
-def _local_trip(sd: Any) -> Any:
-    """Lay ``sd`` out as a frame, put its bytes in one buffer, and rebuild it."""
-    planned = outgoing(sd)
-    assert planned is not None
-    tree, header, sources = planned
+def _landed(planned: Planned) -> Frame:
+    """The frame ``planned`` arrives as: its header re-decoded, its bytes in one buffer."""
+    header = planned.header
     data = torch.zeros(header.data_bytes, dtype=torch.uint8)
-    for e, (src, _pad) in zip(header.entries, sources, strict=True):
+    for e, (src, _pad) in zip(header.entries, planned.sources, strict=True):
         data[e.begin : e.begin + src.numel()] = src
     header = decode_frame_header(encode_header(header), header.data_bytes, len(header.entries), 1)
-    return rebuild(header, data, tree, 1, (0, None))
+    return Frame(header, data, None)
+
+
+def _local_trip(sd: Any) -> Any:
+    """Lay ``sd`` out as a frame, put its bytes in one buffer, and rebuild it."""
+    planned = plan_cpu_frame(sd)
+    frame = _landed(planned)
+    return rebuild(frame.header, frame.data, planned.tree, 1, (0, None))
 
 
 def test_a_frame_rebuilds_with_aliasing_and_values() -> None:
@@ -141,3 +168,134 @@ async def test_without_a_group_stage_is_a_staged_copy() -> None:
 def test_timeout_must_be_positive() -> None:
     with pytest.raises(ValueError, match="timeout"):
         aiostage.ReplicationStager(timeout=0)
+
+
+def test_a_cpu_state_is_planned_in_place_and_a_snapshot_request_needs_staging() -> None:
+    sd: dict[str, Any] = {"w": torch.arange(6.0), "step": 3}
+    planned = plan_frame(sd)
+    assert isinstance(planned, Planned)
+    (src, _), *_ = planned.sources
+    assert src.data_ptr() == sd["w"].data_ptr()  # sent from the tensor's own memory
+    assert [leaf.path for leaf in planned.tree.leaves] == [("w",)]
+    assert isinstance(plan_frame(sd, False), NeedsStaging)
+
+
+def test_a_staged_copy_off_the_cpu_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU-only machine has no other device; stand in for a tensor elsewhere."""
+    monkeypatch.setattr(frames, "plan_frame", lambda state, in_place=True: NeedsStaging())
+    with pytest.raises(ValueError, match="not in CPU memory"):
+        plan_cpu_frame({"w": torch.ones(2)})
+
+
+def test_a_frame_gives_its_entries_as_sources() -> None:
+    frame = _landed(plan_cpu_frame({"a": torch.ones(3), "b": torch.zeros(2, dtype=torch.int64)}))
+    got = frame.sources()
+    assert len(got) == len(frame.header.entries) == 2
+    for (mine, pad), (theirs, _) in zip(got, frame_sources(frame.header, frame.data), strict=True):
+        assert pad == 0
+        assert mine.data_ptr() == theirs.data_ptr()
+        assert mine.numel() == theirs.numel()
+
+
+async def test_receive_buffers_reuse_idle_ones_and_keep_two() -> None:
+    bufs = ReceiveBuffers()
+    a = await bufs.get(64, "receiving")
+    b = await bufs.get(64, "receiving")  # a is busy: a second buffer
+    assert a is not b
+    assert bufs.allocations == 2
+    bufs.hold(a, "latest")
+    bufs.drop(a, "receiving")
+    bufs.drop(b, "receiving")
+    assert await bufs.get(64, "receiving") is b  # idle and the same size: reused
+    bufs.drop(b, "receiving")
+    c = await bufs.get(32, "receiving")  # another size: b (idle) makes room, a is still held
+    assert bufs.allocations == 3
+    assert [d.data_ptr() for d, _ in bufs.held] == [a.data_ptr(), c.data_ptr()]
+    bufs.drop(a, "latest")
+    assert await bufs.get(64, "leased") is a
+
+
+async def test_held_replicas_lease_keep_and_release() -> None:
+    held = HeldReplicas()
+    first = Frame(*_received(await held.receive_into(16)))
+    out = {"x": first.data[:4]}
+    held.lease(out, first)
+    held.keep_latest(first)
+    kept = held.latest
+    assert kept is first
+    second = Frame(*_received(await held.receive_into(16)))
+    assert second.data is not first.data  # first is leased and kept
+    held.unused(second)  # its rebuild failed: its buffer is free again
+    assert await held.receive_into(16) is second.data
+    held.buffers.drop(second.data, "receiving")
+    held.release(out)
+    with pytest.raises(UsageError, match="did not return"):
+        held.release(out)  # twice
+    with pytest.raises(UsageError, match="did not return"):
+        held.release({"x": first.data[:4]})  # never leased
+    third = Frame(*_received(await held.receive_into(16)))
+    held.keep_latest(third)  # first is no longer held by anything
+    latest = held.latest
+    assert latest is third
+    assert {id(d): why for d, why in held.buffers.held}[id(first.data)] == set()
+    held.clear()
+    assert held.latest is None
+    assert held.buffers.held == []
+
+
+def _received(data: torch.Tensor) -> tuple[Any, torch.Tensor, None]:
+    return plan_cpu_frame({"x": torch.zeros(4)}).header, data, None
+
+
+async def test_the_guard_turns_a_timeout_into_a_broken_stager() -> None:
+    breaker = Breaker(rank=3, timeout=0.05)
+    breaker.check()
+    with pytest.raises(ReplicationTimeout, match=r"within 0\.05 s") as caught:
+        async with breaker.guard(1, "exchange"):
+            await anyio.sleep(5)
+    assert (caught.value.peer, caught.value.phase) == (1, "exchange")
+    with pytest.raises(ReplicationError, match=r"broken \(rank 3: exchange failed") as broken:
+        breaker.check()
+    assert broken.value.phase == "broken"
+
+
+async def test_the_guard_names_the_failing_peer_and_phase() -> None:
+    breaker = Breaker(rank=0, timeout=10)
+    with pytest.raises(ReplicationError, match="boom") as caught:
+        async with breaker.guard(1, "recover"):
+            raise OSError("boom")
+    assert (caught.value.peer, caught.value.phase) == (1, "recover")
+    assert isinstance(caught.value.__cause__, OSError)
+    breaker = Breaker(rank=0, timeout=10)
+    with pytest.raises(ReplicationError, match="bad bytes") as caught:
+        async with breaker.guard(1, "exchange"), anyio.create_task_group() as tg:
+            tg.start_soon(_fail, ReplicationError("bad bytes", peer=2, phase="verify"))
+    assert (caught.value.peer, caught.value.phase) == (2, "verify")
+    assert breaker.broken is not None
+
+
+async def _fail(exc: BaseException) -> None:
+    await anyio.lowlevel.checkpoint()
+    raise exc
+
+
+async def test_replica_writes_persist_and_report_a_digest_mismatch(tmp_path: Path) -> None:
+    planned = plan_cpu_frame({"w": torch.arange(8.0)})
+    frame = _landed(planned)
+    good = Frame(frame.header, frame.data, entry_digests(frame.sources()))
+    bufs = ReceiveBuffers()
+    writes = ReplicaWrites(tmp_path / "replica", 1, {"replica_of": 1}, bufs)
+    await writes.check()  # nothing written yet: nothing to report
+    async with anyio.create_task_group() as tg:
+        writes.start(tg, good)
+    await writes.check()
+    back = await aiostage.load(tmp_path / "replica")
+    assert torch.equal(back["w"], torch.arange(8.0))
+    assert await aiostage.load_metadata(tmp_path / "replica") == {"replica_of": 1}
+    bad = Frame(frame.header, frame.data, [d ^ 1 for d in good.digests or ()])
+    async with anyio.create_task_group() as tg:
+        writes.start(tg, bad)
+    with pytest.raises(ReplicationError, match="persisting the replica failed") as caught:
+        await writes.check()
+    assert (caught.value.peer, caught.value.phase) == (1, "verify")
+    assert torch.equal((await aiostage.load(tmp_path / "replica"))["w"], torch.arange(8.0))

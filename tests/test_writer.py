@@ -15,8 +15,6 @@ import torch
 import aiostage
 from aiostage._format.codec import MANIFEST, rank_file
 from aiostage._storage import localfs
-from aiostage._storage.save import save_with
-from aiostage._storage.writer import DurableWriter, WriterOptions
 from aiostage.errors import CheckpointWriteError, UnsupportedValueError
 from aiostage.testing import FaultyWrites
 
@@ -107,19 +105,25 @@ async def test_overwrite_without_atomic_exchange_uses_renames(
 
 
 @pytest.mark.parametrize(
-    "options", [WriterOptions(direct_io=False), WriterOptions(chunk_bytes=4096, buffers=3)]
+    "options",
+    [aiostage.WriteOptions(direct_io=False), aiostage.WriteOptions(chunk_bytes=4096, buffers=3)],
 )
-async def test_writer_options_give_the_same_file(tmp_path: Path, options: WriterOptions) -> None:
+async def test_writer_options_give_the_same_file(
+    tmp_path: Path, options: aiostage.WriteOptions
+) -> None:
     sd = make_sd()
     await aiostage.save(sd, tmp_path / "default")
-    await save_with(DurableWriter(options), sd, tmp_path / "other")
+    await aiostage.save(sd, tmp_path / "other", write_options=options)
     default = (tmp_path / "default" / rank_file(0)).read_bytes()
     assert (tmp_path / "other" / rank_file(0)).read_bytes() == default
 
 
+SMALL_CHUNKS = aiostage.WriteOptions(chunk_bytes=1 << 16)
+
+
 async def count_writes(tmp_path: Path, sd: dict[str, Any]) -> list[tuple[str, int, int]]:
     with FaultyWrites() as probe:  # no rules: it only records the writes
-        await save_with(DurableWriter(WriterOptions(chunk_bytes=1 << 16)), sd, tmp_path / "probe")
+        await aiostage.save(sd, tmp_path / "probe", write_options=SMALL_CHUNKS)
     return probe.writes
 
 
@@ -141,14 +145,13 @@ async def test_a_failed_write_commits_nothing_and_saving_works_again(
         ),
         "manifest": names.index(MANIFEST),
     }[which]
-    writer = DurableWriter(WriterOptions(chunk_bytes=1 << 16))
     with (
         FaultyWrites().fail(k + 1, err),
         pytest.raises(  # its rules count writes from 1
             CheckpointWriteError, match=os.strerror(err)
         ) as info,
     ):
-        await save_with(writer, make_sd(2), root / "ckpt", overwrite=True)
+        await aiostage.save(make_sd(2), root / "ckpt", overwrite=True, write_options=SMALL_CHUNKS)
     cause = info.value.__cause__
     while not isinstance(cause, OSError) and cause is not None:  # a task group keeps its group
         (cause,) = cause.exceptions  # type: ignore[attr-defined]

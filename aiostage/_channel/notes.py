@@ -15,9 +15,7 @@ none needs a thread.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import anyio.to_thread
@@ -43,7 +41,6 @@ __all__ = [
     "READY_TAG",
     "Mailbox",
     "Note",
-    "check_timeout",
     "cpu_group",
     "send_note",
     "transfer",
@@ -162,14 +159,6 @@ async def transfer(
     except RuntimeError as exc:
         what = "sending" if send else "receiving"
         raise ReplicationError(f"{what} failed: {exc}", peer=peer, phase=phase) from exc
-
-
-def check_timeout(timeout: timedelta | float) -> float:
-    """``timeout`` in seconds; ``ValueError`` unless positive and finite."""
-    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
-    if not (seconds > 0 and math.isfinite(seconds)):
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
-    return seconds
 
 
 def cpu_group(pg: Any) -> tuple[Any, int, int]:

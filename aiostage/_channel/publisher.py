@@ -24,6 +24,7 @@ import anyio.lowlevel
 import torch
 
 from .._core.completion import Backoff, wait_until
+from .._core.timeouts import DEFAULT_TIMEOUT, seconds
 from .._replication.transport import Link, send_frame
 from ..errors import ClosedError, ReplicationError, ReplicationTimeout, UsageError
 from .notes import (
@@ -40,11 +41,10 @@ from .notes import (
     READY_TAG,
     Mailbox,
     Note,
-    check_timeout,
     cpu_group,
     send_note,
 )
-from .report import Delivery, Publication, PublishReport
+from .report import Delivery, Publication, PublishReport, Sending
 from .shm import host_token, send_description
 from .versions import Snapshot, Snapshots
 
@@ -75,16 +75,19 @@ class WeightPublisher:
 
     ``async with WeightPublisher(pg, subscribers=[1, 2], timeout=30) as pub:`` then
     ``report = await pub.publish(model.state_dict(), version)``, or ``publication = await
-    pub.submit(...)`` to keep training while it is sent and ``await publication.wait()`` later.
+    pub.submit(...)`` to keep training while it is sent and ``await publication.report`` later.
     Versions must increase. Each subscriber gets the latest version it does not hold, when it
     asks (a busy one skips versions); all are sent concurrently, each under ``timeout``. A
     subscriber that dies or does not answer in time is dropped (``report.deliveries[rank]``
     holds the ``ReplicationError``) without delaying the others beyond ``timeout``, and is
     re-admitted when it asks again. ``pg`` must move CPU tensors (gloo); ``None``: the default
-    group. ``verify=False`` (on the subscribers too) skips per-entry checksums.
+    group. ``verify=False`` (on the subscribers too) skips per-entry checksums. ``timeout``
+    (seconds or ``timedelta``, default 600) is the longest any one wait for another rank may
+    take (a send, or a subscriber's request for a version it lacks); past it that subscriber is
+    dropped (``ReplicationTimeout``).
 
     Blocks on nothing. Raises ``UsageError`` for a bad group or subscriber list, ``ValueError``
-    for a version that does not increase, ``ClosedError`` after ``aclose``.
+    for a bad ``timeout`` or a version that does not increase, ``ClosedError`` after ``aclose``.
     """
 
     def __init__(
@@ -92,11 +95,11 @@ class WeightPublisher:
         pg: Any = None,
         subscribers: Sequence[int] = (),
         *,
-        timeout: timedelta | float = timedelta(minutes=5),
+        timeout: float | timedelta = DEFAULT_TIMEOUT,
         verify: bool = True,
         shared_memory: bool = False,
     ) -> None:
-        self._timeout = check_timeout(timeout)
+        self._timeout = seconds(timeout)
         self._pg, self._rank, world = cpu_group(pg)
         ranks = list(subscribers)
         if len(set(ranks)) != len(ranks) or any(
@@ -119,7 +122,7 @@ class WeightPublisher:
         self._latest: Snapshot | None = None
         self._seq = 0
         self._last_version: int | None = None
-        self._pending: list[Publication] = []
+        self._pending: list[Sending] = []
         self._lock = anyio.Lock()
         self._tg: anyio.abc.TaskGroup | None = None
         self._closing = self._closed = False
@@ -158,11 +161,11 @@ class WeightPublisher:
         """Stage ``state_dict`` as ``version``, send it, and return the report once every
         subscriber has an outcome; see ``submit`` for what it raises."""
         publication = await self.submit(state_dict, version)
-        return await publication.wait()
+        return await publication.report
 
     async def submit(self, state_dict: Any, version: int) -> Publication:
         """Stage ``state_dict`` as ``version`` and return once it is staged (the caller may then
-        change its tensors); it is sent in the background: ``await publication.wait()``.
+        change its tensors); it is sent in the background: ``await publication.report``.
 
         Waits for the copy, and for a free buffer while two versions are still being sent.
         Raises ``ValueError`` when ``version`` does not increase, ``UsageError`` outside
@@ -183,22 +186,20 @@ class WeightPublisher:
         old, self._latest = self._latest, snap
         if old is not None:
             self._maybe_release(old)
-        publication = Publication(
-            version, snap.seq, frozenset(self._peers), took, snap.header.data_bytes
-        )
+        sending = Sending(version, snap.seq, frozenset(self._peers), took, snap.header.data_bytes)
         for peer in self._peers.values():
             if peer.state != "live":
-                publication.decide(
+                sending.decide(
                     Delivery(
                         peer.rank,
                         "dropped" if peer.state == "dropped" else "closed",
                         error=peer.error,
                     )
                 )
-        publication.check()
-        self._pending.append(publication)
-        self._tg.start_soon(self._watchdog, publication)
-        return publication
+        sending.check()
+        self._pending.append(sending)
+        self._tg.start_soon(self._watchdog, sending)
+        return sending.publication
 
     async def _stage(self, state_dict: Any, version: int) -> Snapshot:
         snap = await self._snaps.stage(state_dict, version, self._seq + 1)
@@ -309,13 +310,11 @@ class WeightPublisher:
     # -- outcomes and buffers
 
     def _delivered(self, peer: _Peer, snap: Snapshot, seconds: float) -> None:
-        for publication in self._pending:
-            if publication.seq == snap.seq:
-                publication.decide(
-                    Delivery(peer.rank, "delivered", seconds, shared_memory=peer.shm)
-                )
-            elif publication.seq < snap.seq:
-                publication.decide(Delivery(peer.rank, "superseded"))
+        for sending in self._pending:
+            if sending.seq == snap.seq:
+                sending.decide(Delivery(peer.rank, "delivered", seconds, shared_memory=peer.shm))
+            elif sending.seq < snap.seq:
+                sending.decide(Delivery(peer.rank, "superseded"))
         self._prune()
 
     def _drop(self, peer: _Peer, error: ReplicationError) -> None:
@@ -323,26 +322,26 @@ class WeightPublisher:
         self._decide_all(peer, "dropped")
 
     def _decide_all(self, peer: _Peer, status: str) -> None:
-        for publication in self._pending:
+        for sending in self._pending:
             if status == "dropped":
-                publication.decide(Delivery(peer.rank, "dropped", error=peer.error))
+                sending.decide(Delivery(peer.rank, "dropped", error=peer.error))
             else:
-                publication.decide(Delivery(peer.rank, "closed"))
+                sending.decide(Delivery(peer.rank, "closed"))
         self._prune()
 
     def _prune(self) -> None:
-        self._pending = [p for p in self._pending if not p.done.is_set()]
+        self._pending = [s for s in self._pending if not s.finished()]
 
-    async def _watchdog(self, publication: Publication) -> None:
-        """Drop the subscribers that did not ask for ``publication`` within the timeout."""
-        while not publication.done.is_set():
+    async def _watchdog(self, sending: Sending) -> None:
+        """Drop the subscribers that did not ask for ``sending``'s version within the timeout."""
+        while not sending.finished():
             with anyio.move_on_after(self._timeout):
-                await publication.done.wait()
-            for rank in publication.undecided():
+                await sending.wait_finished()
+            for rank in sending.undecided():
                 peer = self._peers[rank]
                 if peer.state == "live" and not peer.sending:
                     self._drop(peer, ReplicationTimeout(
-                        f"did not ask for version {publication.version} within {self._timeout} s "
+                        f"did not ask for version {sending.version} within {self._timeout} s "
                         "(not started, frozen, or gone): dropped until it asks again",
                         peer=rank, phase="ready",
                     ))  # fmt: skip
@@ -363,8 +362,8 @@ class WeightPublisher:
         tg, self._tg = self._tg, None
         try:
             if tg is not None and not abandon:
-                for publication in list(self._pending):
-                    await publication.done.wait()
+                for sending in list(self._pending):
+                    await sending.wait_finished()
                 self._closing = True
                 with anyio.move_on_after(self._timeout):
                     await wait_until(self._all_told, _POLL)

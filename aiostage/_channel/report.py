@@ -1,16 +1,17 @@
-"""What a weight publication reports: one ``Delivery`` per subscriber, gathered by ``Publication``."""
+"""What a weight publication reports (a ``Delivery`` per subscriber, a ``PublishReport``), awaited."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Literal
 
-import anyio
-
+from .._core.outcome import Outcome, Resolver
 from ..errors import ReplicationError
 
-__all__ = ["Delivery", "Publication", "PublishReport", "Status"]
+__all__ = ["Delivery", "Publication", "PublishReport", "Sending", "Status"]
 
 Status = Literal["delivered", "superseded", "dropped", "closed"]
 
@@ -55,44 +56,67 @@ class PublishReport:
         return sorted(p for p, d in self.deliveries.items() if d.status == "dropped")
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class Publication:
-    """A version being sent in the background; ``await publication.wait()`` for its report."""
+    """A version being sent in the background (what ``WeightPublisher.submit`` returns),
+    read-only: the publisher settles it.
+
+    ``await publication.report`` gives the ``PublishReport`` once every subscriber has an
+    outcome; ``await publication.deliveries[rank]`` gives one subscriber's ``Delivery`` as soon
+    as it has one. Each blocks at most about twice the publisher's ``timeout`` and raises
+    nothing: failures are in the ``Delivery``.
+    """
 
     version: int
-    seq: int
-    peers: frozenset[int]
-    stage_seconds: float
-    nbytes: int
-    began: float = field(default_factory=time.perf_counter)
-    outcomes: dict[int, Delivery] = field(default_factory=dict)
-    done: anyio.Event = field(default_factory=anyio.Event)
-    _report: PublishReport | None = None
+    report: Outcome[PublishReport]
+    deliveries: Mapping[int, Outcome[Delivery]]
+
+    def done(self) -> bool:
+        """Whether every subscriber has an outcome (``report`` is ready); never blocks."""
+        return self.report.done()
+
+
+class Sending:
+    """The publisher's side of one ``Publication``: each subscriber's outcome, as it comes."""
+
+    def __init__(
+        self, version: int, seq: int, peers: frozenset[int], stage_seconds: float, nbytes: int
+    ) -> None:
+        self.version, self.seq, self.peers = version, seq, peers
+        self.stage_seconds, self.nbytes = stage_seconds, nbytes
+        self.began = time.perf_counter()
+        self.outcomes: dict[int, Delivery] = {}
+        what = f"version {version}"
+        self._report = Resolver[PublishReport](what)
+        self._each = {p: Resolver[Delivery](what) for p in sorted(peers)}
+        each = MappingProxyType({p: Outcome(r) for p, r in self._each.items()})
+        self.publication = Publication(version, Outcome(self._report), each)
 
     def undecided(self) -> list[int]:
         """The subscribers whose outcome is still open."""
         return sorted(self.peers - self.outcomes.keys())
+
+    def finished(self) -> bool:
+        """Whether every subscriber has an outcome."""
+        return self._report.settled()
+
+    async def wait_finished(self) -> None:
+        """Block until every subscriber has an outcome; raise nothing."""
+        await self._report.wait_settled()
 
     def decide(self, delivery: Delivery) -> None:
         """Record a subscriber's outcome (the first one counts); complete when all are in."""
         if delivery.peer in self.outcomes or delivery.peer not in self.peers:
             return
         self.outcomes[delivery.peer] = delivery
+        self._each[delivery.peer].set(delivery)
         self.check()
 
     def check(self) -> None:
         """Complete the publication once every subscriber has an outcome."""
-        if not self.undecided() and not self.done.is_set():
+        if not self.undecided() and not self.finished():
             took = time.perf_counter() - self.began
             deliveries = dict(sorted(self.outcomes.items()))
-            self._report = PublishReport(
-                self.version, self.stage_seconds, took, self.nbytes, deliveries
+            self._report.set(
+                PublishReport(self.version, self.stage_seconds, took, self.nbytes, deliveries)
             )
-            self.done.set()
-
-    async def wait(self) -> PublishReport:
-        """Wait until every subscriber has an outcome (each bounded by the publisher's timeout,
-        about twice it at worst) and return the report. Raises nothing: failures are in it."""
-        await self.done.wait()
-        assert self._report is not None
-        return self._report

@@ -20,7 +20,7 @@ import torch
 
 from .._core import dist
 from .._core.buffers import copy_bytes
-from .._format.codec import Header, Source, encode_header
+from .._format.codec import MAX_HEADER, Header, Source, encode_header
 from .._replication.wire import decode_frame_header
 from ..errors import ReplicationError
 from .notes import BACKSTOP, MARK, OFFER_TAG, transfer
@@ -28,9 +28,6 @@ from .notes import BACKSTOP, MARK, OFFER_TAG, transfer
 __all__ = ["Region", "fill_region", "host_token", "recv_description", "send_description"]
 
 _MAX_NAME = 4096
-
-
-_MAX_HEADER = 100_000_000
 
 
 def host_token() -> int:
@@ -112,7 +109,7 @@ async def recv_description(pg: Any, peer: int, max_data: int) -> tuple[bytes, in
     if (
         mark != MARK
         or not 0 < name_len <= _MAX_NAME
-        or not 0 < header_len <= _MAX_HEADER
+        or not 0 < header_len <= MAX_HEADER
         or not 0 <= data_len <= min(size, max_data)
         or n_entries < 0
     ):

@@ -20,7 +20,8 @@ import anyio.lowlevel
 import torch
 
 from .._core.buffers import copy_bytes
-from .._format.codec import Header
+from .._core.timeouts import DEFAULT_TIMEOUT, seconds
+from .._format.codec import MAX_DATA, Header
 from .._replication.receive import ReceiveBuffers
 from .._replication.transport import Link, recv_frame
 from ..errors import ClosedError, ReplicationError, ReplicationTimeout, UsageError
@@ -40,15 +41,12 @@ from .notes import (
     READY_TAG,
     Mailbox,
     Note,
-    check_timeout,
     cpu_group,
     send_note,
 )
 from .shm import Region, host_token, recv_description
 
 __all__ = ["WeightSubscriber", "WeightUpdate"]
-
-_MAX_DATA = 1 << 42
 
 
 class WeightUpdate:
@@ -89,11 +87,15 @@ class WeightSubscriber:
     ``apply`` overwrites in place. ``swap=True`` (CPU targets): ``apply`` re-points the target's
     tensors at the received buffer instead of copying (microseconds, not a copy of the whole
     state; the buffer then stays with the target until the next version is installed).
-    ``version`` is the installed version. Iteration ends when the publisher closes.
+    ``version`` is the installed version. Iteration ends when the publisher closes. ``timeout``
+    (seconds or ``timedelta``, default 600) is the longest any one wait for another rank may
+    take once a transfer has begun (a send or a receive; waiting for the next version is not
+    bounded); past it ``ReplicationTimeout``.
 
-    Blocks on nothing. Iteration and ``wait_for`` raise the ``ReplicationError`` that ended the
-    stream (the publisher died, a frame was malformed or damaged) or ``ReplicationTimeout``
-    when a started frame did not arrive within ``timeout``.
+    Blocks on nothing. Raises ``ValueError`` for a bad ``timeout``. Iteration and ``wait_for``
+    raise the ``ReplicationError`` that ended the stream (the publisher died, a frame was
+    malformed or damaged) or ``ReplicationTimeout`` when a started frame did not arrive within
+    ``timeout``.
     """
 
     def __init__(
@@ -102,11 +104,11 @@ class WeightSubscriber:
         publisher: int = 0,
         *,
         target: Any = None,
-        timeout: timedelta | float = timedelta(minutes=5),
+        timeout: float | timedelta = DEFAULT_TIMEOUT,
         verify: bool = True,
         swap: bool = False,
     ) -> None:
-        self._timeout = check_timeout(timeout)
+        self._timeout = seconds(timeout)
         self._pg, rank, world = cpu_group(pg)
         if not 0 <= publisher < world or publisher == rank:
             raise UsageError(
@@ -284,7 +286,7 @@ class WeightSubscriber:
                 if shared:
                     frame = await self._copy_shared(note)
                 else:
-                    got = await recv_frame(self._link, self._pub, self._buffer, max_data=_MAX_DATA)
+                    got = await recv_frame(self._link, self._pub, self._buffer, max_data=MAX_DATA)
                     frame = got[:2] if got is not None else None
         except TimeoutError as exc:
             raise ReplicationTimeout(
@@ -302,7 +304,7 @@ class WeightSubscriber:
     async def _copy_shared(self, note: Note) -> tuple[Header, torch.Tensor] | None:
         """Copy a version out of the publisher's shared memory, then say DONE; ``None`` when
         the region cannot be mapped here (another IPC namespace)."""
-        name, size, header = await recv_description(self._pg, self._pub, _MAX_DATA)
+        name, size, header = await recv_description(self._pg, self._pub, MAX_DATA)
         region = self._regions.get(name)
         if region is None:
             try:

@@ -17,7 +17,7 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from .._format.codec import Header, Source
-from .._replication.frames import frame_sources, outgoing
+from .._replication.frames import NeedsStaging, frame_sources, plan_cpu_frame, plan_frame
 from .._replication.wire import entry_digests
 from .._staging import DefaultStager, StagingOptions
 from .shm import Region, fill_region
@@ -64,14 +64,15 @@ class Snapshots:
         return await self._stage_private(state_dict, version, seq)
 
     async def _stage_shared(self, state_dict: Any, version: int, seq: int) -> Snapshot:
-        planned = await anyio.to_thread.run_sync(outgoing, state_dict, True)
+        planned = await anyio.to_thread.run_sync(plan_frame, state_dict, True)
         staged = None
-        if planned is None:  # not all on the CPU: stage to the CPU first, then into the region
+        if isinstance(planned, NeedsStaging):  # stage to the CPU first, then into the region
             staged = await self.stager.stage(state_dict)
-            planned = await anyio.to_thread.run_sync(outgoing, staged, True)
         try:
-            assert planned is not None
-            _, header, sources = planned
+            if staged is not None:
+                planned = await anyio.to_thread.run_sync(plan_cpu_frame, staged)
+            assert not isinstance(planned, NeedsStaging)
+            header, sources = planned.header, planned.sources
             region = await self._region(header.data_bytes)
             try:
                 await anyio.to_thread.run_sync(fill_region, region, header, sources)
@@ -99,12 +100,11 @@ class Snapshots:
         stager = self.stager
         staged = await stager.stage(state_dict)
         try:
-            planned = await anyio.to_thread.run_sync(outgoing, staged, True)
+            planned = await anyio.to_thread.run_sync(plan_cpu_frame, staged)
         except BaseException:
             stager.release(staged)
             raise
-        assert planned is not None  # staged copies are CPU tensors
-        return Snapshot(version, seq, planned[1], planned[2], staged=staged, stager=stager)
+        return Snapshot(version, seq, planned.header, planned.sources, staged=staged, stager=stager)
 
     async def _region(self, nbytes: int) -> Region:
         """A free region of at least ``nbytes`` (two at most; waits for a release)."""

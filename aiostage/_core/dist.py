@@ -74,7 +74,7 @@ async def _wait(work: Any, pg: Any, pg_timeout: float, what: str) -> None:
         rank, size = rank_and_size(pg)
         raise TimeoutError(
             f"rank {rank} of {size}: {what} did not complete within {pg_timeout} s; a peer is slow, "
-            "hung or gone (raise pg_timeout= if saves legitimately take longer)"
+            "hung or gone (raise timeout= if saves legitimately take longer)"
         ) from exc
     work.wait()  # already complete: returns at once, or raises the backend's error
 

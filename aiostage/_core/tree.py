@@ -106,6 +106,10 @@ class TensorLeaf:
         return key_str(self.path)
 
 
+#: the ``data`` of a ``TensorLeaf`` described but not read yet (its bytes come later)
+NO_DATA = torch.empty(0)
+
+
 @dataclass(frozen=True, slots=True)
 class Tree:
     """A flattened state dict: the skeleton and its tensors in walk order."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -22,12 +23,16 @@ from ..errors import CheckpointCorrupt, UnsupportedValueError
 __all__ = [
     "DATA_ALIGN",
     "MANIFEST",
+    "MAX_DATA",
+    "MAX_HEADER",
     "Entry",
     "FileInfo",
     "Header",
     "Manifest",
     "Record",
     "Source",
+    "as_int64",
+    "as_uint64",
     "check_metadata",
     "decode_header",
     "decode_manifest",
@@ -55,7 +60,24 @@ MANIFEST = "manifest.json"
 DATA_ALIGN = 4096
 
 
-_MAX_HEADER = 100_000_000  # the safetensors limit
+#: the longest JSON header a data file or a frame may announce (the safetensors limit)
+MAX_HEADER = 100_000_000
+
+
+#: the largest data region a received frame or shared-memory region may announce (checked
+#: before anything is allocated)
+MAX_DATA = 1 << 42
+
+
+#: the checkpoint names a ``Checkpointer`` gives its steps: ``step_`` and at least nine digits
+STEP_NAME = re.compile(r"^step_(?P<step>\d{9,})$")
+
+
+def step_name(step: int) -> str:
+    """The checkpoint name of ``step`` (``step_000000100``): names sort in step order."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return f"step_{step:09d}"
 
 
 def rank_file(rank: int) -> str:
@@ -66,6 +88,16 @@ def rank_file(rank: int) -> str:
 def round_up(n: int, align: int) -> int:
     """``n`` rounded up to a multiple of ``align``."""
     return -(-n // align) * align
+
+
+def as_int64(digest: int) -> int:
+    """A 64-bit digest (xxh3_64) as the int64 with the same bits, for an int64 tensor."""
+    return digest - (1 << 64) if digest >= 1 << 63 else digest
+
+
+def as_uint64(value: int) -> int:
+    """The inverse of ``as_int64``: an int64 read back from a tensor as the 64-bit digest."""
+    return value & ((1 << 64) - 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +199,7 @@ def header_length(first: bytes, file_size: int, where: str) -> int:
     if len(first) < 8:
         raise CheckpointCorrupt(f"{where}: {file_size} bytes is too short for a header", path=where)
     (n,) = struct.unpack("<Q", first[:8])
-    if not 2 <= n <= min(_MAX_HEADER, file_size - 8):
+    if not 2 <= n <= min(MAX_HEADER, file_size - 8):
         raise CheckpointCorrupt(
             f"{where}: header length {n} does not fit the file ({file_size} bytes)", path=where
         )

@@ -1,13 +1,16 @@
-"""A state dict as a frame and back: its outgoing layout, its rebuild, and reused receive buffers.
+"""A state dict as a frame and back: its outgoing layout (``Planned``) and its rebuild (``Frame``).
 
-Outgoing, a CPU state dict is laid out exactly like a data file (``_layout.plan_file``), a
-ShardedTensor as the list of its local shards. Incoming, each record becomes a view into the one
+Outgoing, a CPU state dict is laid out exactly like a data file (``_format.plan.plan_file``), a
+ShardedTensor as the list of its local shards; a state dict that cannot be sent from its own
+memory is ``NeedsStaging``. Incoming, each record becomes a view into the one
 buffer the frame landed in (aliasing kept), and the receiver's own state dict of the same
 structure (the template) gives DTensors their spec and ShardedTensors their global metadata.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,6 +18,7 @@ import torch
 from .._core import dist, gc_pause
 from .._core.storages import plan_storages
 from .._core.tree import (
+    NO_DATA,
     KeyPath,
     MapNode,
     Node,
@@ -33,9 +37,45 @@ from .._format.plan import plan_file
 from .._format.structure import decode_skeleton, decode_value
 from ..errors import CheckpointCorrupt, ReplicationError
 
-__all__ = ["frame_sources", "outgoing", "rebuild"]
+__all__ = [
+    "Frame",
+    "NeedsStaging",
+    "Planned",
+    "frame_sources",
+    "plan_cpu_frame",
+    "plan_frame",
+    "rebuild",
+]
 
-_NO_DATA = torch.empty(0)
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Frame:
+    """A received state: its validated header, the buffer its data region landed in, and the
+    per-entry digests its sender computed (``None``: not kept, the bytes are hashed when used)."""
+
+    header: Header
+    data: torch.Tensor
+    digests: Sequence[int] | None
+
+    def sources(self) -> list[Source]:
+        """Its entries as sources, to send it on or write it (``frame_sources``)."""
+        return frame_sources(self.header, self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """A state dict laid out as a frame sent from its tensors' own memory: its flattened tree
+    (the template its receiver rebuilds with), the header, and one source per entry."""
+
+    tree: Tree
+    header: Header
+    sources: list[Source]
+
+
+@dataclass(frozen=True, slots=True)
+class NeedsStaging:
+    """A state dict that cannot be sent from its own memory (a tensor is not on the CPU, or the
+    caller asked for a snapshot): stage a CPU copy first and plan that (``plan_cpu_frame``)."""
 
 
 def frame_sources(header: Header, data: torch.Tensor) -> list[Source]:
@@ -43,19 +83,31 @@ def frame_sources(header: Header, data: torch.Tensor) -> list[Source]:
     return [(data[e.begin : e.end], 0) for e in header.entries]
 
 
-def outgoing(state: Any, in_place: bool = True) -> tuple[Tree, Header, list[Source]] | None:
+def plan_frame(state: Any, in_place: bool = True) -> Planned | NeedsStaging:
     """Flatten a state dict and lay it out as a frame sent from the tensors' own memory (worker
-    thread); ``None`` when a tensor is not on the CPU or ``in_place`` is false: stage it first.
+    thread); ``NeedsStaging`` when a tensor is not on the CPU or ``in_place`` is false.
 
     Raises ``UnsupportedValueError`` naming the key of a leaf the format cannot hold.
     """
     with gc_pause.paused():
         tree = flatten(state)
         if not in_place or any(leaf.data.device.type != "cpu" for leaf in tree.leaves):
-            return None
+            return NeedsStaging()
         portable = Tree(_portable(tree.root), tree.leaves)
         header, sources = plan_file(portable, plan_storages([leaf.data for leaf in tree.leaves]))
-        return tree, header, sources
+        return Planned(tree, header, sources)
+
+
+def plan_cpu_frame(state: Any) -> Planned:
+    """``plan_frame`` for a state dict known to be in CPU memory (a staged or loaded copy).
+
+    Raises ``ValueError`` if a tensor is elsewhere (a bug in the caller), and what
+    ``plan_frame`` raises.
+    """
+    planned = plan_frame(state, True)
+    if isinstance(planned, NeedsStaging):
+        raise ValueError("a staged copy holds a tensor that is not in CPU memory")
+    return planned
 
 
 def _portable(node: Node) -> Node:
@@ -133,7 +185,7 @@ def frame_leaves(header: Header, peer: int) -> tuple[Node, list[TensorLeaf]]:
             if not isinstance(attrs, dict) or not all(isinstance(k, str) for k in attrs):
                 raise ValueError(f"{key_str(path)}: tensor attributes must be a dict of str keys")
             wrap: Wrap = "parameter" if r.wrap == "parameter" else "tensor"
-            leaves.append(TensorLeaf(path, _NO_DATA, wrap, r.requires_grad, attrs))
+            leaves.append(TensorLeaf(path, NO_DATA, wrap, r.requires_grad, attrs))
     except (CheckpointCorrupt, ValueError) as exc:
         raise ReplicationError(str(exc), peer=peer, phase="header") from exc
     return root, leaves

@@ -2,29 +2,38 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import anyio.lowlevel
 import anyio.to_thread
 import torch
 
 from .._core.buffers import allocate
 
-__all__ = ["ReceiveBuffers"]
+__all__ = ["Hold", "ReceiveBuffers"]
 
 _KEEP = 2  # idle receive buffers kept for reuse
 
+#: Why a receive buffer is busy. ``receiving``: a frame is landing in it (or being rebuilt);
+#: ``latest``: the newest frame received, kept (the stager's replica to give back on recovery,
+#: the subscriber's latest version); ``leased``: the stager returned a replica viewing it;
+#: ``persisting``: the stager's background write of it; ``applying`` and ``installed``: the
+#: subscriber's install of it into the caller's tensors.
+Hold = Literal["receiving", "latest", "leased", "persisting", "applying", "installed"]
+
 
 class ReceiveBuffers:
-    """Receive buffers by size; a buffer is busy while any reason (a string) holds it.
+    """Receive buffers by size; a buffer is busy while any reason (a ``Hold``) holds it.
 
     ``get`` reuses an idle buffer of the same size or allocates one (worker thread); at most
     ``_KEEP`` buffers are kept once idle.
     """
 
     def __init__(self) -> None:
-        self.held: list[tuple[torch.Tensor, set[str]]] = []
+        self.held: list[tuple[torch.Tensor, set[Hold]]] = []
         self.allocations = 0
 
-    async def get(self, n: int, reason: str) -> torch.Tensor:
+    async def get(self, n: int, reason: Hold) -> torch.Tensor:
         """An idle ``n``-byte CPU uint8 buffer, now held for ``reason``."""
         for data, why in self.held:
             if not why and data.numel() == n:
@@ -39,13 +48,13 @@ class ReceiveBuffers:
         self.held.append((flats[0], {reason}))
         return flats[0]
 
-    def hold(self, data: torch.Tensor, reason: str) -> None:
+    def hold(self, data: torch.Tensor, reason: Hold) -> None:
         """Mark ``data`` busy for ``reason`` too."""
         for held, why in self.held:
             if held is data:
                 why.add(reason)
 
-    def drop(self, data: torch.Tensor, reason: str) -> None:
+    def drop(self, data: torch.Tensor, reason: Hold) -> None:
         """``reason`` no longer holds ``data``."""
         for held, why in self.held:
             if held is data:

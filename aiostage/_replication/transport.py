@@ -30,18 +30,16 @@ import anyio.to_thread
 import torch
 
 from .._core import dist
-from .._format.codec import Header, Source, encode_header
+from .._format.codec import Header, Source, as_int64, as_uint64, encode_header
 from ..errors import ReplicationError
 from .wire import (
     MAGIC,
-    MASK,
     WIRE_VERSION,
     Hasher,
     check_head,
     decode_frame_header,
     messages,
     plan_messages,
-    signed,
     spans,
     tensor_bytes,
 )
@@ -154,7 +152,7 @@ def _send(
         works.append(dist.post_send(msgs[-1], peer, link.pg, link.tag))
     if digests is None:
         digests = hasher.digests() if hasher is not None else [0] * len(sources)
-    sums = torch.tensor([signed(s) for s in digests], dtype=torch.int64)
+    sums = torch.tensor([as_int64(s) for s in digests], dtype=torch.int64)
     msgs.append(sums.to(link.device))
     works.append(dist.post_send(msgs[-1], peer, link.pg, link.tag))
     for work in works:
@@ -198,7 +196,7 @@ async def recv_frame(
         )
     except RuntimeError as exc:
         raise ReplicationError(f"receiving failed: {exc}", peer=peer, phase="data") from exc
-    digests = tuple(v & MASK for v in sums.cpu().tolist())
+    digests = tuple(as_uint64(v) for v in sums.cpu().tolist())
     if landing.hasher is not None:
         landing.hasher.check(digests, peer)
     return header, data, digests

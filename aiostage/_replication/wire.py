@@ -13,7 +13,7 @@ import torch
 import xxhash
 
 from .._core.buffers import copy_bytes
-from .._format.codec import DATA_ALIGN, Header, Source, decode_header
+from .._format.codec import DATA_ALIGN, MAX_HEADER, Header, Source, decode_header
 from ..errors import CheckpointCorrupt, ReplicationError
 
 __all__ = [
@@ -38,13 +38,7 @@ BUCKET = 32 << 20
 SMALL = 1 << 20
 
 
-MAX_HEADER = 100_000_000
-
-
 MAX_ENTRIES = 10_000_000
-
-
-MASK = (1 << 64) - 1
 
 
 def plan_messages(
@@ -125,10 +119,6 @@ def entry_digests(sources: Sequence[Source]) -> list[int]:
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without a copy."""
     return memoryview(cast(Any, t.numpy()))
-
-
-def signed(v: int) -> int:
-    return v - (1 << 64) if v >= 1 << 63 else v
 
 
 def check_head(

@@ -1,72 +1,50 @@
-"""Committing a save: check the target, rename the finished temporary directory into place, sweep leftovers."""
+"""Committing a save through the storage seam: check the target, write a one-file checkpoint,
+commit or discard, and map failures to ``CheckpointWriteError``; ``sweep`` clears leftovers."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import sys
-from collections.abc import AsyncIterator
-from pathlib import Path
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path, PurePath
+from typing import Any
 
 import anyio
-import anyio.to_thread
 
-from .._format.codec import (
-    MANIFEST,
-)
+from .._format.codec import Header, Manifest, Source, rank_file
 from ..errors import AiostageError, CheckpointWriteError
-from . import localfs
+from .backend import Storage
+from .locate import PathLike, locate
+from .writer import DurableWriter, WrittenFile
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 
+__all__ = ["attempt", "check_target", "failure", "sweep", "write_checkpoint"]
 
-__all__ = ["attempt", "check_target", "commit", "failure", "sweep"]
 
-
-async def check_target(target: Path, overwrite: bool) -> None:
+async def check_target(storage: Storage, target: PurePath, overwrite: bool) -> None:
     """``FileExistsError`` unless ``save`` may write ``target``: absent, or replaceable."""
-    kind = await localfs.path_kind(target, MANIFEST)
-    if kind == "absent" or (overwrite and kind != "other"):
+    kind = await storage.kind(target)
+    if kind == "absent" or (overwrite and kind in ("checkpoint", "empty")):
         return
-    why = "it is not an aiostage checkpoint; refusing to replace it" if kind == "other" else (
+    why = "it is not an aiostage checkpoint; refusing to replace it" if kind in ("other", "file") else (
         "a checkpoint exists there; pass overwrite=True to replace it"
     )  # fmt: skip
     raise FileExistsError(errno.EEXIST, f"cannot save to {target}: {why}", str(target))
 
 
-async def commit(tmp: Path, target: Path, overwrite: bool) -> None:
-    """Rename the finished ``tmp`` into place and make that durable (the commit point).
-
-    Raises ``FileExistsError`` if ``target`` appeared meanwhile (without ``overwrite``), and
-    ``CheckpointWriteError`` if the rename happened but the parent could not be fsynced.
-    """
-    replace_old = overwrite and await localfs.path_kind(target, MANIFEST) != "absent"
-    if replace_old:
-        await localfs.exchange(tmp, target)
-    else:
-        await localfs.rename_noreplace(tmp, target)
-    try:
-        await localfs.fsync_dir(target.parent)
-    except OSError as exc:
-        raise CheckpointWriteError(
-            f"{target} is in place but its parent directory could not be fsynced ({exc}); it "
-            "may not survive a power loss",
-            path=target,
-        ) from exc
-    if replace_old:
-        await localfs.remove_tree(tmp)  # now the previous checkpoint
-
-
 @contextlib.asynccontextmanager
-async def attempt(tmp: Path, target: Path) -> AsyncIterator[None]:
-    """On any failure remove ``tmp``; report OS errors as ``CheckpointWriteError``."""
+async def attempt(storage: Storage, staging: PurePath, target: PurePath) -> AsyncIterator[None]:
+    """On any failure discard ``staging``; report OS errors as ``CheckpointWriteError``."""
     try:
         yield
     except BaseException as exc:
         with anyio.CancelScope(shield=True):
-            await localfs.remove_tree(tmp)
+            await storage.discard(staging)
         cause = failure(exc)
         if cause is None:
             raise
@@ -86,7 +64,38 @@ def failure(exc: BaseException) -> BaseException | None:
     return exc
 
 
-async def sweep(root: str | os.PathLike[str]) -> list[Path]:
+async def write_checkpoint(
+    writer: DurableWriter,
+    target: PurePath,
+    header: Header,
+    sources: Sequence[Source],
+    metadata: dict[str, Any],
+    *,
+    overwrite: bool,
+    expected: Sequence[int] | None = None,
+) -> tuple[WrittenFile, float, int]:
+    """Write a one-rank checkpoint at ``target`` and commit it: its data file, when committing
+    (manifest, commit) began and the size of the manifest. ``expected``: the producer's digests, checked as the bytes are written.
+
+    Raises ``FileExistsError`` (``target`` exists and not ``overwrite``), ``CheckpointWriteError``
+    and ``CheckpointCorrupt``; nothing is committed then and what was at ``target`` is untouched.
+    """
+    storage = writer.storage
+    await check_target(storage, target, overwrite)
+    token = uuid.uuid4().hex
+    staging = storage.staging(target, token)
+    async with attempt(storage, staging, target):
+        await storage.begin(target, token)
+        written = await writer.write_file(staging / rank_file(0), header, sources, expected)
+        committing = time.perf_counter()
+        manifest_bytes = await writer.write_manifest(
+            staging, Manifest(1, (written.info,), metadata)
+        )
+        await storage.commit(staging, target, overwrite=overwrite)
+    return written, committing, manifest_bytes
+
+
+async def sweep(root: PathLike) -> list[Path]:
     """Remove what interrupted saves left in directory ``root``; return the removed paths.
 
     First finishes an overwrite that was cut between its renames (only where the file system
@@ -94,6 +103,7 @@ async def sweep(root: str | os.PathLike[str]) -> list[Path]:
     else the old one goes back. Then every ``.{name}.aiostage-tmp-*`` / ``-old-*`` sibling is
     removed and ``root`` fsynced. Run it when no save into ``root`` is in progress (it would
     remove that save's temporary directory). Blocks on a worker thread; raises ``OSError`` if
-    ``root`` cannot be listed.
+    ``root`` cannot be listed, ``UsageError`` for a location no backend serves.
     """
-    return await anyio.to_thread.run_sync(localfs.sweep_now, Path(root), MANIFEST)
+    storage, where = locate(root)
+    return [Path(p) for p in await storage.sweep(where)]

@@ -1,8 +1,10 @@
-"""File-system primitives for checkpoints: open (O_DIRECT when possible), fsync, rename, remove.
+"""File-system primitives: the one module of aiostage that touches the file system.
 
-Every blocking call runs in a worker thread (aiofiles or ``anyio.to_thread``); nothing here
-blocks the event loop. Checkpoint directories are committed by renaming a temporary sibling
+Open (O_DIRECT when possible), positioned writes, fsync, rename, remove, list, map. Every
+blocking call runs in a worker thread (aiofiles or ``anyio.to_thread``); nothing here blocks the
+event loop. Checkpoint directories are committed by renaming a temporary sibling
 ``.{name}.aiostage-tmp-{token}`` into place; ``temp_path`` and ``TEMP_NAME`` define those names.
+``local.LocalStorage`` composes these into the storage seam's local backend.
 """
 
 from __future__ import annotations
@@ -14,63 +16,59 @@ import mmap
 import os
 import re
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any
 
 import aiofiles
 import aiofiles.os
 import anyio
 import anyio.to_thread
 
+from .backend import Kind
+
 __all__ = [
     "ALIGN",
     "TEMP_NAME",
-    "cut",
+    "LocalFile",
+    "Usage",
+    "WriteHook",
+    "create_file",
     "exchange",
     "file_size",
-    "fsync",
     "fsync_dir",
     "list_dir",
     "make_dir",
     "make_parents",
     "map_private",
-    "open_file",
     "path_kind",
-    "pipeline",
+    "publish_file",
     "read_at",
     "remove_tree",
     "rename_noreplace",
     "retire",
-    "ring",
     "scan_dir",
     "sweep_now",
     "temp_path",
+    "usage",
+    "write_hooks",
 ]
-
 #: O_DIRECT needs offsets, lengths and memory aligned to the logical block size; 4096 covers all
 ALIGN = 4096
-
-
+#: a process-wide fault-injection hook (``aiostage.testing.FaultyWrites``), called on the loop
+#: before every write with (file, offset, bytes); it may raise (``OSError(ENOSPC)``), or return
+#: ``write(fd, data) -> bytes written``, which replaces the first ``os.write`` of that write and
+#: runs in a worker thread
+WriteHook = Callable[[str, int, int], Callable[[int, memoryview], int] | None]
+#: the hooks every ``LocalFile`` consults (tests only)
+write_hooks: list[WriteHook] = []
 #: names of what an unfinished save leaves next to its target: kind "tmp" or "old"
 TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.aiostage-(?P<kind>tmp|old)-(?P<token>[0-9a-f]{32})$")
-
-
-_J = TypeVar("_J")
-
-
 _AT_FDCWD = -100
-
-
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
-
-
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
 _renameat2: Any = getattr(_libc, "renameat2", None)
-
-
 if _renameat2 is not None:
     _renameat2.argtypes = [
         ctypes.c_int,
@@ -86,106 +84,64 @@ def temp_path(path: Path, token: str, kind: str = "tmp") -> Path:
     return path.with_name(f".{path.name}.aiostage-{kind}-{token}")
 
 
-@contextlib.asynccontextmanager
-async def ring(slots: int, size: int) -> AsyncIterator[list[memoryview]]:
-    """``async with ring(slots, size) as bufs``: page-aligned buffers of anonymous memory.
-
-    Mapped and unmapped in worker threads: unmapping tens of MiB takes milliseconds.
-    """
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS  # mmap's default, MAP_SHARED, is shmem
-    arena = await anyio.to_thread.run_sync(lambda: mmap.mmap(-1, slots * size, flags=flags))
-    views = [memoryview(arena)[i * size : (i + 1) * size] for i in range(slots)]
-    try:
-        yield views
-    finally:
-        for v in views:
-            v.release()
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(_unmap, arena)
+# ---------------------------------------------------------------- files and directories
 
 
-def _unmap(arena: mmap.mmap) -> None:
-    with contextlib.suppress(BufferError):  # a view still alive: the collector unmaps it later
-        arena.close()
+class LocalFile:
+    """A new file being written: positioned writes (``O_DIRECT`` where possible), then ``finish``."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self.name = str(f.name)
+
+    async def write_at(self, offset: int, buf: memoryview, n: int) -> None:
+        """Write ``buf[:n]`` at ``offset``; ``buf`` past ``n`` is scratch, used to pad the write
+        to ``ALIGN`` with zeros (``finish`` cuts the padding). Raises ``OSError``."""
+        padded = min(-(-n // ALIGN) * ALIGN, len(buf))
+        if padded > n:
+            buf[n:padded] = bytes(padded - n)
+        replaced = _hooked(self.name, offset, n)
+        await self._f.seek(offset)
+        done = 0
+        if replaced is not None:
+            done = await anyio.to_thread.run_sync(replaced, self._f.fileno(), buf[:padded])
+        while done < padded:
+            wrote = await self._f.write(buf[done:padded])
+            if not wrote:  # no progress: write(2) would spin here forever
+                at = offset + done
+                raise OSError(errno.EIO, f"a write to {self.name} stored nothing at {at}")
+            done += wrote
+
+    async def finish(self, size: int) -> None:
+        """Cut the file to ``size`` bytes (dropping alignment padding) and fsync it."""
+        await self._f.truncate(size)
+        await anyio.to_thread.run_sync(os.fsync, self._f.fileno())
 
 
-def cut(lengths: Sequence[int], chunk: int) -> Iterator[list[tuple[int, int, int]]]:
-    """Cut consecutive segments of ``lengths`` bytes into chunks of ``chunk`` bytes.
-
-    Yields, per chunk, its pieces as ``(segment, start within the segment, bytes)``; every
-    chunk but the last is full.
-    """
-    pieces: list[tuple[int, int, int]] = []
-    room = chunk
-    for segment, total in enumerate(lengths):
-        at = 0
-        while at < total:
-            n = min(room, total - at)
-            pieces.append((segment, at, n))
-            at, room = at + n, room - n
-            if room == 0:
-                yield pieces
-                pieces, room = [], chunk
-    if pieces:
-        yield pieces
-
-
-async def pipeline(
-    slots: int,
-    jobs: Iterable[_J],
-    first: Callable[[int, _J], Awaitable[None]],
-    second: Callable[[int, _J], Awaitable[None]],
-) -> None:
-    """Run ``first(slot, job)`` then ``second(slot, job)`` for every job, in order.
-
-    ``first`` of job k+1 runs while ``second`` of job k does, with at most ``slots`` jobs (and
-    ring buffers) between the two stages. A failure in either stage cancels the other and
-    surfaces as the task group's ``ExceptionGroup``.
-    """
-    send_full, recv_full = anyio.create_memory_object_stream[tuple[int, _J]](slots)
-    send_free, recv_free = anyio.create_memory_object_stream[int](slots)
-    for slot in range(slots):
-        send_free.send_nowait(slot)
-
-    async def drain() -> None:
-        async with recv_full, send_free:
-            async for slot, job in recv_full:
-                await second(slot, job)
-                send_free.send_nowait(slot)
-
-    with recv_free:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(drain)
-            async with send_full:
-                try:
-                    for job in jobs:
-                        slot = await recv_free.receive()
-                        await first(slot, job)
-                        await send_full.send((slot, job))
-                except (anyio.EndOfStream, anyio.BrokenResourceError):
-                    return  # ``second`` failed: its error alone leaves the task group
+def _hooked(name: str, offset: int, n: int) -> Callable[[int, memoryview], int] | None:
+    """Consult ``write_hooks``; the last replacement write offered wins."""
+    replaced = None
+    for hook in tuple(write_hooks):
+        replaced = hook(name, offset, n) or replaced
+    return replaced
 
 
 @contextlib.asynccontextmanager
-async def open_file(
-    path: Path, mode: Literal["rb", "xb"], *, direct: bool = False
-) -> AsyncIterator[Any]:
-    """``async with open_file(path, mode) as f``: an unbuffered aiofiles file, closed on exit.
-
-    ``direct``: open ``O_DIRECT`` (no page cache) where the file system allows it. Files opened
-    for reading are flagged sequential, which doubles the kernel's readahead. Raises ``OSError``.
-    """
+async def create_file(path: Path, *, direct: bool = False) -> AsyncIterator[LocalFile]:
+    """``async with create_file(path) as f``: a new file (``FileExistsError`` if ``path``
+    exists), unbuffered, closed on exit. ``direct``: open ``O_DIRECT`` (no page cache) where the
+    file system allows it."""
     f = None
     if direct and hasattr(os, "O_DIRECT"):
         try:
-            f = await aiofiles.open(path, mode, buffering=0, opener=_open_direct)
+            f = await aiofiles.open(path, "xb", buffering=0, opener=_open_direct)
         except OSError as exc:
             if exc.errno != errno.EINVAL:  # EINVAL: this file system has no O_DIRECT
                 raise
     if f is None:
-        f = await aiofiles.open(path, mode, buffering=0, opener=_open_plain)
+        f = await aiofiles.open(path, "xb", buffering=0)
     try:
-        yield f
+        yield LocalFile(f)
     finally:
         with anyio.CancelScope(shield=True):
             await f.close()
@@ -193,18 +149,6 @@ async def open_file(
 
 def _open_direct(path: str, flags: int) -> int:
     return os.open(path, flags | os.O_DIRECT, 0o644)
-
-
-def _open_plain(path: str, flags: int) -> int:
-    fd = os.open(path, flags, 0o644)
-    if flags & os.O_ACCMODE == os.O_RDONLY and hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-    return fd
-
-
-async def fsync(fd: int) -> None:
-    """``fsync(fd)`` in a worker thread."""
-    await anyio.to_thread.run_sync(os.fsync, fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -296,13 +240,13 @@ async def retire(path: Path, token: str) -> None:
     await anyio.to_thread.run_sync(_retire, path, token)
 
 
-def _scan_dir(root: Path, manifest: str) -> list[tuple[str, str]]:
-    if not root.is_dir():
+def _scan_dir(root: Path, manifest: str) -> list[tuple[str, Kind]]:
+    if not os.path.lexists(root):
         return []
     return [(name, _path_kind(root / name, manifest)) for name in sorted(os.listdir(root))]
 
 
-async def scan_dir(root: Path, manifest: str) -> list[tuple[str, str]]:
+async def scan_dir(root: Path, manifest: str) -> list[tuple[str, Kind]]:
     """``(name, path_kind)`` of every entry of ``root`` (nothing if ``root`` is not a directory)."""
     return await anyio.to_thread.run_sync(_scan_dir, root, manifest)
 
@@ -343,6 +287,9 @@ def sweep_now(
     return removed
 
 
+# ---------------------------------------------------------------- small reads and queries
+
+
 async def read_at(path: Path, offset: int, n: int) -> bytes:
     """Up to ``n`` bytes of ``path`` from ``offset`` (fewer at the end of the file)."""
     async with aiofiles.open(path, "rb") as f:
@@ -365,20 +312,19 @@ async def make_dir(path: Path) -> None:
     await aiofiles.os.mkdir(path)
 
 
-def _path_kind(path: Path, manifest: str) -> str:
+def _path_kind(path: Path, manifest: str) -> Kind:
     if not os.path.lexists(path):
         return "absent"
-    if path.is_dir() and not path.is_symlink():
-        if (path / manifest).is_file():
-            return "checkpoint"
-        if not any(path.iterdir()):
-            return "empty"
-    return "other"
+    if path.is_symlink() or not path.is_dir():
+        return "file"
+    if (path / manifest).is_file():
+        return "checkpoint"
+    return "other" if any(path.iterdir()) else "empty"
 
 
-async def path_kind(path: Path, manifest: str) -> str:
+async def path_kind(path: Path, manifest: str) -> Kind:
     """What is at ``path``: "absent", "checkpoint" (a directory holding ``manifest``), "empty"
-    (an empty directory) or "other"."""
+    (an empty directory), "other" (another directory) or "file" (anything else)."""
     return await anyio.to_thread.run_sync(_path_kind, path, manifest)
 
 
@@ -396,3 +342,51 @@ async def map_private(path: Path, size: int) -> mmap.mmap:
     Pages come in from the page cache on first touch; writing one copies it, never the file.
     """
     return await anyio.to_thread.run_sync(_map_private, path, size)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What a directory tree holds: its files' bytes and the latest modification time."""
+
+    size: int
+    mtime: float
+
+
+def _usage(path: Path) -> Usage:
+    st = path.stat()
+    if not path.is_dir():
+        return Usage(st.st_size, st.st_mtime)
+    size, mtime = 0, st.st_mtime
+    for folder, _, names in os.walk(path):
+        for name in names:
+            st = os.stat(os.path.join(folder, name), follow_symlinks=False)
+            size, mtime = size + st.st_size, max(mtime, st.st_mtime)
+    return Usage(size, mtime)
+
+
+async def usage(path: Path) -> Usage:
+    """The bytes of the files under directory ``path`` and their latest mtime (or the file's)."""
+    return await anyio.to_thread.run_sync(_usage, path)
+
+
+def _publish_file(out: Path, produce: Callable[[Path], None]) -> int:
+    tmp = out.with_name(f".{out.name}.partial")
+    try:
+        produce(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _rename_noreplace(tmp, out)
+        _fsync_dir(out.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return os.stat(out).st_size
+
+
+async def publish_file(out: Path, produce: Callable[[Path], None]) -> int:
+    """Create file ``out`` whole or not at all: ``produce(path)`` writes a temporary sibling (in
+    a worker thread), which is fsynced and renamed into place; returns its size. Raises
+    ``FileExistsError`` if ``out`` exists, and what ``produce`` raises."""
+    return await anyio.to_thread.run_sync(_publish_file, out, produce)

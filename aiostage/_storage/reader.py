@@ -4,14 +4,13 @@ The manifest says which files make the checkpoint and how big they are; a data f
 validated against its real size before anything is allocated. The data is mapped copy-on-write
 and paged in by hashing it in worker threads (faster here than reading into fresh memory, and no
 copy); every stored entry becomes one storage, every tensor a view into it, so aliasing survives.
-Loading into another layout (``_reshard``) maps the files of other ranks too, and reads only the
+Loading into another layout (``reshard``) maps the files of other ranks too, and reads only the
 entries (verified) or pages (``verify=False``) of the saved shards it needs.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,17 @@ import xxhash
 
 from .._core import dist
 from .._core.storages import View, view_tensor
-from .._core.tree import KeyPath, Node, TensorLeaf, Tree, Wrap, flatten, key_str, unflatten
+from .._core.tree import (
+    NO_DATA,
+    KeyPath,
+    Node,
+    TensorLeaf,
+    Tree,
+    Wrap,
+    flatten,
+    key_str,
+    unflatten,
+)
 from .._format.codec import (
     MANIFEST,
     FileInfo,
@@ -37,22 +46,18 @@ from .._format.codec import (
 )
 from .._format.structure import decode_skeleton, decode_value
 from ..errors import CheckpointCorrupt, CheckpointNotFound, PersistenceError, UsageError
-from . import localfs
+from .backend import Storage
+from .digests import entry_keys, hash_entries
+from .locate import PathLike, locate
 from .reshard import Piece, Saved, check_local, copy_pieces, into_result, needs_reshard, plan_pieces
 
 __all__ = ["load", "load_metadata", "read_header", "read_manifest"]
 
-_CHUNK = 16 << 20
-
-
 _MAX_MANIFEST = 64 << 20
 
 
-_NO_DATA = torch.empty(0)
-
-
 async def load(
-    path: str | os.PathLike[str],
+    path: PathLike,
     *,
     into: Any = None,
     map_location: str | torch.device = "cpu",
@@ -76,38 +81,39 @@ async def load(
     listing every difference from ``into`` (before anything is copied) and ``UsageError`` when
     the world size differs from the saving one and there is no ``into``.
     """
-    target, device = Path(path), torch.device(map_location)
-    manifest = await read_manifest(target)
+    storage, target = locate(path)
+    device = torch.device(map_location)
+    manifest = await read_manifest(storage, target)
     rank, world = dist.rank_and_size(pg) if pg is not None else (0, 1)
     if into is None and manifest.world_size != world:
         raise UsageError(
             f"{target} was saved by {manifest.world_size} rank(s); load it from a process group "
             f"of that size (pg=...), not from {world}, or pass into=... to reshard it"
         )
-    where = _Where(target, manifest, rank if rank < manifest.world_size else 0, rank)
+    where = _Where(storage, target, manifest, rank if rank < manifest.world_size else 0, rank)
     file, info = where.file(where.home)
-    header, root, paths = await read_header(file, info, verify, where.home)
+    header, root, paths = await read_header(storage, file, info, verify, where.home)
     if into is None:
-        data = await _verified_data(file, info, header, paths, verify)
+        data = await _verified_data(storage, file, info, header, paths, verify)
         return await anyio.to_thread.run_sync(_build, data, header, root, paths, file, device)
     return await _load_into(where, (header, root, paths), verify, into, world)
 
 
-async def load_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+async def load_metadata(path: PathLike) -> dict[str, Any]:
     """The ``metadata`` the checkpoint at ``path`` was saved with (its manifest's copy).
 
     Reads only ``manifest.json``; raises ``CheckpointNotFound`` and ``CheckpointCorrupt``.
     """
-    return (await read_manifest(Path(path))).metadata
+    return (await read_manifest(*locate(path))).metadata
 
 
-async def read_manifest(target: Path) -> Manifest:
+async def read_manifest(storage: Storage, target: Path) -> Manifest:
     """Read and validate ``target/manifest.json`` (``CheckpointNotFound`` if there is none)."""
     file = target / MANIFEST
     try:
-        raw = await localfs.read_at(file, 0, _MAX_MANIFEST + 1)
+        raw = await storage.read(file, 0, _MAX_MANIFEST + 1)
     except (FileNotFoundError, NotADirectoryError) as exc:
-        hint = await _recoverable(target)
+        hint = await _recoverable(storage, target)
         raise CheckpointNotFound(
             f"no checkpoint at {target} (no {MANIFEST}){hint}", path=target
         ) from exc
@@ -118,35 +124,35 @@ async def read_manifest(target: Path) -> Manifest:
     return decode_manifest(raw, str(file))
 
 
-async def _recoverable(target: Path) -> str:
+async def _recoverable(storage: Storage, target: Path) -> str:
     """A hint when an interrupted overwrite left the checkpoint under a temporary name."""
     try:
-        names = await localfs.list_dir(target.parent)
+        names = [name for name, _ in await storage.scan(target.parent, leftovers=True)]
     except OSError:
         return ""
     for name in names:
-        m = localfs.TEMP_NAME.match(name)
-        if m and m["name"] == target.name and m["kind"] == "old":
+        left = storage.leftover(name)
+        if left is not None and left.name == target.name and left.interrupted == "overwrite":
             root = str(target.parent)
             return f"; an interrupted overwrite left it beside: run aiostage.sweep({root!r})"
     return ""
 
 
 async def read_header(
-    file: Path, info: FileInfo, verify: bool, rank: int
+    storage: Storage, file: Path, info: FileInfo, verify: bool, rank: int
 ) -> tuple[Header, Node, list[KeyPath]]:
     """Read, check and decode the header of ``file``, rank ``rank``'s data file as the manifest
     lists it in ``info`` (decoding in a worker thread). Raises ``CheckpointCorrupt``."""
     try:
-        size = await localfs.file_size(file)
+        size = await storage.size(file)
         if size != info.size:
             raise CheckpointCorrupt(
                 f"{file}: {size} bytes on disk but the manifest says {info.size} (truncated or "
                 "replaced)",
                 path=file,
             )
-        first = await localfs.read_at(file, 0, 8)
-        body = await localfs.read_at(file, 8, header_length(first, size, str(file)))
+        first = await storage.read(file, 0, 8)
+        body = await storage.read(file, 8, header_length(first, size, str(file)))
     except FileNotFoundError as exc:
         raise CheckpointCorrupt(f"{file}: listed in the manifest but missing", path=file) from exc
     except OSError as exc:
@@ -167,40 +173,32 @@ def _decode(
 
 
 async def _map_data(
-    file: Path, header: Header, start: int, verify: bool, only: Collection[int] | None = None
+    storage: Storage,
+    file: Path,
+    header: Header,
+    start: int,
+    verify: bool,
+    only: Collection[int] | None = None,
 ) -> tuple[memoryview, dict[int, int] | None]:
     """Map ``file`` copy-on-write and return its data (from byte ``start``), paged in.
 
-    Every entry (or each of ``only``) is hashed (xxh3_64) chunk by chunk in worker threads,
-    which is also what brings its pages in (sequential faults ride the kernel's readahead):
-    afterwards touching a tensor never blocks on the disk. Returns the digests by entry when
-    ``verify``. With ``only`` and not ``verify`` nothing is touched: only the pages a copy
-    later reads come in.
+    Every entry (or each of ``only``) is hashed chunk by chunk in worker threads, which is also
+    what brings its pages in: afterwards touching a tensor never blocks on the disk. Returns the
+    digests by entry when ``verify``. With ``only`` and not ``verify`` nothing is touched: only
+    the pages a copy later reads come in.
     """
     try:
-        mapping = await localfs.map_private(file, start + header.data_bytes)
+        data = (await storage.map(file, start + header.data_bytes))[start:]
     except OSError as exc:
         raise PersistenceError(f"cannot map {file}: {exc}", path=file) from exc
-    data = memoryview(mapping)[start:]
     if only is not None and not verify:
         return data, None
-    entries = header.entries
-    order = sorted(range(len(entries)) if only is None else only, key=lambda i: entries[i].begin)
-    hashes = {i: xxhash.xxh3_64() for i in order}
-    lengths = [entries[i].end - entries[i].begin for i in order]
-    for pieces in localfs.cut(lengths, _CHUNK):
-        spans = [(order[seg], entries[order[seg]].begin + at, n) for seg, at, n in pieces]
-        await anyio.to_thread.run_sync(_hash, data, spans, hashes)
-    return data, {i: h.intdigest() for i, h in hashes.items()} if verify else None
-
-
-def _hash(data: memoryview, spans: list[tuple[int, int, int]], hashes: dict[int, Any]) -> None:
-    """Feed ``data[begin : begin + n]`` to entry ``index``'s hash for each span (worker thread)."""
-    for index, begin, n in spans:
-        hashes[index].update(data[begin : begin + n])
+    digests = await hash_entries(data, header, only)
+    return data, digests if verify else None
 
 
 async def _verified_data(
+    storage: Storage,
     file: Path,
     info: FileInfo,
     header: Header,
@@ -209,7 +207,8 @@ async def _verified_data(
     only: Collection[int] | None = None,
 ) -> memoryview:
     """``_map_data`` of ``file``, its checksums compared when ``verify``."""
-    data, digests = await _map_data(file, header, info.size - header.data_bytes, verify, only)
+    start = info.size - header.data_bytes
+    data, digests = await _map_data(storage, file, header, start, verify, only)
     _check_sums(digests, header, paths, file)
     return data
 
@@ -219,7 +218,7 @@ def _check_sums(
 ) -> None:
     for i, got in (digests or {}).items():
         if header.checksums[i] != got:
-            keys = [key_str(paths[t]) for t, r in enumerate(header.records) if r.entry == i]
+            keys = entry_keys(header, paths, i)
             raise CheckpointCorrupt(
                 f"{file}: checksum mismatch in entry {header.entries[i].name!r} (tensor "
                 f"{', '.join(keys)}): the data is corrupt; load an earlier checkpoint",
@@ -270,7 +269,7 @@ def _leaf(path: KeyPath, r: Record, file: Path) -> TensorLeaf:
             raise ValueError("tensor attributes must be a dict with str keys")
     except ValueError as exc:
         raise CheckpointCorrupt(f"{file}: {exc}", path=file, key=key_str(path)) from exc
-    return TensorLeaf(path, _NO_DATA, wrap, r.requires_grad, attrs)
+    return TensorLeaf(path, NO_DATA, wrap, r.requires_grad, attrs)
 
 
 def _fill_into(
@@ -298,7 +297,7 @@ async def _load_into(
         return await _load_resharded(where, leaves, header, verify, into, (root, paths))
     file, info = where.file(where.home)
     targets = await anyio.to_thread.run_sync(check_local, leaves, paths, header.records, str(file))
-    data = await _verified_data(file, info, header, paths, verify)
+    data = await _verified_data(where.storage, file, info, header, paths, verify)
     return await anyio.to_thread.run_sync(_fill_into, data, header, targets, root, paths, into)
 
 
@@ -306,6 +305,7 @@ async def _load_into(
 class _Where:
     """A checkpoint being loaded: its directory and manifest, this rank's home file and rank."""
 
+    storage: Storage
     target: Path
     manifest: Manifest
     home: int
@@ -353,7 +353,7 @@ async def _read_headers(
         if r == where.home:
             out.append((home, paths))
             continue
-        header, _, p = await read_header(*where.file(r), verify, r)
+        header, _, p = await read_header(where.storage, *where.file(r), verify, r)
         out.append((header, p))
     return out
 
@@ -367,7 +367,7 @@ async def _map_needed(
         needed.setdefault(p.file, set()).add(headers[p.file][0].records[p.record].entry)
     out: dict[int, memoryview] = {}
     for f, entries in sorted(needed.items()):
-        out[f] = await _verified_data(*where.file(f), *headers[f], verify, entries)
+        out[f] = await _verified_data(where.storage, *where.file(f), *headers[f], verify, entries)
     return out
 
 

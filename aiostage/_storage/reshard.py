@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .._core.tree import KeyPath, Node, TensorLeaf, Tree, key_str, unflatten
+from .._core.tree import NO_DATA, KeyPath, Node, TensorLeaf, Tree, key_str, unflatten
 from .._format.codec import Record
 from .._format.placements import (
     Box,
@@ -35,8 +35,6 @@ __all__ = [
     "needs_reshard",
     "plan_pieces",
 ]
-
-_NO_DATA = torch.empty(0)
 
 
 def key_problems(mine: Iterable[KeyPath], theirs: Iterable[KeyPath]) -> list[str]:
@@ -264,7 +262,7 @@ def _region(t: torch.Tensor, box: Box, part: Box) -> torch.Tensor:
 def into_result(root: Node, paths: Sequence[KeyPath], into: Any) -> Any:
     """The checkpoint's structure (``root``) holding ``into``'s own tensor objects."""
     objs = [_lookup(into, p) for p in paths]
-    leaves = tuple(TensorLeaf(p, _NO_DATA) for p in paths)
+    leaves = tuple(TensorLeaf(p, NO_DATA) for p in paths)
     return unflatten(Tree(root, leaves), objs, copy_values=False)
 
 

@@ -1,8 +1,9 @@
 """``aiostage.save``: stage, lay out, write and commit a checkpoint, from one rank or from many.
 
-One rank: the data file and then the manifest go into a temporary sibling directory, which is
-renamed into place (``docs/persistence.md``). With a ProcessGroup, rank 0 picks the temporary
-directory, every rank writes its own file into it, a gather tells rank 0 whether every rank
+One rank: the data file and then the manifest go into a staging location of the storage (a
+temporary sibling directory on a local disk), which is committed into place
+(``docs/persistence.md``). With a ProcessGroup, rank 0 picks the staging location, every rank
+writes its own file into it, a gather tells rank 0 whether every rank
 succeeded, rank 0 writes the manifest and commits, and a broadcast tells every rank the outcome.
 """
 
@@ -10,26 +11,34 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import os
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from datetime import timedelta
+from pathlib import Path, PurePath
 from typing import Any
 
 from .._core import dist
-from .._format.codec import MANIFEST, FileInfo, Manifest, check_metadata, rank_file
+from .._core.timeouts import DEFAULT_TIMEOUT, seconds
+from .._format.codec import (
+    MANIFEST,
+    FileInfo,
+    Manifest,
+    as_int64,
+    as_uint64,
+    check_metadata,
+    rank_file,
+)
 from .._staging import AsyncStager
 from ..errors import CheckpointWriteError
-from . import localfs
-from .commit import attempt, check_target, commit, failure
+from .backend import Storage
+from .commit import attempt, check_target, failure, write_checkpoint
+from .locate import PathLike, locate
 from .prepare import Prepared, prepare
-from .writer import DurableWriter, WrittenFile
+from .writer import DurableWriter, WriteOptions, WrittenFile
 
-__all__ = ["SaveReport", "save", "save_with"]
-
-PathLike = str | os.PathLike[str]
+__all__ = ["SaveReport", "save"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +75,8 @@ async def save(
     overwrite: bool = False,
     metadata: dict[str, Any] | None = None,
     stager: AsyncStager | None = None,
-    pg_timeout: float = 600.0,
+    timeout: float | timedelta = DEFAULT_TIMEOUT,
+    write_options: WriteOptions | None = None,
 ) -> SaveReport:
     """Write ``state_dict`` as a checkpoint directory at ``path``, durably and atomically.
 
@@ -75,65 +85,46 @@ async def save(
     their memory, so do not modify them until ``save`` returns. ``metadata`` (JSON) goes into
     the manifest. With ``pg`` (a gloo group; every rank calls ``save`` with the same ``path``),
     each rank writes its own file and no rank returns success unless the whole checkpoint was
-    committed; ``pg_timeout`` bounds each wait for the other ranks.
+    committed. ``timeout`` (seconds or a ``timedelta``, default 600) is the longest any one
+    wait for another rank may take (a collective); past it the save fails with
+    ``CheckpointWriteError``. ``write_options`` tunes the writes (chunk size, buffers, direct
+    I/O).
 
     Blocks on nothing: file I/O runs in worker threads, collectives are polled. Raises
     ``FileExistsError`` if ``path`` exists and ``overwrite`` is false (or ``path`` is not an
     aiostage checkpoint), ``UnsupportedValueError`` naming the key of a leaf the format cannot
-    store, and ``CheckpointWriteError`` when writing fails (nothing is committed then and an
-    existing checkpoint at ``path`` is untouched).
+    store, ``CheckpointWriteError`` when writing fails (nothing is committed then and an
+    existing checkpoint at ``path`` is untouched), and ``ValueError`` for a bad ``timeout``.
     """
-    return await save_with(
-        DurableWriter(),
-        state_dict,
-        path,
-        pg=pg,
-        overwrite=overwrite,
-        metadata=metadata,
-        stager=stager,
-        pg_timeout=pg_timeout,
-    )
-
-
-async def save_with(
-    writer: DurableWriter,
-    state_dict: Any,
-    path: PathLike,
-    *,
-    pg: Any = None,
-    overwrite: bool = False,
-    metadata: dict[str, Any] | None = None,
-    stager: AsyncStager | None = None,
-    pg_timeout: float = 600.0,
-) -> SaveReport:
-    """``save`` through a given ``DurableWriter`` (its options and fault-injection hook)."""
-    target, meta = Path(path), check_metadata(metadata)
+    limit = seconds(timeout)
+    storage, target = locate(path)
+    meta = check_metadata(metadata)
+    request = _Request(DurableWriter(storage, write_options), target, overwrite, meta, stager)
     if pg is None:
-        return await _save_alone(writer, state_dict, target, overwrite, meta, stager)
-    return await _save_together(writer, state_dict, target, overwrite, meta, stager, pg, pg_timeout)
+        return await _save_alone(request, state_dict)
+    return await _save_together(request, state_dict, pg, limit)
 
 
-async def _save_alone(
-    writer: DurableWriter,
-    state_dict: Any,
-    target: Path,
-    overwrite: bool,
-    meta: dict[str, Any],
-    stager: AsyncStager | None,
-) -> SaveReport:
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """One ``save``'s settled arguments: where and how to write, what to do with an old one."""
+
+    writer: DurableWriter
+    target: Path
+    overwrite: bool
+    meta: dict[str, Any]
+    stager: AsyncStager | None
+
+
+async def _save_alone(request: _Request, state_dict: Any) -> SaveReport:
     began = time.perf_counter()
-    await check_target(target, overwrite)
-    prep = await prepare(state_dict, stager)
-    tmp = localfs.temp_path(target, uuid.uuid4().hex)
+    writer, target, overwrite = request.writer, request.target, request.overwrite
+    await check_target(writer.storage, target, overwrite)
+    prep = await prepare(state_dict, request.stager)
     try:
-        async with attempt(tmp, target):
-            await localfs.make_parents(target.parent)
-            await localfs.make_dir(tmp)
-            written = await writer.write_file(tmp / rank_file(0), prep.header, prep.sources)
-            committing = time.perf_counter()
-            manifest = Manifest(1, (written.info,), meta)
-            manifest_bytes = await writer.write_manifest(tmp, manifest)
-            await commit(tmp, target, overwrite)
+        written, committing, manifest_bytes = await write_checkpoint(
+            writer, target, prep.header, prep.sources, request.meta, overwrite=overwrite
+        )
     finally:
         prep.release()
     return _report(target, prep, written, committing, began, manifest_bytes)
@@ -160,25 +151,21 @@ def _report(
 
 
 async def _save_together(
-    writer: DurableWriter,
-    state_dict: Any,
-    target: Path,
-    overwrite: bool,
-    meta: dict[str, Any],
-    stager: AsyncStager | None,
-    pg: Any,
-    pg_timeout: float,
+    request: _Request, state_dict: Any, pg: Any, pg_timeout: float
 ) -> SaveReport:
+    writer, target, overwrite = request.writer, request.target, request.overwrite
     rank, world = dist.rank_and_size(pg)
     began = time.perf_counter()
-    tmp = localfs.temp_path(target, await _agree(pg, target, overwrite, rank, pg_timeout))
+    storage = writer.storage
+    token = await _agree(storage, pg, target, overwrite, rank, pg_timeout)
+    tmp = storage.staging(target, token)
     prep: Prepared | None = None
     try:
-        prep = await prepare(state_dict, stager)
-        await localfs.make_parents(tmp)
+        prep = await prepare(state_dict, request.stager)
+        await storage.begin(target, token)
         header = dataclasses.replace(prep.header, rank=rank, world_size=world)
         written = await writer.write_file(tmp / rank_file(rank), header, prep.sources)
-        mine, error = [0, written.info.size, _signed(written.info.header_xxh3)], None
+        mine, error = [0, written.info.size, as_int64(written.info.header_xxh3)], None
     except Exception as exc:
         mine, error = [1, 0, 0], exc
     finally:
@@ -186,19 +173,19 @@ async def _save_together(
             prep.release()
     committing = time.perf_counter()
     rows = await _collective(dist.all_gather_ints, pg, mine, pg_timeout, "gather", target)
-    manifest_bytes = await _finish(
-        writer, pg, rows, tmp, target, overwrite, meta, error, pg_timeout
-    )
+    manifest_bytes = await _finish(request, pg, rows, tmp, error, pg_timeout)
     assert prep is not None  # _finish raised unless this rank wrote its file
     return _report(target, prep, written, committing, began, manifest_bytes, rank, world)
 
 
-async def _agree(pg: Any, target: Path, overwrite: bool, rank: int, pg_timeout: float) -> str:
+async def _agree(
+    storage: Storage, pg: Any, target: Path, overwrite: bool, rank: int, pg_timeout: float
+) -> str:
     """Rank 0 checks ``target`` and picks the token; every rank learns both."""
     status, problem = b"\0", None
     if rank == 0:
         try:
-            await check_target(target, overwrite)
+            await check_target(storage, target, overwrite)
         except OSError as exc:  # FileExistsError, or the target cannot even be inspected
             status, problem = (b"\1" if isinstance(exc, FileExistsError) else b"\2"), exc
     message = status + uuid.uuid4().bytes
@@ -223,13 +210,10 @@ async def _collective(
 
 
 async def _finish(
-    writer: DurableWriter,
+    request: _Request,
     pg: Any,
     rows: list[list[int]],
-    tmp: Path,
-    target: Path,
-    overwrite: bool,
-    meta: dict[str, Any],
+    tmp: PurePath,
     error: Exception | None,
     pg_timeout: float,
 ) -> int:
@@ -238,10 +222,11 @@ async def _finish(
     Returns the size of the manifest this rank wrote (0 on ranks other than 0).
     """
     rank, world = dist.rank_and_size(pg)
+    target = request.target
     failed = [r for r, row in enumerate(rows) if row[0]]
     manifest_bytes, problem = 0, None
     if rank == 0:
-        manifest_bytes, problem = await _commit_for_all(writer, rows, tmp, target, overwrite, meta)
+        manifest_bytes, problem = await _commit_for_all(request, rows, tmp)
     flag = bytes([problem is not None])
     outcome = await _collective(dist.broadcast_bytes, pg, flag, pg_timeout, "outcome", target)
     if error is not None:
@@ -260,32 +245,21 @@ async def _finish(
 
 
 async def _commit_for_all(
-    writer: DurableWriter,
-    rows: list[list[int]],
-    tmp: Path,
-    target: Path,
-    overwrite: bool,
-    meta: dict[str, Any],
+    request: _Request, rows: list[list[int]], tmp: PurePath
 ) -> tuple[int, Exception | None]:
+    writer, target = request.writer, request.target
     if any(row[0] for row in rows):
-        await localfs.remove_tree(tmp)
+        await writer.storage.discard(tmp)
         return 0, None
-    files = tuple(
-        FileInfo(rank_file(r), size, h % (1 << 64)) for r, (_, size, h) in enumerate(rows)
-    )
-    manifest = Manifest(len(rows), files, meta)
+    files = tuple(FileInfo(rank_file(r), size, as_uint64(h)) for r, (_, size, h) in enumerate(rows))
+    manifest = Manifest(len(rows), files, request.meta)
     try:
-        async with attempt(tmp, target):
+        async with attempt(writer.storage, tmp, target):
             size = await writer.write_manifest(tmp, manifest)
-            await commit(tmp, target, overwrite)
+            await writer.storage.commit(tmp, target, overwrite=request.overwrite)
     except (CheckpointWriteError, FileExistsError) as exc:
         return 0, exc
     return size, None
-
-
-def _signed(digest: int) -> int:
-    """A 64-bit digest as an int64 (the gather carries int64)."""
-    return digest - (1 << 64) if digest >= 1 << 63 else digest
 
 
 def _as_write_error(error: Exception, target: Path) -> Exception:

@@ -1,21 +1,18 @@
-"""Durable writes: data files streamed in large aligned chunks, fsync, manifest last, rename.
+"""Durable writes of data files and manifests through the storage seam.
 
 ``DurableWriter.write_file`` copies each entry's bytes into a small ring of page-aligned buffers
 (``chunk_bytes`` x ``buffers``: the only memory it adds) and hashes them there (xxh3_64) in a
-worker thread while the previous buffer is being written, ``O_DIRECT`` where the file system
-allows it. The data goes first, the header (which holds the checksums) last, then the file is
-fsynced. ``commit`` makes a finished temporary directory the checkpoint; ``sweep`` clears what
-interrupted saves leave behind.
+worker thread while the previous buffer is being written (``O_DIRECT`` where the storage allows
+it). The data goes first, the header (which holds the checksums) last, then the file is made
+durable. Which files make a checkpoint visible, and when, is ``commit``'s business.
 """
 
 from __future__ import annotations
 
-import errno
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import PurePath
 from typing import Any
 
 import anyio
@@ -32,41 +29,27 @@ from .._format.codec import (
     Source,
     encode_header,
     encode_manifest,
-    round_up,
 )
 from ..errors import CheckpointCorrupt
-from . import localfs
+from .backend import WRITE_ALIGN, Storage
+from .pipeline import cut, pipeline, ring
 
-if sys.version_info < (3, 11):  # pragma: no cover
-    pass
-
-
-__all__ = ["DurableWriter", "WriteHook", "WriterOptions", "WrittenFile"]
+__all__ = ["DurableWriter", "WriteOptions", "WrittenFile"]
 
 _MiB = 1 << 20
-
-
-#: a process-wide fault-injection hook (``aiostage.testing.FaultyWrites``), called on the loop
-#: before every write with (file, offset, bytes); it may raise (``OSError(ENOSPC)``), or return
-#: ``write(fd, data) -> bytes written``, which replaces the first ``os.write`` of that write and
-#: runs in a worker thread
-WriteHook = Callable[[str, int, int], Callable[[int, memoryview], int] | None]
-
-
-#: the hooks every ``DurableWriter`` consults (tests only)
-write_hooks: list[WriteHook] = []
-
-
 #: a chunk to write: its file offset and its pieces (segment, start in the segment, bytes)
 _Job = tuple[int, list[tuple[int, int, int]]]
 
 
 @dataclass(frozen=True, kw_only=True)
-class WriterOptions:
-    """How ``DurableWriter`` writes: ``buffers`` aligned buffers of ``chunk_bytes`` each.
+class WriteOptions:
+    """How ``save`` writes its data files: ``buffers`` aligned buffers of ``chunk_bytes`` each
+    (the only memory writing adds), filled (copy + checksum) while the previous one is written.
 
     ``direct_io``: bypass the page cache (``O_DIRECT``) where the file system allows it; the
     data then goes to the device as it is written, and the final fsync has little left to do.
+    Raises ``ValueError`` unless ``chunk_bytes`` is a positive multiple of 4096 and ``buffers``
+    at least 1.
     """
 
     chunk_bytes: int = 16 * _MiB
@@ -74,15 +57,15 @@ class WriterOptions:
     direct_io: bool = True
 
     def __post_init__(self) -> None:
-        if self.chunk_bytes < localfs.ALIGN or self.chunk_bytes % localfs.ALIGN:
-            raise ValueError(f"chunk_bytes must be a positive multiple of {localfs.ALIGN}")
+        if self.chunk_bytes < WRITE_ALIGN or self.chunk_bytes % WRITE_ALIGN:
+            raise ValueError(f"chunk_bytes must be a positive multiple of {WRITE_ALIGN}")
         if self.buffers < 1:
             raise ValueError(f"buffers must be at least 1, got {self.buffers}")
 
 
 @dataclass(frozen=True, slots=True)
 class WrittenFile:
-    """A data file on disk (fsynced) and how long writing and fsync took."""
+    """A data file made durable, and how long writing and making it durable took."""
 
     info: FileInfo
     write_seconds: float
@@ -90,23 +73,24 @@ class WrittenFile:
 
 
 class DurableWriter:
-    """Writes data files and manifests durably (``write_hooks`` inject faults in tests).
+    """Writes data files and manifests durably into a ``Storage``.
 
-    Every method raises ``OSError`` as the file system reports it; callers turn it into
+    Every method raises ``OSError`` as the storage reports it; callers turn it into
     ``CheckpointWriteError``.
     """
 
-    def __init__(self, options: WriterOptions | None = None):
-        self.options = options or WriterOptions()
+    def __init__(self, storage: Storage, options: WriteOptions | None = None):
+        self.storage = storage
+        self.options = options or WriteOptions()
 
     async def write_file(
         self,
-        path: Path,
+        path: PurePath,
         header: Header,
         sources: Sequence[Source],
         expected: Sequence[int] | None = None,
     ) -> WrittenFile:
-        """Write ``header`` and the bytes of ``sources`` to a new file ``path``, then fsync it.
+        """Write ``header`` and the bytes of ``sources`` to a new file ``path``, durably.
 
         ``expected``: the entries' digests as their producer computed them (a received replica);
         the bytes are checked against them as they are written, and ``CheckpointCorrupt`` naming
@@ -117,63 +101,43 @@ class DurableWriter:
         hashes = [xxhash.xxh3_64() for _ in sources]
         start = len(await anyio.to_thread.run_sync(encode_header, header))  # same with sums
         segments = [n for data, pad in sources for n in (data.numel(), pad)]
-        chunks = enumerate(localfs.cut(segments, o.chunk_bytes))
-        jobs = [(start + k * o.chunk_bytes, pieces) for k, pieces in chunks]
+        jobs = [(start + k * o.chunk_bytes, p) for k, p in enumerate(cut(segments, o.chunk_bytes))]
         async with (
-            localfs.ring(o.buffers, o.chunk_bytes) as ring,
-            localfs.open_file(path, "xb", direct=o.direct_io) as f,
+            ring(o.buffers, o.chunk_bytes) as bufs,
+            self.storage.create(path, direct=o.direct_io) as sink,
         ):
 
             async def fill(slot: int, job: _Job) -> None:
-                await anyio.to_thread.run_sync(_fill, ring[slot], job[1], sources, hashes)
+                await anyio.to_thread.run_sync(_fill, bufs[slot], job[1], sources, hashes)
 
             async def write(slot: int, job: _Job) -> None:
-                await self._write(f, ring[slot], job[0], sum(n for _, _, n in job[1]))
+                await sink.write_at(job[0], bufs[slot], sum(n for _, _, n in job[1]))
 
-            await localfs.pipeline(len(ring), jobs, fill, write)
+            await pipeline(len(bufs), jobs, fill, write)
             digests = tuple(h.intdigest() for h in hashes)
             if expected is not None:
                 _compare(path, header, digests, expected)
-            final = replace(header, checksums=digests)
-            blob = await anyio.to_thread.run_sync(encode_header, final)
+            blob = await anyio.to_thread.run_sync(encode_header, replace(header, checksums=digests))
             for begin in range(0, len(blob), o.chunk_bytes):
                 piece = blob[begin : begin + o.chunk_bytes]
-                ring[0][: len(piece)] = piece
-                await self._write(f, ring[0], begin, len(piece))
-            size = len(blob) + header.data_bytes
-            await f.truncate(size)  # drops the alignment padding of the last chunk
+                bufs[0][: len(piece)] = piece
+                await sink.write_at(begin, bufs[0], len(piece))
             wrote = time.perf_counter()
-            await localfs.fsync(f.fileno())
-        info = FileInfo(path.name, size, xxhash.xxh3_64_intdigest(blob))
+            await sink.finish(len(blob) + header.data_bytes)
+        info = FileInfo(path.name, len(blob) + header.data_bytes, xxhash.xxh3_64_intdigest(blob))
         return WrittenFile(info, wrote - began, time.perf_counter() - wrote)
 
-    async def write_manifest(self, directory: Path, manifest: Manifest) -> int:
-        """Write and fsync ``directory/manifest.json``, then fsync ``directory``; its size."""
+    async def write_manifest(self, directory: PurePath, manifest: Manifest) -> int:
+        """Write ``directory/manifest.json`` durably, then seal ``directory``; its size."""
         data = encode_manifest(manifest)
-        async with localfs.open_file(directory / MANIFEST, "xb") as f:
-            await self._write(f, memoryview(data), 0, len(data))
-            await localfs.fsync(f.fileno())
-        await localfs.fsync_dir(directory)
+        async with self.storage.create(directory / MANIFEST, direct=False) as sink:
+            await sink.write_at(0, memoryview(bytearray(data)), len(data))
+            await sink.finish(len(data))
+        await self.storage.seal(directory)
         return len(data)
 
-    async def _write(self, f: Any, buf: memoryview, offset: int, n: int) -> None:
-        """Write ``buf[:n]`` at ``offset``, padded with zeros to ``ALIGN`` (truncated later)."""
-        padded = min(round_up(n, localfs.ALIGN), len(buf))
-        if padded > n:
-            buf[n:padded] = bytes(padded - n)
-        replaced = _hooked(str(f.name), offset, n)
-        await f.seek(offset)
-        done = 0
-        if replaced is not None:
-            done = await anyio.to_thread.run_sync(replaced, f.fileno(), buf[:padded])
-        while done < padded:
-            wrote = await f.write(buf[done:padded])
-            if not wrote:  # no progress: write(2) would spin here forever
-                raise OSError(errno.EIO, f"a write to {f.name} stored nothing at {offset + done}")
-            done += wrote
 
-
-def _compare(path: Path, header: Header, got: Sequence[int], expected: Sequence[int]) -> None:
+def _compare(path: PurePath, header: Header, got: Sequence[int], expected: Sequence[int]) -> None:
     for e, mine, theirs in zip(header.entries, got, expected, strict=True):
         if mine != theirs:
             raise CheckpointCorrupt(
@@ -182,14 +146,6 @@ def _compare(path: Path, header: Header, got: Sequence[int], expected: Sequence[
                 path=path,
                 key=e.name,
             )
-
-
-def _hooked(name: str, offset: int, n: int) -> Callable[[int, memoryview], int] | None:
-    """Consult ``write_hooks``; the last replacement write offered wins."""
-    replaced = None
-    for hook in tuple(write_hooks):
-        replaced = hook(name, offset, n) or replaced
-    return replaced
 
 
 def _fill(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from .._storage import writer
+from .._storage import localfs
 
 __all__ = ["FaultyWrites"]
 
@@ -86,13 +86,13 @@ class FaultyWrites:
         return self
 
     def __enter__(self) -> FaultyWrites:
-        writer.write_hooks.append(self)
+        localfs.write_hooks.append(self)
         return self
 
     def __exit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        writer.write_hooks.remove(self)
+        localfs.write_hooks.remove(self)
 
     def __call__(self, file: str, offset: int, n: int) -> _Replacement | None:
         """The write hook: called by the writer, on the loop, before each write."""

@@ -80,7 +80,10 @@ async def publish_five(
             set_version(model, v)
             publications.append(await pub.submit(model.state_dict(), v))
             set_version(model, -1.0)  # training goes on: the staged copy must not see this
-        reports = [await p.wait() for p in publications]
+        reports = [await p.report for p in publications]
+        for p, r in zip(publications, reports, strict=True):  # each subscriber's, one by one
+            assert p.done()
+            assert {rank: await d for rank, d in p.deliveries.items()} == r.deliveries
         with pytest.raises(ValueError, match="does not increase"):
             await pub.submit(model.state_dict(), 5)
     for report in reports:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import torch
 import torch.distributed as dist
 
@@ -24,7 +25,7 @@ async def replicated_saves(rank: int, world: int, root: str) -> dict[str, Any]:
     """Saves with pg and replication; a user collective on the default group runs between
     saves (the Checkpointer's collectives use private groups); then load and recover."""
     async with aiostage.Checkpointer(
-        root, pg=dist.group.WORLD, replicate=True, keep_last=2, pg_timeout=60
+        root, pg=dist.group.WORLD, replicate=True, keep_last=2, timeout=60
     ) as ckpt:
         for step in (1, 2, 3):
             handle = await ckpt.save(step, rank_state(rank, step))
@@ -59,9 +60,14 @@ async def async_save_with_replication(rank: int, world: int, root: str) -> dict[
     """``async_save`` with a group of its own and a ReplicationStager: a shared checkpoint, and
     each rank holds its partner's state."""
     group = dist.new_group(backend="gloo")  # not the group the caller uses meanwhile
-    async with aiostage.ReplicationStager(dist.new_group(backend="gloo"), timeout=30) as repl:
+    async with (
+        aiostage.ReplicationStager(dist.new_group(backend="gloo"), timeout=30) as repl,
+        anyio.create_task_group() as tg,
+    ):
         sd = rank_state(rank, 7)
-        handle = await aiostage.async_save(sd, f"{root}/one", pg=group, replicate=repl)
+        handle = await aiostage.async_save(
+            sd, f"{root}/one", task_group=tg, pg=group, replication=repl
+        )
         sd["model"]["w"].zero_()  # staged already: the checkpoint keeps the old values
         report = await handle.report
         back = await repl.recover(lost=rank == 0, like=rank_state(rank, 0))

@@ -52,7 +52,7 @@ async def one_rank_cannot_save(rank: int, world: int, root: str) -> tuple[str, s
     if rank == 1:
         sd["bad"] = {1, 2}
     try:
-        await aiostage.save(sd, Path(root) / "ckpt", pg=dist.group.WORLD, pg_timeout=60)
+        await aiostage.save(sd, Path(root) / "ckpt", pg=dist.group.WORLD, timeout=60)
     except (CheckpointWriteError, UnsupportedValueError) as exc:
         return type(exc).__name__, str(exc)
     raise AssertionError("save reported success although rank 1 failed")
@@ -92,11 +92,11 @@ async def dtensors(rank: int, world: int, root: str) -> tuple[tuple[int, ...], b
 
 
 async def slow_peer(rank: int, world: int, root: str) -> tuple[str, list[str]]:
-    """Rank 1 comes late: rank 0 gives up after ``pg_timeout``; nothing is committed."""
+    """Rank 1 comes late: rank 0 gives up after ``timeout``; nothing is committed."""
     if rank == 1:
         await anyio.sleep(3.0)  # a peer that is slow to arrive (not a synchronisation)
     try:
-        await aiostage.save(_sd(rank), Path(root) / "ckpt", pg=dist.group.WORLD, pg_timeout=1.5)
+        await aiostage.save(_sd(rank), Path(root) / "ckpt", pg=dist.group.WORLD, timeout=1.5)
     except CheckpointWriteError as exc:
         return str(exc), sorted(n for n in os.listdir(root) if not n.startswith("."))
     raise AssertionError("save reported success although a peer timed out")

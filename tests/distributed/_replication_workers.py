@@ -176,11 +176,9 @@ async def peer_dies(rank: int, world: int) -> float:
 
 def _send_header_then_die() -> None:
     from aiostage._format.codec import encode_header
-    from aiostage._replication.frames import outgoing
+    from aiostage._replication.frames import plan_cpu_frame
 
-    planned = outgoing(make_state(1))
-    assert planned is not None
-    header = planned[1]
+    header = plan_cpu_frame(make_state(1)).header
     raw = bytearray(encode_header(header))
     head = [transport.MAGIC, 1, len(raw), header.data_bytes, len(header.entries)]
     for t in (torch.tensor(head), torch.frombuffer(raw, dtype=torch.uint8)):

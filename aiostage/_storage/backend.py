@@ -1,0 +1,111 @@
+"""The storage seam: what the writer, the reader and the front door need from where checkpoints live.
+
+A checkpoint is a named location holding a few files (one data file per rank and
+``manifest.json``). A save writes them under a *staging* location of its own (``begin``), then
+``commit`` makes the whole checkpoint visible at once at its target, or ``discard`` drops it:
+nothing half-written is ever visible under the target's name. Files are created whole
+(``create`` + positioned writes + ``finish``) and read by ranges or mapped.
+
+The local POSIX backend (``local.LocalStorage``: temp directory, fsync, rename, directory fsync)
+is the first implementation. An object store fits the same calls: ``begin`` picks a private
+prefix, ``create`` starts a multipart upload whose parts are the positioned writes, ``commit``
+writes the manifest last with a conditional create, ``kind`` asks for the manifest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Literal, Protocol
+
+__all__ = ["WRITE_ALIGN", "Kind", "Leftover", "Sink", "Storage"]
+
+#: what is at a location: nothing, a committed checkpoint, an empty directory, another directory,
+#: or a file (anything that is not a directory, a symbolic link included)
+Kind = Literal["absent", "checkpoint", "empty", "other", "file"]
+#: offsets of positioned writes (but the last) are multiples of this (``O_DIRECT``'s block size)
+WRITE_ALIGN = 4096
+
+
+class Sink(Protocol):
+    """One new file being written: positioned writes, then ``finish`` makes it durable."""
+
+    name: str
+
+    async def write_at(self, offset: int, buf: memoryview, n: int) -> None:
+        """Write ``buf[:n]`` at ``offset``; ``buf`` past ``n`` is scratch the sink may pad with."""
+
+    async def finish(self, size: int) -> None:
+        """The file holds exactly ``size`` bytes, durably."""
+
+
+@dataclass(frozen=True, slots=True)
+class Leftover:
+    """What an interrupted save or deletion left in a root: the name it was for, and why."""
+
+    name: str
+    interrupted: Literal["save", "overwrite"]
+
+
+class Storage(Protocol):
+    """Where checkpoints live (see the module docstring). Methods raise ``OSError``."""
+
+    # ------------------------------------------------------------ reading and inspecting
+    async def kind(self, location: PurePath) -> Kind:
+        """What is at ``location``."""
+
+    async def scan(self, root: PurePath, *, leftovers: bool = False) -> list[tuple[str, Kind]]:
+        """``(name, kind)`` of every entry of ``root``, sorted (none if ``root`` is absent);
+        leftovers (see ``leftover``) only if asked for."""
+
+    def leftover(self, name: str) -> Leftover | None:
+        """Whether entry ``name`` of a root is a leftover of an interrupted save or deletion."""
+
+    async def size(self, file: PurePath) -> int:
+        """The size of ``file`` in bytes."""
+
+    async def usage(self, location: PurePath) -> tuple[int, float]:
+        """The bytes stored under ``location`` (a file or a checkpoint) and the latest time one
+        of them was modified (seconds since the epoch)."""
+
+    async def read(self, file: PurePath, offset: int, n: int) -> bytes:
+        """Up to ``n`` bytes of ``file`` from ``offset``."""
+
+    async def map(self, file: PurePath, size: int) -> memoryview:
+        """The first ``size`` bytes of ``file`` as writable memory private to this process."""
+
+    # ------------------------------------------------------------ writing a checkpoint
+    async def begin(self, target: PurePath, token: str) -> PurePath:
+        """A new, empty staging location for a save to ``target`` (``token`` makes it unique)."""
+
+    def staging(self, target: PurePath, token: str) -> PurePath:
+        """The staging location ``begin(target, token)`` creates (ranks other than 0 use it)."""
+
+    def create(self, file: PurePath, *, direct: bool) -> AbstractAsyncContextManager[Sink]:
+        """A new file ``file`` (``FileExistsError`` if it exists); ``direct``: bypass caches."""
+
+    async def seal(self, staging: PurePath) -> None:
+        """Make the list of files written under ``staging`` durable."""
+
+    async def commit(self, staging: PurePath, target: PurePath, *, overwrite: bool) -> None:
+        """Make ``staging`` the checkpoint at ``target`` at once (the commit point).
+
+        ``FileExistsError`` if ``target`` exists and not ``overwrite``."""
+
+    async def discard(self, staging: PurePath) -> None:
+        """Drop what a failed save wrote (errors ignored: ``sweep`` finds what is left)."""
+
+    # ------------------------------------------------------------ retention and clean-up
+    async def make_root(self, root: PurePath) -> None:
+        """Create ``root`` (and its parents) for checkpoints to go into."""
+
+    async def delete(self, location: PurePath, token: str) -> None:
+        """Delete the checkpoint at ``location`` so that it vanishes at once."""
+
+    async def sweep(
+        self, root: PurePath, on_stuck: Callable[[PurePath, OSError], None] | None = None
+    ) -> list[PurePath]:
+        """Remove the leftovers in ``root``; return them. ``on_stuck``: report one that cannot be
+        removed instead of raising."""
