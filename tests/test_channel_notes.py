@@ -156,7 +156,7 @@ async def test_take_posts_waits_for_a_late_note_and_survives_a_cancellation(
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(take)
-        await anyio.sleep(0.02)
+        await anyio.wait_all_tasks_blocked()
         assert not got
         await send_note(None, 0, READY_TAG, Note(DONE, 7))
     assert got == [Note(DONE, 7)]

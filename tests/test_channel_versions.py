@@ -115,7 +115,7 @@ async def test_a_third_version_waits_for_a_release_and_reuses_its_buffer(
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(stage)
-        await anyio.sleep(0.1)
+        await anyio.wait_all_tasks_blocked()
         assert not third  # both buffers are in use
         snaps.release(first)
     assert _memory(third[0]) == _memory(first)

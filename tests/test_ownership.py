@@ -101,9 +101,15 @@ async def test_the_check_sees_a_leaked_task_thread_and_busy_worker() -> None:
     task = asyncio.get_running_loop().create_task(asyncio.sleep(30), name="leaked")
     thread = threading.Thread(target=go.wait, name="leaked-thread")
     thread.start()
+    started = threading.Event()
+
+    def work() -> None:
+        started.set()
+        go.wait()
+
     async with anyio.create_task_group() as tg:  # a worker abandoned while busy
-        tg.start_soon(lambda: anyio.to_thread.run_sync(go.wait, abandon_on_cancel=True))
-        await anyio.sleep(0.05)
+        tg.start_soon(lambda: anyio.to_thread.run_sync(work, abandon_on_cancel=True))
+        await wait_until(started.is_set)
         tg.cancel_scope.cancel()
     pending = asyncio.get_running_loop().run_in_executor(None, go.wait)  # never awaited
     await _settled_executor(before)
@@ -169,7 +175,7 @@ async def test_a_cancelled_async_save_leaves_nothing(tmp_path: Path) -> None:
     async with nothing_left():
         async with anyio.create_task_group() as tg:
             handle = await aiostage.async_save(state(4), tmp_path / "one", task_group=tg)
-            await anyio.sleep(0.01)
+            await anyio.wait_all_tasks_blocked()  # the save is under way in a worker
             tg.cancel_scope.cancel()
         assert handle.done()
 

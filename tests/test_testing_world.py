@@ -18,11 +18,15 @@ pytestmark = [pytest.mark.distributed, pytest.mark.timeout(90)]
 
 
 def _leftover_children() -> list[psutil.Process]:
-    """Children of this process, zombies included, minus multiprocessing's resource tracker."""
+    """Children of this process, zombies included, minus the daemons that outlive a test by
+    design: multiprocessing's resource tracker and torch's shared-memory manager (started by the
+    first tensor put in shared memory, e.g. by the channel's shared-memory tests)."""
     leftovers = []
     for child in psutil.Process().children(recursive=True):
         try:
-            if "resource_tracker" in " ".join(child.cmdline()):
+            if any(
+                d in " ".join(child.cmdline()) for d in ("resource_tracker", "torch_shm_manager")
+            ):
                 continue
         except psutil.ZombieProcess:
             pass  # an unreaped rank is a leftover too

@@ -27,8 +27,8 @@ from aiostage._replication.frames import (
 )
 from aiostage._replication.guard import Breaker
 from aiostage._replication.held import HeldReplicas
-from aiostage._replication.persist import ReplicaWrites
 from aiostage._replication.receive import ReceiveBuffers
+from aiostage._replication.replicas import ReplicaWrites
 from aiostage._replication.transport import partners
 from aiostage._replication.wire import (
     MAGIC,

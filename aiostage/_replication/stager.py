@@ -33,8 +33,8 @@ from ..errors import ReplicationError, UsageError
 from .frames import Frame, Planned, plan_cpu_frame, plan_frame, rebuild
 from .guard import Breaker
 from .held import HeldReplicas
-from .persist import ReplicaWrites
 from .recovery import agree, swap
+from .replicas import ReplicaWrites
 from .transport import Link, partners, recv_frame, send_frame
 
 __all__ = ["ReplicationStager", "ReplicationStatistics"]

@@ -74,14 +74,13 @@ async def write_checkpoint(
     overwrite: bool,
     expected: Sequence[int] | None = None,
 ) -> tuple[WrittenFile, float, int]:
-    """Write a one-rank checkpoint at ``target`` and commit it: its data file, when committing
+    """Write a one-rank checkpoint at ``target`` (which ``check_target`` allowed) and commit it: its data file, when committing
     (manifest, commit) began and the size of the manifest. ``expected``: the producer's digests, checked as the bytes are written.
 
     Raises ``FileExistsError`` (``target`` exists and not ``overwrite``), ``CheckpointWriteError``
     and ``CheckpointCorrupt``; nothing is committed then and what was at ``target`` is untouched.
     """
     storage = writer.storage
-    await check_target(storage, target, overwrite)
     token = uuid.uuid4().hex
     staging = storage.staging(target, token)
     async with attempt(storage, staging, target):
