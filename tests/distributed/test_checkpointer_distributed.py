@@ -15,7 +15,14 @@ pytestmark = [pytest.mark.distributed]
 @pytest.mark.timeout(90)
 def test_replicated_saves_retention_load_and_recover(tmp_path: Path) -> None:
     results = run_world(workers.replicated_saves, 2, str(tmp_path), timeout=60)
-    assert results == [{"steps": [2, 3]}] * 2
+    for rank, r in enumerate(results):
+        assert r["totals"] == [2.0] * 3, f"rank {rank}: the user's all_reduce gave {r['totals']}"
+        assert r["kept"] == [2, 3], f"rank {rank} kept steps {r['kept']} before closing"
+        assert r["loaded"] is None, f"rank {rank}: the loaded step 3 differs: {r['loaded']}"
+        assert r["steps"] == [2, 3], f"rank {rank} kept steps {r['steps']} after closing"
+    lost, kept = results[1]["recovered"], results[0]["recovered"]
+    assert lost is None, f"rank 1's recovered state differs: {lost}"
+    assert kept == "NoneType", f"rank 0 lost nothing, yet recover returned a {kept}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000000002", "step_000000003"]
 
 
@@ -31,4 +38,8 @@ def test_skip_decisions_are_the_same_on_every_rank(tmp_path: Path) -> None:
 @pytest.mark.timeout(90)
 def test_async_save_with_a_group_and_replication(tmp_path: Path) -> None:
     results = run_world(workers.async_save_with_replication, 2, str(tmp_path), timeout=60)
-    assert results == [{"replicated": True}] * 2
+    for rank, r in enumerate(results):
+        assert r["replicated"], f"rank {rank}: the report shows no replication time"
+        assert r["loaded"] is None, f"rank {rank}: the loaded checkpoint differs: {r['loaded']}"
+    recovered = results[0]["recovered"]
+    assert recovered is None, f"rank 0's recovered state differs: {recovered}"

@@ -31,17 +31,21 @@ WORLD_TIMEOUT = 90.0
 
 @pytest.fixture(scope="module")
 def hsdp(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The HSDP world of ``save_train_resume``: its checkpoint, saved state and losses."""
+    """The HSDP world of ``save_train_resume``: its checkpoint, saved state and losses (rank
+    0's), and under ``"ranks"`` what each rank saw."""
     root = tmp_path_factory.mktemp("sharded")
-    result: dict[str, Any] = run_world(
-        workers.save_train_resume, 4, str(root), timeout=WORLD_TIMEOUT
-    )[0]
-    return result
+    results = run_world(workers.save_train_resume, 4, str(root), timeout=WORLD_TIMEOUT)
+    return {**results[0], "ranks": results}
 
 
 def test_hsdp_saves_trains_on_and_resumes_the_saved_state(hsdp: dict[str, Any]) -> None:
-    # the world asserted that the loaded state equals the saved one and that training after
-    # the load repeats the losses of training after the save; here: what was saved is sharded
+    for rank, r in enumerate(hsdp["ranks"]):
+        assert r["moved"], f"rank {rank}: training after the save left 0.weight as it was saved"
+        assert r["resumed"] is None, f"rank {rank}: the state loaded back differs: {r['resumed']}"
+        assert r["again"] == r["losses"], (
+            f"rank {rank}: losses after the load {r['again']} != after the save {r['losses']}"
+        )
+    # what was saved is sharded
     assert sorted(p.name for p in Path(hsdp["path"]).iterdir()) == [
         "manifest.json",
         *(rank_file(r) for r in range(4)),
