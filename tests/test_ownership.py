@@ -5,10 +5,9 @@ handle's task group, ``ReplicationStager`` in a world of one, ``WeightPublisher`
 of one), compare what runs before it is opened and after it is closed (``aclose()`` or leaving
 ``async with``): no new asyncio task, no new thread, and no anyio worker thread still busy.
 
-anyio keeps idle worker threads pooled (about 10 s) for the next ``to_thread`` call, and the
-loop's default executor (where ``aiofiles`` runs file calls) keeps its threads until the loop
-closes: those are not leftovers, a pool thread still running something is. ``WeightSubscriber`` is not checked here: it needs
-a publisher on another rank, so a spawned world (``tests/distributed/test_channel.py``).
+What counts as left running is ``tests/_leftovers.py``'s. ``WeightSubscriber`` and a
+``ReplicationStager`` that really exchanges need a peer rank: they are checked in a spawned
+world (``tests/distributed/test_channel.py::test_nothing_outlives_a_subscriber_or_a_stager``).
 """
 
 from __future__ import annotations
@@ -16,8 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ import anyio
 import pytest
 import torch
 import torch.distributed as dist
-from anyio._backends import _asyncio as anyio_asyncio  # the worker pool's own bookkeeping
+from _leftovers import Running, nothing_left, settled_executor
 
 import aiostage
 from aiostage._core.completion import wait_until
@@ -34,65 +32,6 @@ from aiostage._core.completion import wait_until
 def state(seed: int = 0) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
     return {"w": torch.randn(1 << 12, generator=g), "b": torch.randn(7, generator=g), "n": seed}
-
-
-def _executor() -> Any:
-    """The loop's default executor (a ``ThreadPoolExecutor``), or ``None`` before its first use."""
-    return getattr(asyncio.get_running_loop(), "_default_executor", None)
-
-
-@dataclass(frozen=True)
-class Running:
-    """What runs now: asyncio tasks, threads outside the two pools, busy pool threads."""
-
-    tasks: frozenset[asyncio.Task[Any]]
-    threads: frozenset[threading.Thread]
-    busy_workers: frozenset[threading.Thread]  # anyio's: taken out of the idle deque
-    busy_executor: int  # the default executor's threads not counted idle by its semaphore
-
-    @staticmethod
-    def now() -> Running:
-        workers = anyio_asyncio._threadpool_workers.get(set())
-        idle = anyio_asyncio._threadpool_idle_workers.get(())
-        executor = _executor()
-        pooled = set(executor._threads) if executor is not None else set()
-        busy = len(pooled) - executor._idle_semaphore._value if executor is not None else 0
-        threads = {
-            t
-            for t in threading.enumerate()
-            if t.is_alive() and not isinstance(t, anyio_asyncio.WorkerThread) and t not in pooled
-        }
-        return Running(
-            frozenset(asyncio.all_tasks()),
-            frozenset(threads),
-            frozenset(set(workers) - set(idle)),
-            busy,
-        )
-
-    def since(self, before: Running) -> list[str]:
-        """What runs now that did not run ``before`` (empty: nothing was left)."""
-        left = [f"task {t.get_name()}: {t.get_coro()!r}" for t in self.tasks - before.tasks]
-        left += [f"thread {t.name}" for t in self.threads - before.threads]
-        left += [f"busy anyio worker {t.name}" for t in self.busy_workers - before.busy_workers]
-        if self.busy_executor > before.busy_executor:
-            left.append(f"{self.busy_executor - before.busy_executor} busy executor threads")
-        return left
-
-
-async def _settled_executor(before: Running) -> None:
-    """Give the default executor's threads up to 1 s to count themselves idle: a thread marks
-    itself idle only after its result reached the loop, so a caller can resume first."""
-    with anyio.move_on_after(1):
-        await wait_until(lambda: Running.now().busy_executor <= before.busy_executor)
-
-
-@contextlib.asynccontextmanager
-async def nothing_left() -> AsyncIterator[Running]:
-    """Fail if a task or a thread started inside the block still runs when it ends."""
-    before = Running.now()
-    yield before
-    await _settled_executor(before)
-    assert Running.now().since(before) == []
 
 
 async def test_the_check_sees_a_leaked_task_thread_and_busy_worker() -> None:
@@ -112,7 +51,7 @@ async def test_the_check_sees_a_leaked_task_thread_and_busy_worker() -> None:
         await wait_until(started.is_set)
         tg.cancel_scope.cancel()
     pending = asyncio.get_running_loop().run_in_executor(None, go.wait)  # never awaited
-    await _settled_executor(before)
+    await settled_executor(before)
     try:
         left = Running.now().since(before)
         assert any("task leaked" in x for x in left), left

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -381,3 +382,27 @@ async def shared_memory_fallback(rank: int, world: int) -> dict[str, Any]:
         "delivered": [r.delivered for r in reports],
         "shared": [[r.deliveries[p].shared_memory for p in (1, 2)] for r in reports],
     }
+
+
+async def nothing_outlives_close(rank: int, world: int) -> dict[str, Any]:
+    """Rank 0 publishes two versions to rank 1, then both exchange their states through a
+    ``ReplicationStager`` with a ``storage_dir``; each rank returns what was left running after
+    its objects closed (``_leftovers.left_since``), and what rank 1 received."""
+    from _leftovers import Running, left_since
+
+    before = Running.now()
+    model = make_model(16)
+    if rank == 0:
+        async with aiostage.WeightPublisher(subscribers=[1], timeout=30) as pub:
+            for v in (1.0, 2.0):
+                set_version(model, v)
+                await pub.publish(model.state_dict(), int(v))
+        received: list[float] = []
+    else:
+        async with aiostage.WeightSubscriber(publisher=0, target=model, timeout=30) as sub:
+            received = [float(u.version) async for u in sub]
+    with tempfile.TemporaryDirectory() as where:
+        async with aiostage.ReplicationStager(storage_dir=where, timeout=30) as stager:
+            stager.release(await stager.stage({"w": torch.full((64,), float(rank))}))
+            await stager.persisted()
+    return {"left": await left_since(before), "received": received}

@@ -218,3 +218,13 @@ def test_a_subscriber_that_cannot_map_the_shared_memory_gets_frames_instead() ->
         assert_served(sub["served"], f"rank {rank}")
         assert sub["closing"] < 10, f"closing rank {rank}'s subscriber waited for the timeout"
         assert sub["version"] == [2.0], sub
+
+
+@pytest.mark.timeout(90)
+def test_nothing_outlives_a_subscriber_or_a_stager() -> None:
+    """A WeightSubscriber and a ReplicationStager that really exchanges leave no task, no
+    thread and no busy worker behind once closed (in-process objects: tests/test_ownership.py)."""
+    pub, sub = run_world(workers.nothing_outlives_close, 2, timeout=WORLD_TIMEOUT)
+    assert sub["received"] in ([1.0, 2.0], [2.0]), sub  # an older version may be skipped
+    assert pub["left"] == [], f"rank 0 (publisher, stager) left running: {pub['left']}"
+    assert sub["left"] == [], f"rank 1 (subscriber, stager) left running: {sub['left']}"
