@@ -37,8 +37,8 @@ class FaultyWrites:
     """Inject faults into the writes of every ``aiostage`` save in this process while active.
 
     ``with FaultyWrites() as faults: faults.fail(2)`` makes the 2nd write fail with ``ENOSPC``;
-    the writes of every ``DurableWriter`` count, including those made inside ``aiostage.save``
-    and anything built on it. Each rule counts the writes whose file name matches its ``match``
+    every write a save makes to a local disk counts, including those made inside
+    ``aiostage.save`` and anything built on it. Each rule counts the writes whose file name matches its ``match``
     pattern (``fnmatch``, e.g. ``"*.safetensors"`` or ``"manifest.json"``) from 1, and applies
     to ``times`` consecutive ones from the ``nth`` (``None``: every one from then on). A write
     is one positioned write of a chunk, a header or a manifest; ``writes`` records each one

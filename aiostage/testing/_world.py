@@ -344,12 +344,8 @@ def _signal_name(exitcode: int) -> str | None:
 def _rank_main(setup: _Setup, conn: Connection) -> None:
     """Entry point of a spawned rank: run the call, send one message, leave the group, exit.
 
-    The message goes out before ``destroy_process_group``, so a rank that raised has reported
-    (with its clock reading) before any peer can see the connection drop. The rank then exits
-    at once (``os._exit``) instead of finalizing the interpreter: torch can leave a native
-    thread behind whose destructor aborts the process at exit ("terminate called without an
-    active exception", SIGABRT: about 1 run in 15 of a DTensor test on a loaded host), which
-    would turn a rank that reported its result into a failed one.
+    The message goes out before ``destroy_process_group`` (a peer never sees the connection drop
+    first), then ``os._exit``: finalizing, a native thread of torch's can abort it (SIGABRT).
     """
     _die_with_parent(setup.parent)
     try:
