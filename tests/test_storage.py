@@ -27,6 +27,8 @@ async def test_a_url_no_backend_serves_is_refused_everywhere(url: str, tmp_path:
         await aiostage.sweep(url)
     with pytest.raises(UsageError):
         aiostage.Checkpointer(url)
+    with pytest.raises(UsageError):
+        aiostage.ReplicationStager(None, storage_dir=url)
     assert _names(tmp_path) == []
     assert url.split("://")[0] + ":" not in _names(Path())  # no local directory named "s3:"
 

@@ -12,7 +12,7 @@ import torch
 
 from .._core import dist
 from .._format.codec import MAX_DATA
-from .._storage.local import LOCAL
+from .._storage.locate import locate
 from .._storage.reader import load
 from .frames import Frame, plan_cpu_frame
 from .transport import Link, recv_frame, send_frame, send_nothing
@@ -65,7 +65,7 @@ async def give(link: Link, peer: int, latest: Frame | None, stored: Path | None)
     if latest is not None:
         await send_frame(link, peer, latest.header, latest.sources(), latest.digests)
         return
-    if stored is None or await LOCAL.kind(stored) == "absent":
+    if stored is None or await locate(stored)[0].kind(stored) == "absent":
         await send_nothing(link, peer)
         return
     state = await load(stored)

@@ -29,6 +29,7 @@ from .._core.timeouts import DEFAULT_TIMEOUT, seconds
 from .._core.tree import Tree, flatten
 from .._format.codec import MAX_DATA, Header, Source
 from .._staging import DefaultStager, StagingOptions
+from .._storage.locate import locate
 from ..errors import ReplicationError, UsageError
 from .frames import Frame, Planned, plan_cpu_frame, plan_frame, rebuild
 from .guard import Breaker
@@ -82,7 +83,8 @@ class ReplicationStager:
     Blocks on nothing. Raises ``ReplicationError`` naming the peer rank and phase,
     ``ReplicationTimeout`` after ``timeout`` (the stager is then broken: recreate the process
     group and the stager), ``UnsupportedValueError`` for a leaf that is not JSON,
-    ``UsageError`` when the ranks' ``partner=`` choices do not pair up (checked once), and
+    ``UsageError`` when the ranks' ``partner=`` choices do not pair up (checked once) or for a
+    ``storage_dir`` URL no storage backend serves, and
     ``ValueError`` for a bad ``timeout``.
     """
 
@@ -102,7 +104,7 @@ class ReplicationStager:
         self._rank, self._world = dist.rank_and_size(self._pg) if self._pg is not None else (0, 1)
         self._send_to, self._recv_from = partners(self._rank, self._world, partner)
         self._paired = partner is None  # a chosen partner is checked against the others' once
-        self._dir = Path(storage_dir) if storage_dir is not None else None
+        self._dir = locate(storage_dir)[1] if storage_dir is not None else None  # URLs refused
         self._copy_cpu, self._verify = copy_cpu, verify
         self._on_arrival = verify and verify_on_arrival
         self._link_: Link | None = None
