@@ -9,7 +9,7 @@ settles it through a ``Settler``.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,6 @@ __all__ = [
     "SaveHandle",
     "Settler",
     "async_save",
-    "finish_job",
     "persist_job",
     "settled_handle",
     "stage_job",
@@ -51,7 +50,6 @@ class Job:
     stage: float = 0.0
     stage_bytes: int = 0
     stall: float = 0.0
-    times: dict[str, float] = field(default_factory=dict)
 
     @property
     def handle(self) -> SaveHandle:
@@ -91,11 +89,6 @@ async def persist_job(
         job.handle.step, job.handle.path, False, job.stall, job.wait, job.stage, t1 - t0,
         now - t1, now - job.began, job.stage_bytes, report,
     )  # fmt: skip
-
-
-def finish_job(job: Job, outcome: CheckpointReport | BaseException) -> None:
-    """Settle ``job``'s handle with its report or its error."""
-    job.settler.finish(outcome)
 
 
 async def async_save(
@@ -150,9 +143,9 @@ async def _background(
     """``async_save``'s task: persist ``job``, settle its handle, close a stager it made."""
     try:
         report = await persist_job(job, pg=pg, replication=replication, pg_timeout=pg_timeout)
-        finish_job(job, report)
+        job.settler.finish(report)
     except Exception as exc:
-        finish_job(job, exc)
+        job.settler.finish(exc)
     finally:
         job.settler.abandon()  # cancelled: settle what is still open, for other waiters
         if closing is not None:

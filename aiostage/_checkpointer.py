@@ -28,7 +28,6 @@ from ._async_save import (
     Job,
     SaveHandle,
     Settler,
-    finish_job,
     persist_job,
     settled_handle,
     stage_job,
@@ -235,11 +234,11 @@ class Checkpointer:
                     )
                 except Exception as exc:
                     self._failed.append(job.settler)
-                    finish_job(job, exc)
+                    job.settler.finish(exc)
                 else:
                     self._committed(job.handle.step)
                     await self._retain()
-                    finish_job(job, report)  # committed, whether retention worked or not
+                    job.settler.finish(report)  # committed, whether retention worked or not
                 finally:
                     self._slots.release()
                     job.settler.abandon()  # cancelled: settle the handle for its other waiters

@@ -4,7 +4,7 @@ A note is ``int64[4] = [kind, a, b, MARK]``. Subscribers send ``READY`` (``a``: 
 sequence number they hold, ``b``: their host token), ``BYE``, and ``DONE`` / ``NO_SHM`` after a
 shared-memory offer, on ``READY_TAG``; the publisher answers with ``OFFER`` (``a``: version,
 ``b``: sequence number; a frame follows on the transport's tag), ``OFFER_SHM`` (a shared-memory
-description follows, ``_channel_shm``), ``BYE_ACK`` or ``CLOSED`` on ``OFFER_TAG``.
+description follows, ``shm``), ``BYE_ACK`` or ``CLOSED`` on ``OFFER_TAG``.
 
 Waiting for a note may take hours (a publisher between versions, a subscriber that has not
 started), and a gloo wait that times out closes every pair of the process group. So a receive
@@ -47,28 +47,16 @@ __all__ = [
 ]
 
 READY, BYE, OFFER, BYE_ACK, CLOSED, OFFER_SHM, DONE, NO_SHM = 1, 2, 3, 4, 5, 6, 7, 8
-
-
 READY_TAG = 0x5A61
-
-
 OFFER_TAG = 0x5A62
-
-
 #: the frames themselves: not the transport's default tag, so a ReplicationStager between the
 #: same two ranks of the same group never takes a frame of this channel (or the reverse)
 FRAME_TAG = 0x5A63
-
-
 MARK = 0x4149_4F43_484E_4C31  # "AIOCHNL1"
-
-
 #: the longest a worker thread waits for one gloo operation of a transfer both sides have begun.
 #: gloo closes every pair of the group when a wait times out, so this is a last resort (a frozen
 #: peer), far beyond any ``timeout=``: the anyio scope gives up first and abandons the thread.
 BACKSTOP = 24 * 3600.0
-
-
 _POLL = Backoff(0.0005, 0.005)
 
 

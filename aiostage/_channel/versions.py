@@ -2,7 +2,7 @@
 
 Private memory: ``DefaultStager`` (``pool_size=2``) and the frame sent from its copy. Shared
 memory (the same-host fast path): the frame's data region itself, written into one of two
-named shared-memory regions (``_channel_shm``) that subscribers on this host map and copy from;
+named shared-memory regions (``shm``) that subscribers on this host map and copy from;
 the frames sent to other subscribers come from the same region. A buffer an abandoned send may
 still read is poisoned: never reused, and staging moves on to a fresh pool.
 """

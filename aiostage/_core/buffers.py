@@ -21,15 +21,9 @@ from .storages import Span
 __all__ = []
 
 _MiB = 1 << 20
-
-
 #: spans of 64 KiB or more start on page boundaries inside an arena (O_DIRECT-friendly)
 _PAGE = 4096
-
-
 _SMALL = 64 * 1024
-
-
 Layout = tuple[tuple[str, int], ...]
 
 

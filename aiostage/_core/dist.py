@@ -1,7 +1,7 @@
 """The one module that calls ``torch.distributed``: awaitable collectives with timeouts, no pickle.
 
 Each collective is issued with ``async_op=True`` (gloo runs it on its own threads) and its work
-polled from the loop (``_completion.wait_until``) under ``anyio.fail_after``: the loop never
+polled from the loop (``completion.wait_until``) under ``anyio.fail_after``: the loop never
 blocks, and a peer that is slow or gone turns into a ``TimeoutError`` naming the step. A timed-out
 collective cannot be withdrawn from the group; treat the group as broken afterwards.
 """
@@ -77,6 +77,9 @@ async def _wait(work: Any, pg: Any, pg_timeout: float, what: str) -> None:
             "hung or gone (raise timeout= if saves legitimately take longer)"
         ) from exc
     work.wait()  # already complete: returns at once, or raises the backend's error
+
+
+# ---------------------------------------------------------------- point to point (replication)
 
 
 async def private_group(pg: Any) -> Any:

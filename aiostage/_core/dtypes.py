@@ -14,8 +14,6 @@ ST_DTYPES: dict[torch.dtype, str] = {
     torch.bool: "BOOL", torch.complex64: "C64",
     torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }  # fmt: skip
-
-
 #: bytes per element, by safetensors code
 ST_ITEMSIZE: dict[str, int] = {code: dt.itemsize for dt, code in ST_DTYPES.items()}
 

@@ -16,11 +16,7 @@ from collections.abc import Iterator
 __all__ = ["paused"]
 
 _lock = threading.Lock()
-
-
 _depth = 0
-
-
 _resume = False
 
 

@@ -18,7 +18,6 @@ import anyio
 __all__ = ["Outcome", "Resolver", "wait_settled"]
 
 _T = TypeVar("_T")
-
 _log = logging.getLogger("aiostage")
 
 

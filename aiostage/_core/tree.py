@@ -22,14 +22,15 @@ from ..errors import StagingError
 __all__ = []
 
 KeyPath = tuple[Hashable, ...]
-
-
 Wrap = Literal["tensor", "parameter", "dtensor"]
 
 
 def key_str(path: KeyPath) -> str:
     """Render a key path the way errors name it: ``optim.state.3.exp_avg`` (``<root>`` if empty)."""
     return ".".join(str(k) for k in path) or "<root>"
+
+
+# ---------------------------------------------------------------- the skeleton
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +249,9 @@ def _optional_class(module: str, name: str) -> type | None:
     """``module.name`` if ``module`` is already imported (never import torch.distributed)."""
     loaded = sys.modules.get(module)
     return getattr(loaded, name, None) if loaded is not None else None
+
+
+# ---------------------------------------------------------------- rebuilding
 
 
 def unflatten(tree: Tree, data: Sequence[torch.Tensor], *, copy_values: bool = True) -> Any:

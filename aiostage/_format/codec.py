@@ -44,18 +44,10 @@ __all__ = [
 ]
 
 Json = Any
-
-
 #: the bytes of one entry (uint8, on the CPU) and how many zero bytes pad it
 Source = tuple[torch.Tensor, int]
-
-
 FORMAT_VERSION = 1
-
-
 MANIFEST = "manifest.json"
-
-
 #: the data of every file starts at a multiple of this (so O_DIRECT can write and read it)
 DATA_ALIGN = 4096
 
@@ -100,6 +92,9 @@ def as_uint64(value: int) -> int:
     return value & ((1 << 64) - 1)
 
 
+# ---------------------------------------------------------------- what a file holds
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     """One safetensors entry: a tensor stored as itself, or an aliased storage as uint8."""
@@ -122,7 +117,7 @@ class Record:
     dtype: torch.dtype
     wrap: str = "tensor"
     requires_grad: bool = False
-    attrs: Json = None  # the tensor's Python attributes, as a ``_skeleton`` value
+    attrs: Json = None  # the tensor's Python attributes, as a ``structure`` value
     dtensor: Json = None  # mesh, placements and global shape of a DTensor
 
     @property
@@ -146,6 +141,9 @@ class Header:
     def data_bytes(self) -> int:
         """Bytes of tensor data after the header."""
         return max((e.end for e in self.entries), default=0)
+
+
+# ---------------------------------------------------------------- header bytes
 
 
 def _dumps(obj: Json) -> str:
@@ -313,6 +311,9 @@ def _decode_record(r: Json, entries: tuple[Entry, ...]) -> Record:
     if grad and not (dtype.is_floating_point or dtype.is_complex):
         raise ValueError(f"a {dtype} tensor cannot require grad")
     return Record(entry, offset, shape, stride, dtype, wrap, grad, r.get("attrs"), r.get("dtensor"))
+
+
+# ---------------------------------------------------------------- the manifest
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,6 +59,9 @@ def full_box(shape: Sequence[int]) -> Box:
     return Box((0,) * len(shape), tuple(shape))
 
 
+# ---------------------------------------------------------------- placements and chunks
+
+
 def encode_placements(placements: Iterable[Any], key: str) -> list[Json]:
     """DTensor placements as JSON: ``["shard", dim]``, ``["replicate"]``, ``["partial", op]``.
 

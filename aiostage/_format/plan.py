@@ -25,8 +25,6 @@ __all__ = ["plan_file"]
 
 #: aliased storages are stored as uint8 entries padded to this, and placed first
 _SPAN_PAD = 64
-
-
 _RESERVED = "__aiostage__/"
 
 

@@ -25,14 +25,8 @@ from ..errors import CheckpointCorrupt, UnsupportedValueError
 __all__ = ["decode_skeleton", "decode_value", "encode_key", "encode_skeleton", "encode_value"]
 
 Json = Any
-
-
 _FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-
-
 _SCALARS = (bool, int, str)
-
-
 _CONTAINERS = ("dict", "odict", "list", "tuple", "namedtuple", "dataclass")
 
 
@@ -109,8 +103,11 @@ def _pair(p: Json) -> tuple[Json, Json]:
     return p[0], p[1]
 
 
+# ---------------------------------------------------------------- skeletons
+
+
 def encode_skeleton(node: Node, path: KeyPath = ()) -> Json:
-    """The skeleton of a ``_tree.Tree`` as JSON; raises ``UnsupportedValueError`` naming a key."""
+    """The skeleton of a ``_core.tree.Tree`` as JSON; raises ``UnsupportedValueError`` naming a key."""
     if isinstance(node, Leaf):
         return {"tensor": node.index}
     if isinstance(node, Value):

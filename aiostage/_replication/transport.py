@@ -4,7 +4,7 @@ A frame is what a data file holds, sent as point-to-point messages on one tag (g
 per-pair FIFO order):
 
 0. ``int64[5]``: ``MAGIC, WIRE_VERSION, header_len, data_len, n_entries``;
-1. the header bytes of the persistence format (``_format.encode_header``: JSON, validated by
+1. the header bytes of the persistence format (``_format.codec.encode_header``: JSON, validated by
    ``decode_header`` on arrival), checksums left at zero;
 2. the data region (entries back to back, exactly as in a file) in messages of at most
    ``BUCKET`` bytes: an entry of ``SMALL`` bytes or more is sent straight from its memory,
@@ -80,6 +80,9 @@ def partners(rank: int, world: int, partner: int | None = None) -> tuple[int, in
         p = (rank + world // 2) % world
         return p, p
     return (rank + 1) % world, (rank - 1) % world
+
+
+# ---------------------------------------------------------------- sending
 
 
 async def send_frame(
@@ -158,6 +161,9 @@ def _send(
     for work in works:
         dist.wait_work(work, link.backstop)
     return len(raw) + header.data_bytes
+
+
+# ---------------------------------------------------------------- receiving
 
 
 async def recv_frame(

@@ -27,14 +27,10 @@ __all__ = [
 ]
 
 MAGIC = 0x41494F5354414745  # "AIOSTAGE"
-
-
 WIRE_VERSION = 1
 
 
 BUCKET = 32 << 20
-
-
 SMALL = 1 << 20
 
 

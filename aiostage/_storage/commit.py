@@ -31,9 +31,10 @@ async def check_target(storage: Storage, target: PurePath, overwrite: bool) -> N
     kind = await storage.kind(target)
     if kind == "absent" or (overwrite and kind in ("checkpoint", "empty")):
         return
-    why = "it is not an aiostage checkpoint; refusing to replace it" if kind in ("other", "file") else (
-        "a checkpoint exists there; pass overwrite=True to replace it"
-    )  # fmt: skip
+    if kind in ("other", "file"):
+        why = "it is not an aiostage checkpoint; refusing to replace it"
+    else:
+        why = "a checkpoint exists there; pass overwrite=True to replace it"
     raise FileExistsError(errno.EEXIST, f"cannot save to {target}: {why}", str(target))
 
 
@@ -74,11 +75,13 @@ async def write_checkpoint(
     overwrite: bool,
     expected: Sequence[int] | None = None,
 ) -> tuple[WrittenFile, float, int]:
-    """Write a one-rank checkpoint at ``target`` (which ``check_target`` allowed) and commit it: its data file, when committing
-    (manifest, commit) began and the size of the manifest. ``expected``: the producer's digests, checked as the bytes are written.
+    """Write a one-rank checkpoint at ``target`` (which ``check_target`` allowed) and commit it.
 
-    Raises ``FileExistsError`` (``target`` exists and not ``overwrite``), ``CheckpointWriteError``
-    and ``CheckpointCorrupt``; nothing is committed then and what was at ``target`` is untouched.
+    Returns its data file, when committing (manifest, commit) began, and the manifest's size.
+    ``expected``: the producer's digests, checked as the bytes are written. Raises
+    ``FileExistsError`` (``target`` appeared meanwhile and not ``overwrite``),
+    ``CheckpointWriteError`` and ``CheckpointCorrupt``; nothing is committed then and what was
+    at ``target`` is untouched.
     """
     storage = writer.storage
     token = uuid.uuid4().hex

@@ -272,6 +272,9 @@ def _leaf(path: KeyPath, r: Record, file: Path) -> TensorLeaf:
     return TensorLeaf(path, NO_DATA, wrap, r.requires_grad, attrs)
 
 
+# ---------------------------------------------------------------- loading in place
+
+
 def _fill_into(
     data: memoryview,
     header: Header,
@@ -299,6 +302,9 @@ async def _load_into(
     targets = await anyio.to_thread.run_sync(check_local, leaves, paths, header.records, str(file))
     data = await _verified_data(where.storage, file, info, header, paths, verify)
     return await anyio.to_thread.run_sync(_fill_into, data, header, targets, root, paths, into)
+
+
+# ---------------------------------------------------------------- loading into another layout
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """Fitting a checkpoint into existing tensors: the checks, which saved shards serve each target.
 
-Loading into a different layout is geometry (``_boxes``): each target box is covered by the saved
+Loading into a different layout is geometry (``_format.placements``): each target box is covered by the saved
 boxes that intersect it, one replica per distinct saved box, and only the intersections are
 copied. Pure planning and CPU copies; no I/O.
 """
@@ -112,6 +112,9 @@ def _same_layout(leaf: TensorLeaf, r: Record) -> bool:
         and saved.get("placements") == encode_placements(spec.placements, leaf.key)
         and saved.get("shape") == list(spec.tensor_meta.shape)
     )
+
+
+# ---------------------------------------------------------------- planning the reads
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +238,9 @@ def _check_cover(key: str, dst: Box, pieces: list[Piece], where: str) -> None:
             path=where,
             key=key,
         )
+
+
+# ---------------------------------------------------------------- copying
 
 
 def copy_pieces(

@@ -116,6 +116,9 @@ class _Request:
     stager: AsyncStager | None
 
 
+# ---------------------------------------------------------------- one rank
+
+
 async def _save_alone(request: _Request, state_dict: Any) -> SaveReport:
     began = time.perf_counter()
     writer, target, overwrite = request.writer, request.target, request.overwrite
@@ -148,6 +151,9 @@ def _report(
         target, size, files, prep.stage_seconds, written.write_seconds, written.fsync_seconds,
         now - committing, now - began, rank, world,
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------- many ranks
 
 
 async def _save_together(
