@@ -1,6 +1,6 @@
 """Staging: copy a state dict into leased CPU buffers without ever blocking the event loop.
 
-``DefaultStager.stage`` walks the state dict once (``_core.tree``), groups tensors by shared storage,
+``DefaultStager.stage`` walks the state dict once (``tree``), groups tensors by shared storage,
 leases a set of CPU buffers sized for that layout from a pool, and fills them: CUDA bytes by
 non-blocking copies on a side stream whose event the loop polls, every other byte by
 ``Tensor.copy_`` in a worker thread (it releases the GIL) in bounded chunks, so cancellation

@@ -5,8 +5,8 @@ staged while the previous one is still on the wire) and makes it the latest vers
 subscriber, owned by the publisher's task group, waits for that subscriber's ``READY`` note and
 answers with the latest version it does not hold: an ``OFFER`` note, then the frame
 (``_replication.transport.send_frame``), under ``timeout``. A version a subscriber was too busy
-to take is superseded by the next one (latest wins). A subscriber that dies or times out is dropped, with the
-error in each pending report, and rejoins when its next ``READY`` arrives. See ``docs/channel.md``.
+to take is superseded by the next one (latest wins). A subscriber that dies or times out is
+dropped, with the error in each pending report, and rejoins when its next ``READY`` arrives. See ``docs/channel.md``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Storage identity: which tensors share bytes, and the spans a staged copy keeps of each storage."""
+"""Storage identity: which tensors share bytes, and the spans a staged copy keeps of each."""
 
 from __future__ import annotations
 

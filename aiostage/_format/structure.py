@@ -107,7 +107,7 @@ def _pair(p: Json) -> tuple[Json, Json]:
 
 
 def encode_skeleton(node: Node, path: KeyPath = ()) -> Json:
-    """The skeleton of a ``_core.tree.Tree`` as JSON; raises ``UnsupportedValueError`` naming a key."""
+    """The skeleton of a ``_core.tree.Tree`` as JSON; ``UnsupportedValueError`` names a key."""
     if isinstance(node, Leaf):
         return {"tensor": node.index}
     if isinstance(node, Value):

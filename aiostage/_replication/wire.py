@@ -1,4 +1,4 @@
-"""The frame format of replication: message ranges, the first message, header checks and per-entry digests.
+"""Replication's frame format: message ranges, the first message, header checks, digests.
 
 Pure code, no I/O: ``transport`` posts what this module lays out.
 """

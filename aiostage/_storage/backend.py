@@ -1,4 +1,4 @@
-"""The storage seam: what the writer, the reader and the front door need from where checkpoints live.
+"""The storage seam: what the writer, reader and front door need from where checkpoints live.
 
 A checkpoint is a named location holding a few files (one data file per rank and
 ``manifest.json``). A save writes them under a *staging* location of its own (``begin``), then

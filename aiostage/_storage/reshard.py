@@ -1,6 +1,6 @@
 """Fitting a checkpoint into existing tensors: the checks, which saved shards serve each target.
 
-Loading into a different layout is geometry (``_format.placements``): each target box is covered by the saved
+Loading into a different layout is geometry (``placements``): each target box is covered by the saved
 boxes that intersect it, one replica per distinct saved box, and only the intersections are
 copied. Pure planning and CPU copies; no I/O.
 """

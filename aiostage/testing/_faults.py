@@ -38,11 +38,11 @@ class FaultyWrites:
 
     ``with FaultyWrites() as faults: faults.fail(2)`` makes the 2nd write fail with ``ENOSPC``;
     every write a save makes to a local disk counts, including those made inside
-    ``aiostage.save`` and anything built on it. Each rule counts the writes whose file name matches its ``match``
-    pattern (``fnmatch``, e.g. ``"*.safetensors"`` or ``"manifest.json"``) from 1, and applies
-    to ``times`` consecutive ones from the ``nth`` (``None``: every one from then on). A write
-    is one positioned write of a chunk, a header or a manifest; ``writes`` records each one
-    seen while active and ``injected`` says what was done. The faulty write itself runs in the
+    ``aiostage.save`` and anything built on it. Each rule counts the writes whose file name
+    matches its ``match`` pattern (``fnmatch``, e.g. ``"*.safetensors"`` or ``"manifest.json"``)
+    from 1, and applies to ``times`` consecutive ones from the ``nth`` (``None``: every one from
+    then on). A write is one positioned write of a chunk, a header or a manifest; ``writes``
+    records each one seen while active and ``injected`` says what was done. The faulty write itself runs in the
     writer's worker thread; nothing here blocks the event loop. Spawned processes (the ranks of
     ``run_world``) are not affected: install it in the rank function. The rule methods return
     the ``FaultyWrites`` (to chain them) and raise ``ValueError`` unless ``nth`` and ``times``
