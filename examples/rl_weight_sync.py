@@ -55,6 +55,8 @@ async def trainer(args: argparse.Namespace, world: int) -> dict[str, Any]:
     async with aiostage.WeightPublisher(
         subscribers=range(1, world), timeout=60, shared_memory=shared
     ) as pub:
+        with anyio.fail_after(120):
+            await pub.wait_for_subscribers()  # every server is up: the first version reaches all
         for step in range(1, args.steps + 1):
             await anyio.to_thread.run_sync(train_step, model, opt, step)
             if step % args.every == 0:  # staged, then sent while training goes on
@@ -81,12 +83,12 @@ async def server(args: argparse.Namespace) -> dict[str, Any]:
     busy: list[float] = []
     installs: dict[int, float] = {}
     interval = args.interval_ms / 1e3
-    last = args.steps // args.every * args.every
     async with aiostage.WeightSubscriber(
         publisher=0, target=model, timeout=60, swap=args.swap
     ) as sub:
         due = time.perf_counter()
-        while sub.version != last or len(idle) < 50:
+        # serve until the trainer closed its publisher and its last version is installed
+        while not (sub.ended and sub.pending is None) or len(idle) < 50:
             await anyio.sleep(max(0.0, due - time.perf_counter()))
             during = sub.receiving
             update = sub.pending
@@ -98,6 +100,8 @@ async def server(args: argparse.Namespace) -> dict[str, Any]:
             await anyio.to_thread.run_sync(answer, model, x)
             (busy if during or sub.receiving else idle).append(time.perf_counter() - due)
             due = max(due + interval, time.perf_counter() - interval)  # no catch-up burst
+        if sub.error is not None:
+            raise sub.error  # the stream broke instead of ending
         return {"idle": idle, "busy": busy, "installs": installs, "skipped": sub.skipped}
 
 

@@ -5,8 +5,9 @@ staged while the previous one is still on the wire) and makes it the latest vers
 subscriber, owned by the publisher's task group, waits for that subscriber's ``READY`` note and
 answers with the latest version it does not hold: an ``OFFER`` note, then the frame
 (``_replication.transport.send_frame``), under ``timeout``. A version a subscriber was too busy
-to take is superseded by the next one (latest wins). A subscriber that dies or times out is
-dropped, with the error in each pending report, and rejoins when its next ``READY`` arrives. See ``docs/channel.md``.
+to take is superseded by the next one (latest wins). A subscriber that has not asked yet is
+absent: no report waits for it. A subscriber that dies or times out is dropped, with the error
+in each pending report, and rejoins when its next ``READY`` arrives. See ``docs/channel.md``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import anyio.abc
@@ -60,7 +61,7 @@ class _Peer:
     rank: int
     link: Link
     mailbox: Mailbox
-    state: str = "live"  # live | dropped | closed
+    state: Literal["absent", "live", "dropped", "closed"] = "absent"  # absent: has not asked
     have: int = 0  # the publish sequence number it holds (0: none)
     heard: bool = False  # it has asked at least once
     ended: bool = False  # told that the stream ended
@@ -78,13 +79,15 @@ class WeightPublisher:
     pub.submit(...)`` to keep training while it is sent and ``await publication.report`` later.
     Versions must increase. Each subscriber gets the latest version it does not hold, when it
     asks (a busy one skips versions); all are sent concurrently, each under ``timeout``. A
-    subscriber that dies or does not answer in time is dropped (``report.deliveries[rank]``
-    holds the ``ReplicationError``) without delaying the others beyond ``timeout``, and is
-    re-admitted when it asks again. ``pg`` must move CPU tensors (gloo); ``None``: the default
-    group. ``verify=False`` (on the subscribers too) skips per-entry checksums. ``timeout``
-    (seconds or ``timedelta``, default 600) is the longest any one wait for another rank may
-    take (a send, or a subscriber's request for a version it lacks); past it that subscriber is
-    dropped (``ReplicationTimeout``).
+    subscriber that has not asked yet (not started) is ``"absent"``: reports do not wait for it,
+    and it gets the latest version when it asks (``await pub.wait_for_subscribers()`` waits for
+    them first). A subscriber that dies or does not answer in time is dropped
+    (``report.deliveries[rank]`` holds the ``ReplicationError``) without delaying the others
+    beyond ``timeout``, and is re-admitted when it asks again. ``pg`` must move CPU tensors
+    (gloo); ``None``: the default group. ``verify=False`` (on the subscribers too) skips
+    per-entry checksums. ``timeout`` (seconds or ``timedelta``, default 600) is the longest any
+    one wait for another rank may take (a send, or a subscriber's request for a version it
+    lacks); past it that subscriber is dropped (``ReplicationTimeout``).
 
     Blocks on nothing. Raises ``UsageError`` for a bad group or subscriber list, ``ValueError``
     for a bad ``timeout`` or a version that does not increase, ``ClosedError`` after ``aclose``.
@@ -129,7 +132,8 @@ class WeightPublisher:
 
     @property
     def states(self) -> dict[int, str]:
-        """Each subscriber's state: ``"live"``, ``"dropped"`` or ``"closed"``."""
+        """Each subscriber's state: ``"absent"`` (has not asked for a version yet), ``"live"``,
+        ``"dropped"`` or ``"closed"``."""
         return {r: p.state for r, p in self._peers.items()}
 
     @property
@@ -157,6 +161,31 @@ class WeightPublisher:
         task and free the buffers; idempotent. Blocks at most about twice ``timeout``."""
         await self._close(abandon=False)
 
+    async def wait_for_subscribers(self, n: int | None = None) -> list[int]:
+        """Wait until at least ``n`` subscribers (default: all) are live (have asked for a version
+        and are not dropped or closed), and return the live ones' ranks; bound it with
+        ``anyio.fail_after``.
+
+        Raises ``ValueError`` when ``n`` is not between 0 and the number of subscribers,
+        ``UsageError`` outside ``async with``, ``ClosedError`` after ``aclose``.
+        """
+        n = len(self._peers) if n is None else n
+        if not 0 <= n <= len(self._peers):
+            raise ValueError(f"n must be between 0 and {len(self._peers)} subscribers, got {n}")
+        self._check_open()
+        await wait_until(lambda: len(self._live()) >= n or self._closed, _POLL)
+        self._check_open()
+        return self._live()
+
+    def _live(self) -> list[int]:
+        return sorted(r for r, p in self._peers.items() if p.state == "live")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("this WeightPublisher is closed; create a new one")
+        if self._tg is None:
+            raise UsageError("use `async with WeightPublisher(...) as pub:`")
+
     async def publish(self, state_dict: Any, version: int) -> PublishReport:
         """Stage ``state_dict`` as ``version``, send it, and return the report once every
         subscriber has an outcome; see ``submit`` for what it raises."""
@@ -172,10 +201,8 @@ class WeightPublisher:
         ``async with``, ``ClosedError`` after ``aclose``, ``StagingError`` for a leaf that
         cannot be staged.
         """
-        if self._closed:
-            raise ClosedError("this WeightPublisher is closed; create a new one")
-        if self._tg is None:
-            raise UsageError("use `async with WeightPublisher(...) as pub:`")
+        self._check_open()
+        assert self._tg is not None
         if self._last_version is not None and version <= self._last_version:
             raise ValueError(f"version {version} does not increase (last: {self._last_version})")
         self._last_version = version
@@ -188,14 +215,8 @@ class WeightPublisher:
             self._maybe_release(old)
         sending = Sending(version, snap.seq, frozenset(self._peers), took, snap.header.data_bytes)
         for peer in self._peers.values():
-            if peer.state != "live":
-                sending.decide(
-                    Delivery(
-                        peer.rank,
-                        "dropped" if peer.state == "dropped" else "closed",
-                        error=peer.error,
-                    )
-                )
+            if peer.state != "live":  # not waited for: absent, dropped or closed
+                sending.decide(Delivery(peer.rank, peer.state, error=peer.error))
         sending.check()
         self._pending.append(sending)
         self._tg.start_soon(self._watchdog, sending)
@@ -226,7 +247,7 @@ class WeightPublisher:
             if note.kind != READY:
                 continue
             if peer.state != "live":
-                peer.state, peer.error = "live", None  # rejoined
+                peer.state, peer.error = "live", None  # joined, or rejoined
             peer.have = note.a
             peer.shm = self._snaps.shared and note.b == self._host and not peer.unmappable
             if not await self._serve_ready(peer):

@@ -13,7 +13,7 @@ from ..errors import ReplicationError
 
 __all__ = ["Delivery", "Publication", "PublishReport", "Sending", "Status"]
 
-Status = Literal["delivered", "superseded", "dropped", "closed"]
+Status = Literal["delivered", "superseded", "dropped", "closed", "absent"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,8 +23,10 @@ class Delivery:
     ``status``: ``"delivered"`` (it arrived, in ``seconds``), ``"superseded"`` (a newer version
     was sent to it instead: the subscriber skipped this one), ``"dropped"`` (the subscriber died,
     timed out or was already dropped: ``error`` says which and why; it rejoins by asking again),
-    ``"closed"`` (the subscriber closed its end). ``shared_memory``: it went through shared
-    memory (the same-host fast path) rather than the process group.
+    ``"closed"`` (the subscriber closed its end), ``"absent"`` (it had not asked for a version
+    yet, not started: nothing waited for it, and it gets the latest version when it asks).
+    ``shared_memory``: it went through shared memory (the same-host fast path) rather than the
+    process group.
     """
 
     peer: int

@@ -82,15 +82,17 @@ class WeightSubscriber:
 
     ``async with WeightSubscriber(pg, publisher=0, target=model) as sub:`` then ``async for
     update in sub: await update.apply()`` (each update is the newest version; ones that arrived
-    while the loop was busy are skipped and counted in ``skipped``), or ``await
-    sub.wait_for(version)``. ``target``: an ``nn.Module`` or a state dict whose tensors
-    ``apply`` overwrites in place. ``swap=True`` (CPU targets): ``apply`` re-points the target's
-    tensors at the received buffer instead of copying (microseconds, not a copy of the whole
-    state; the buffer then stays with the target until the next version is installed).
-    ``version`` is the installed version. Iteration ends when the publisher closes. ``timeout``
-    (seconds or ``timedelta``, default 600) is the longest any one wait for another rank may
-    take once a transfer has begun (a send or a receive; waiting for the next version is not
-    bounded); past it ``ReplicationTimeout``.
+    while the loop was busy are skipped and counted in ``skipped``; a version is yielded once,
+    and never one ``wait_for`` returned or ``apply`` installed), ``await sub.wait_for(version)``,
+    or poll ``sub.pending`` between requests. ``target``: an ``nn.Module`` or a state dict whose
+    tensors ``apply`` overwrites in place. ``swap=True`` (CPU targets): ``apply`` re-points the
+    target's tensors at the received buffer instead of copying (microseconds, not a copy of the
+    whole state; the buffer then stays with the target until the next version is installed).
+    ``version`` is the installed version. Iteration ends when the publisher closes; a polling
+    loop sees the end in ``ended`` (and what broke the stream, if anything, in ``error``).
+    ``timeout`` (seconds or ``timedelta``, default 600) is the longest any one wait for another
+    rank may take once a transfer has begun (a send or a receive; waiting for the next version
+    is not bounded); past it ``ReplicationTimeout``.
 
     Blocks on nothing. Raises ``ValueError`` for a bad ``timeout``. Iteration and ``wait_for``
     raise the ``ReplicationError`` that ended the stream (the publisher died, a frame was
@@ -158,6 +160,18 @@ class WeightSubscriber:
         return self._receiving
 
     @property
+    def ended(self) -> bool:
+        """Whether the stream is over: the publisher closed it, it broke (``error``), or this
+        subscriber was closed; no version arrives after it. The last version received may still
+        be ``pending``: a polling loop stops once ``sub.ended and sub.pending is None``."""
+        return self._ended or self._closed or self._error is not None
+
+    @property
+    def error(self) -> ReplicationError | None:
+        """What broke the stream (the error iteration and ``wait_for`` raise), or ``None``."""
+        return self._error
+
+    @property
     def skipped(self) -> int:
         """Published versions never installed because a newer one was installed instead."""
         return self._skipped
@@ -215,8 +229,9 @@ class WeightSubscriber:
         return self
 
     async def __anext__(self) -> WeightUpdate:
-        """The newest version not yet yielded; waits for one. Ends when the publisher closes."""
-        received = await self._wait(lambda r: r.seq > self._yielded)
+        """The newest version not yet handed out (yielded, returned by ``wait_for`` or installed
+        by ``apply``); waits for one. Ends when the publisher closes."""
+        received = await self._wait(lambda r: r.seq > max(self._yielded, self._applied))
         if received is None:
             raise StopAsyncIteration
         self._yielded = received.seq
@@ -228,6 +243,7 @@ class WeightSubscriber:
         received = await self._wait(lambda r: r.version >= version)
         if received is None:
             raise ClosedError(f"the weight stream ended before version {version}")
+        self._yielded = max(self._yielded, received.seq)  # handed out: iteration skips it
         return WeightUpdate(self, received)
 
     async def _wait(self, ready: Any) -> Received | None:

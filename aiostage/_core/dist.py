@@ -8,11 +8,14 @@ collective cannot be withdrawn from the group; treat the group as broken afterwa
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
 import anyio
+import anyio.from_thread
 import torch
 
 from .completion import Backoff, wait_until
@@ -33,6 +36,8 @@ __all__ = [
 
 #: peers may be writing gigabytes; a few wake-ups per 10 ms is plenty
 _POLL = Backoff(0.0005, 0.01)
+#: how often a worker thread waiting for a p2p work checks whether its call was abandoned
+_ABANDON_POLL = 0.05
 
 
 def rank_and_size(pg: Any) -> tuple[int, int]:
@@ -132,11 +137,34 @@ def wait_work(work: Any, backstop: float) -> None:
     """Wait for a point-to-point ``work``: blocking, so call it from a worker thread only.
 
     gloo's p2p works neither report ``is_completed()`` before ``wait()`` nor offer a future
-    ("Work::getFuture not implemented"), so a worker thread waits, at most ``backstop`` seconds
-    (an abandoned thread ends too). Raises the backend's ``RuntimeError`` (a peer gone, the
-    backstop expired).
+    ("Work::getFuture not implemented"), and a wait cannot be interrupted, so a daemon thread of
+    its own waits (at most ``backstop`` seconds) while the calling anyio worker checks for the
+    cancellation of its call: an abandoned wait (a frozen peer) then frees the worker and leaves
+    only a daemon thread, which never keeps the process from exiting. Raises the backend's
+    ``RuntimeError`` (a peer gone, the backstop expired).
     """
-    work.wait(timedelta(seconds=backstop))
+    failed: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            work.wait(timedelta(seconds=backstop))
+        except BaseException as exc:  # handed to the caller below
+            failed.append(exc)
+
+    waiter = threading.Thread(target=wait, name="aiostage p2p wait", daemon=True)
+    waiter.start()
+    waiter.join(_ABANDON_POLL)
+    while waiter.is_alive():  # joined: no thread is left once the wait returned
+        _check_cancelled()
+        waiter.join(_ABANDON_POLL)
+    if failed:
+        raise failed[0]
+
+
+def _check_cancelled() -> None:
+    """Raise the cancellation of the anyio call running this worker thread, if any."""
+    with contextlib.suppress(anyio.NoEventLoopError):  # not an anyio worker: nobody abandons it
+        anyio.from_thread.check_cancelled()
 
 
 def foreign_sharded_tensor(

@@ -25,10 +25,11 @@ import anyio
 import anyio.to_thread
 import torch
 import torch.distributed as dist
-from _seen import error_seen
+from _seen import error_seen, raised
 
 import aiostage
 from aiostage._channel import notes as wire
+from aiostage.errors import ClosedError, UsageError
 
 #: the publisher's timeout in ``frozen_mid_transfer``: how long it waits for the frozen rank
 FROZEN_TIMEOUT = 3.0
@@ -56,21 +57,22 @@ def request(model: torch.nn.Module) -> list[float]:
     value, unless it read a mix)."""
     with torch.no_grad():
         model(torch.ones(2, 16))
-        values = {float(v) for p in model.parameters() for v in p.unique()}
+        values = {float(v) for p in model.parameters() for v in torch.unique(p)}
     return sorted(values)
 
 
 async def serve(
-    sub: aiostage.WeightSubscriber, model: torch.nn.Module, last: int
+    sub: aiostage.WeightSubscriber, model: torch.nn.Module, last: int | None
 ) -> dict[str, Any]:
-    """Answer requests until version ``last`` is installed; install updates between requests.
+    """Answer requests until version ``last`` is installed (``None``: until the stream ended
+    and nothing is pending, as a polling loop sees it); install updates between requests.
 
     What the requests saw: how many there were (``requests``), the versions they read in order
     with repeats folded (``versions``), and the first few that read weights of several versions
     (``mixed``, each the versions it read; none is expected).
     """
     served: dict[str, Any] = {"requests": 0, "versions": [], "mixed": []}
-    while sub.version != last:
+    while sub.version != last if last is not None else not (sub.ended and sub.pending is None):
         update = sub.pending
         if update is not None:
             await update.apply()
@@ -82,6 +84,13 @@ async def serve(
         elif served["versions"][-1:] != values:
             served["versions"].append(values[0])
     return served
+
+
+async def all_live(pub: aiostage.WeightPublisher) -> list[int]:
+    """Wait (20 s at most) until every subscriber of ``pub`` has asked for a version, so that
+    none is ``"absent"`` from the first report; the live ranks."""
+    with anyio.fail_after(20):
+        return await pub.wait_for_subscribers()
 
 
 def report_seen(report: aiostage.PublishReport) -> dict[str, Any]:
@@ -130,6 +139,7 @@ async def publish_five(
     model = make_model(hidden)
     subs = list(range(1, world))
     async with aiostage.WeightPublisher(subscribers=subs, timeout=30, shared_memory=shared) as pub:
+        await all_live(pub)
         publications = []
         for v in range(1, 6):
             set_version(model, v)
@@ -197,6 +207,7 @@ async def _publish_two(
     ``then`` before the publisher closes; the reports, the seconds, the subscribers' states."""
     model = make_model(256)
     async with aiostage.WeightPublisher(subscribers=[1, 2], timeout=drop_after) as pub:
+        await all_live(pub)
         set_version(model, 1)
         began = time.perf_counter()
         first = await pub.publish(model.state_dict(), 1)
@@ -224,11 +235,15 @@ async def _take_offer(out: str, then: signal.Signals) -> None:
 
 
 async def late_joiner(rank: int, world: int) -> dict[str, Any]:
-    """Rank 2 subscribes after versions 1..3: it gets version 3 at once, then version 4.
+    """Rank 2 subscribes after versions 1..3, which do not wait for it (it is absent): it gets
+    version 3 at once, then version 4. The publisher's timeout is long (20 s): waiting for an
+    absent subscriber would show in the seconds versions 1..3 took.
 
-    Rank 0 returns the reports; rank 1 what it served; rank 2 the version it was given first,
-    what applying it returned, what a request then read, what it served and how many versions
-    it skipped."""
+    Rank 0 returns the reports, those seconds, who was live before and after rank 2 joined,
+    the states then, and what ``wait_for_subscribers`` raised for a bad ``n``, outside
+    ``async with`` and after closing; rank 1 what it served; rank 2 the version it was given
+    first, what applying it returned, what a request then read, what it served and how many
+    versions it skipped."""
     barrier = dist.barrier
     if rank == 1:
         model = make_model()
@@ -243,22 +258,32 @@ async def late_joiner(rank: int, world: int) -> dict[str, Any]:
         async with aiostage.WeightSubscriber(target=model, timeout=20) as sub:
             with anyio.fail_after(20):
                 update = await sub.wait_for(3)
-            seen = {"first": update.version, "applied": await update.apply()}
-            seen["request"] = request(model)
+            joined: dict[str, Any] = {"first": update.version, "applied": await update.apply()}
+            joined["request"] = request(model)
             await anyio.to_thread.run_sync(barrier)
-            seen["served"] = await serve(sub, model, last=4)
-            return {**seen, "skipped": sub.skipped}
+            joined["served"] = await serve(sub, model, last=4)
+            return {**joined, "skipped": sub.skipped}
     model = make_model()
     reports = []
-    async with aiostage.WeightPublisher(subscribers=[1, 2], timeout=2) as pub:
+    unentered = aiostage.WeightPublisher(subscribers=[1, 2])
+    seen: dict[str, Any] = {"unentered": await raised(unentered.wait_for_subscribers(), UsageError)}
+    async with aiostage.WeightPublisher(subscribers=[1, 2], timeout=20) as pub:
+        with anyio.fail_after(20):
+            seen["early"] = await pub.wait_for_subscribers(1)  # rank 2 waits at the barrier
+        seen["states"] = pub.states
+        began = time.perf_counter()
         for v in (1, 2, 3):
             set_version(model, v)
             reports.append(await pub.publish(model.state_dict(), v))
+        seen["seconds"] = time.perf_counter() - began
         await anyio.to_thread.run_sync(barrier)
+        seen["everyone"] = await all_live(pub)
         await anyio.to_thread.run_sync(barrier)  # rank 2 holds version 3
         set_version(model, 4)
         reports.append(await pub.publish(model.state_dict(), 4))
-    return {"reports": [report_seen(r) for r in reports]}
+        seen["bad_n"] = [await raised(pub.wait_for_subscribers(n), ValueError) for n in (-1, 3)]
+    seen["closed"] = await raised(pub.wait_for_subscribers(), ClosedError)
+    return {**seen, "reports": [report_seen(r) for r in reports]}
 
 
 async def close_and_rejoin(rank: int, world: int) -> dict[str, Any]:
@@ -271,7 +296,7 @@ async def close_and_rejoin(rank: int, world: int) -> dict[str, Any]:
     if rank == 1:
         model = make_model()
         async with aiostage.WeightSubscriber(target=model, timeout=20) as sub:
-            first = await (await sub.wait_for(1)).apply()
+            applied = await (await sub.wait_for(1)).apply()
         await anyio.to_thread.run_sync(barrier)  # A: closed; version 2 goes out
         await anyio.to_thread.run_sync(barrier)  # B
         wrong = make_model(hidden=32)
@@ -287,9 +312,10 @@ async def close_and_rejoin(rank: int, world: int) -> dict[str, Any]:
             rejoined = await (await sub.wait_for(2)).apply()
             read = request(model)
         await anyio.to_thread.run_sync(barrier)  # C
-        return {"first": first, "mismatch": mismatch, "rejoined": rejoined, "request": read}
+        return {"first": applied, "mismatch": mismatch, "rejoined": rejoined, "request": read}
     model = make_model()
     async with aiostage.WeightPublisher(subscribers=[1], timeout=20) as pub:
+        await all_live(pub)
         set_version(model, 1)
         first = await pub.publish(model.state_dict(), 1)
         await anyio.to_thread.run_sync(barrier)  # A
@@ -346,6 +372,7 @@ async def beside_replication(rank: int, world: int) -> dict[str, Any]:
                 anyio.create_task_group() as tg,
             ):
                 tg.start_soon(replicate)
+                await all_live(pub)
                 for v in (1, 2, 3):
                     set_version(model, v)
                     delivered.append((await pub.publish(model.state_dict(), v)).delivered)
@@ -375,6 +402,7 @@ async def shared_memory_fallback(rank: int, world: int) -> dict[str, Any]:
         return {"served": served, "closing": closing, "version": request(model)}
     reports = []
     async with aiostage.WeightPublisher(subscribers=[1, 2], timeout=20, shared_memory=True) as pub:
+        await all_live(pub)
         for v in (1, 2):
             set_version(model, v)
             reports.append(await pub.publish(model.state_dict(), v))
@@ -394,6 +422,7 @@ async def nothing_outlives_close(rank: int, world: int) -> dict[str, Any]:
     model = make_model(16)
     if rank == 0:
         async with aiostage.WeightPublisher(subscribers=[1], timeout=30) as pub:
+            await all_live(pub)
             for v in (1.0, 2.0):
                 set_version(model, v)
                 await pub.publish(model.state_dict(), int(v))

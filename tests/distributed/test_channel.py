@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
+from subprocess import PIPE
 from typing import Any
 
+import _channel_end_workers as ends
 import _channel_workers as workers
 import pytest
+from torch._C._distributed_c10d import TCPStore  # torch.distributed.TCPStore, typed
 
 from aiostage._channel import notes as wire
 from aiostage.testing import WorldError, run_world
@@ -28,7 +33,7 @@ def assert_served(served: dict[str, Any], who: str) -> None:
 
 def error_of(report: dict[str, Any], peer: int) -> dict[str, Any]:
     """The error of ``peer``'s delivery in a ``workers.report_seen`` report (it must have one)."""
-    error = report["deliveries"][peer]["error"]
+    error: dict[str, Any] | None = report["deliveries"][peer]["error"]
     assert error is not None, f"no error for subscriber {peer}: {report}"
     return error
 
@@ -98,15 +103,22 @@ def test_a_subscriber_killed_mid_transfer_is_dropped_and_the_other_keeps_going(
 
 
 @pytest.mark.timeout(90)
-def test_a_late_joiner_gets_the_latest_version() -> None:
+def test_a_late_joiner_stalls_nobody_and_gets_the_latest_version() -> None:
     pub, early, late = run_world(workers.late_joiner, 3, timeout=WORLD_TIMEOUT)
     reports = pub["reports"]
-    first = reports[0]["deliveries"][2]
-    assert first["status"] == "dropped", first
-    assert "ReplicationTimeout" in error_of(reports[0], 2)["classes"], first
-    assert first["error"]["phase"] == "ready", first["error"]
-    assert [r["deliveries"][2]["status"] for r in reports[1:3]] == ["dropped"] * 2, reports
+    assert pub["early"] == [1], pub  # wait_for_subscribers(1): rank 1 only
+    assert pub["states"] == {1: "live", 2: "absent"}, pub
+    # the publisher's timeout is 20 s: versions 1..3 did not wait for the absent rank 2
+    assert pub["seconds"] < 10, f"versions 1..3 took {pub['seconds']:.1f} s: they waited"
+    for r in reports[:3]:
+        assert r["delivered"] == [1], r
+        assert r["deliveries"][2] == {"status": "absent", "shared_memory": False, "error": None}
+    assert pub["everyone"] == [1, 2], pub  # wait_for_subscribers() once rank 2 subscribed
     assert reports[3]["delivered"] == [1, 2], reports[3]
+    assert [e["type"] for e in pub["bad_n"]] == ["ValueError"] * 2, pub["bad_n"]
+    assert "between 0 and 2" in pub["bad_n"][0]["message"], pub["bad_n"]
+    assert pub["unentered"]["type"] == "UsageError", pub["unentered"]
+    assert pub["closed"]["type"] == "ClosedError", pub["closed"]
     assert_served(early["served"], "rank 1")
     assert (late["first"], late["applied"], late["request"]) == (3, 3, [3.0]), late
     assert_served(late["served"], "rank 2")
@@ -161,18 +173,37 @@ def test_the_channel_and_replication_share_two_ranks_without_mixing_frames() -> 
     assert sub["request"] == [3.0], sub
 
 
-#: one rank of a 3-rank world, started by hand so rank 2 can get a /dev/shm of its own first
-LAUNCH = """
-import json, sys, anyio, torch.distributed as dist
-sys.path.insert(0, sys.argv[3])
-import _channel_workers as workers
-rank = int(sys.argv[1])
-dist.init_process_group(
-    "gloo", init_method=f"tcp://127.0.0.1:{sys.argv[2]}", rank=rank, world_size=3
-)
-print(json.dumps(anyio.run(workers.shared_memory_fallback, rank, 3)))
-dist.destroy_process_group()
-"""
+BY_HAND = [sys.executable, str(Path(__file__).with_name("_channel_end_workers.py"))]
+
+
+@contextlib.contextmanager
+def by_hand(
+    size: int, name: str, *args: str, prefix: dict[int, list[str]] | None = None
+) -> Iterator[list[subprocess.Popen[str]]]:
+    """Start the ``size`` ranks of a world as scripts (``_channel_end_workers.by_hand``), each
+    running the rank function ``name`` (rank ``r`` behind the command ``prefix[r]``), joined
+    through a store this process hosts; SIGKILL (stopped ones too) and reap them on the way out."""
+    span = timedelta(seconds=WORLD_TIMEOUT)
+    store = TCPStore("127.0.0.1", 0, None, True, span, wait_for_workers=False)
+    where = [str(size), str(store.port), name, *args]
+    with contextlib.ExitStack() as stack:
+        procs = []
+        for r in range(size):
+            command = [*(prefix or {}).get(r, []), *BY_HAND, str(r), *where]
+            proc = subprocess.Popen(command, stdout=PIPE, stderr=PIPE, text=True)
+            stack.enter_context(proc)  # closes its pipes and reaps it
+            stack.callback(proc.kill)  # runs first: nothing is left waiting for a stopped rank
+            procs.append(proc)
+        yield procs
+
+
+def printed(proc: subprocess.Popen[str], out: str, err: str) -> dict[str, Any]:
+    """What a ``by_hand`` rank printed (``{"result", "lingering"}``); it must have exited 0."""
+    assert proc.returncode == 0, f"exit status {proc.returncode}:\n{err[-3000:]}"
+    seen: dict[str, Any] = json.loads(out.splitlines()[-1])
+    return seen
+
+
 PRIVATE_SHM = [
     *("unshare", "-m", "--propagation", "private", "sh", "-c"),
     'mount -t tmpfs tmpfs /dev/shm && exec "$0" "$@"',
@@ -183,35 +214,9 @@ PRIVATE_SHM = [
 def test_a_subscriber_that_cannot_map_the_shared_memory_gets_frames_instead() -> None:
     if subprocess.run([*PRIVATE_SHM, "true"], capture_output=True, check=False).returncode:
         pytest.skip("a private /dev/shm needs root (unshare -m, mount)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    here = str(Path(__file__).parent)
-    procs = [
-        subprocess.Popen(
-            [
-                *(PRIVATE_SHM if r == 2 else []),
-                sys.executable,
-                "-c",
-                LAUNCH,
-                str(r),
-                str(port),
-                here,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(3)
-    ]
-    try:
+    with by_hand(3, "shared_memory_fallback", prefix={2: PRIVATE_SHM}) as procs:
         outs = [p.communicate(timeout=WORLD_TIMEOUT) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outs]
-    pub, *subs = (json.loads(out.splitlines()[-1]) for out, _ in outs)
+    pub, *subs = (printed(p, *o)["result"] for p, o in zip(procs, outs, strict=True))
     assert pub["delivered"] == [[1, 2], [1, 2]], pub
     assert pub["shared"] == [[True, False], [True, False]], pub  # rank 2 fell back to gloo
     for rank, sub in enumerate(subs, 1):
@@ -228,3 +233,70 @@ def test_nothing_outlives_a_subscriber_or_a_stager() -> None:
     assert sub["received"] in ([1.0, 2.0], [2.0]), sub  # an older version may be skipped
     assert pub["left"] == [], f"rank 0 (publisher, stager) left running: {pub['left']}"
     assert sub["left"] == [], f"rank 1 (subscriber, stager) left running: {sub['left']}"
+
+
+@pytest.mark.timeout(90)
+def test_a_version_is_handed_out_once_and_both_styles_see_the_end() -> None:
+    pub, waiting, polling = run_world(ends.delivered_once_and_ended, 3, timeout=WORLD_TIMEOUT)
+    assert pub["delivered"] == [[1, 2]] * 5, pub
+    assert (waiting["wait_for"], waiting["applied"], waiting["ended_before"]) == (4, 4, False)
+    assert waiting["yielded"] == [5], "iteration handed out again what wait_for had returned"
+    assert polling["before"]["versions"][-1] == 4.0, polling
+    assert polling["after"]["versions"][-1] == 5.0, polling  # polled until sub.ended
+    assert_served(polling["before"], "rank 2")
+    assert_served(polling["after"], "rank 2")
+    assert polling["yielded"] == [], "iteration handed out again what apply had installed"
+    for seen in (waiting, polling):
+        assert (seen["ended"], seen["error"], seen["version"]) == (True, None, 5), seen
+
+
+@pytest.mark.timeout(90)
+def test_a_polling_subscriber_sees_a_broken_stream_end(tmp_path: Path) -> None:
+    with pytest.raises(WorldError) as caught:
+        run_world(ends.publisher_killed_mid_frame, 2, str(tmp_path), timeout=WORLD_TIMEOUT)
+    assert caught.value.ranks == (0,), caught.value  # rank 1 raised nothing
+    seen = workers.left(str(tmp_path))[1]
+    assert (seen["ended"], seen["pending"]) == (True, False), seen
+    error = seen["error"]
+    assert error is not None, seen
+    assert "ReplicationError" in error["classes"], error
+    assert error["peer"] == 0, error
+    assert seen["iterating"]["message"] == error["message"], seen  # the same error
+    assert seen["wait_for"]["message"] == error["message"], seen
+
+
+@pytest.mark.timeout(90)
+def test_the_channel_page_blocks_run_as_written() -> None:
+    trainer, *servers = run_world(ends.doc_blocks, 3, timeout=WORLD_TIMEOUT)
+    assert trainer == {"version": 4, "delivered": [1, 2]}, trainer
+    for rank, seen in enumerate(servers, 1):
+        assert (seen["version"], seen["ended"], seen["error"]) == (4, True, None), seen
+        assert seen["last"] == [5.0], f"rank {rank}'s last request did not read version 4"
+        assert seen["mixed"] == [], f"rank {rank}: requests read several versions: {seen}"
+
+
+def process_state(pid: int) -> str:
+    """The state letter of process ``pid`` (``T``: stopped), from /proc."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rpartition(")")[2].split()[0]
+
+
+@pytest.mark.timeout(90)
+def test_a_trainer_exits_while_its_subscriber_is_frozen(tmp_path: Path) -> None:
+    """Nothing a closed publisher leaves keeps its process alive: not the wait of a send to a
+    subscriber frozen (SIGSTOP) mid-frame, which gloo cannot withdraw."""
+    with by_hand(2, "frozen_at_exit", str(tmp_path)) as (trainer, frozen):
+        try:
+            out, err = trainer.communicate(timeout=45)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the trainer did not exit within 45 s while its subscriber was frozen")
+        state = process_state(frozen.pid)
+    seen = printed(trainer, out, err)
+    assert state == "T", f"the subscriber was not stopped when the trainer exited ({state})"
+    assert workers.left(str(tmp_path))[1]["kind"] == wire.OFFER, "no frame was under way"
+    assert seen["lingering"] == [], f"threads that keep the process alive: {seen['lingering']}"
+    delivery = seen["result"]["report"]["deliveries"]["1"]
+    assert delivery["status"] == "dropped", delivery
+    assert "ReplicationTimeout" in delivery["error"]["classes"], delivery
+    assert delivery["error"]["phase"] == "send", delivery
+    assert seen["result"]["closing"] < 5, seen["result"]
