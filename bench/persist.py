@@ -1,12 +1,13 @@
-"""Persistence benchmark: aiostage.save / load against torch.save, DCP, safetensors and dd.
+"""Persistence benchmark: aiostage.save / load against torch.save, DCP, safetensors and dd, at a
+state-dict shape.
 
-Run: ``.venv/bin/python bench/persist.py [--gib 1] [--reps 5] [--dir bench/out/persist]``
-(``--gib 4`` for the large case). Every contender writes the same seeded state dict
-(``_common.make_sd``) to the same disk. Before each timed save its target is removed and
-``os.sync()`` runs; before each timed load its files are evicted from the page cache
-(``posix_fadvise(DONTNEED)``), so every load reads the disk. Contenders of a group run
-round-robin, one rep each per round, so drift on a noisy disk hits all alike. GB/s is unique
-tensor bytes per second (dd: the bytes it copied).
+Run: ``.venv/bin/python bench/persist.py [--shape flat|small|transformer|moe | --tensors N
+--tensor-kib K] [--gib 1] [--reps 5] [--dir bench/out/persist] [--json PATH]`` (``--gib 4`` for
+the large case). Every contender writes the same seeded state dict to the same disk. Before
+each timed save its target is removed and ``os.sync()`` runs; before each timed load its files
+are evicted from the page cache (``posix_fadvise(DONTNEED)``), so every load reads the disk.
+Contenders of a group run round-robin, one rep each per round, so drift on a noisy disk hits
+all alike. GB/s is unique tensor bytes per second (dd: the bytes it copied).
 """
 
 from __future__ import annotations
@@ -17,33 +18,23 @@ import gc
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
 import psutil
-import safetensors.torch
 import torch
-import torch.distributed.checkpoint as dcp
-from _common import (
-    GB,
-    Case,
-    CpuSnapshot,
-    Timing,
-    make_sd,
-    run_rounds,
-    table,
-    tensors,
-    unique_bytes,
-    unique_storages,
-)
+from _lib import anchors, shapes
+from _lib.machine import out_dir
+from _lib.report import GB, Ratio, Report, add_report_arguments, speedup, start
+from _lib.timing import Case, Timing, run_rounds, timings
 
 import aiostage
+from aiostage.testing import assert_state_dict_equal
 
 HEADER = (
     "contender",
@@ -53,121 +44,53 @@ HEADER = (
     "loop max lag, median rep",
     "on disk",
 )
-DD_BLOCK = 16 << 20
 AIO_SAVE, AIO_LOAD = "aiostage.save", "aiostage.load"
 TORCH_SAVE, TORCH_LOAD = "torch.save + flush + fsync + rename", "torch.load"
 DCP_SAVE, DCP_LOAD = "dcp.save, FileSystemWriter(thread_count=2)", "dcp.load into a template"
 ST_SAVE, ST_LOAD = "safetensors save_file + fsync (tensors only)", "safetensors load_file"
 DD_FSYNC, DD_DIRECT = "dd bs=16M conv=fsync (limit)", "dd bs=16M oflag=direct (limit)"
+TARGETS = {  # contender -> what it writes or reads, under the bench's directory
+    AIO_SAVE: "aio", TORCH_SAVE: "torch.pt", DCP_SAVE: "dcp", ST_SAVE: "st.safetensors",
+    DD_FSYNC: "dd-fsync.bin", DD_DIRECT: "dd-direct.bin",
+    AIO_LOAD: "aio", TORCH_LOAD: "torch.pt", DCP_LOAD: "dcp", ST_LOAD: "st.safetensors",
+}  # fmt: skip
+Op = Callable[[], Awaitable[Any]]
 
 
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def save_cases(sd: Any, root: Path, dd_source: Path, nbytes: int) -> list[Case]:
+    """Each save contender; its target is removed and ``os.sync()`` runs before each rep."""
+    plain = anchors.tensors_only(sd)
 
+    def case(name: str, op: Op) -> Case:
+        async def before() -> None:
+            anchors.remove(root / TARGETS[name])
+            await anyio.to_thread.run_sync(os.sync)
 
-def files_under(path: Path) -> list[Path]:
-    return [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        return Case(name, op, before)
 
-
-def evict(path: Path) -> None:
-    """Drop ``path``'s pages from the page cache (they are clean: every writer fsynced)."""
-    gc.collect()  # a previous load's mapping would keep its pages
-    for f in files_under(path):
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def disk_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in files_under(path)) if path.exists() else 0
-
-
-def remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-
-
-def tensors_only(sd: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The unique tensors of ``sd`` (safetensors refuses aliases and cannot hold values)."""
-    seen: set[int] = set()
-    out = {}
-    for k, v in sd.items():
-        if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() not in seen:
-            seen.add(v.untyped_storage().data_ptr())
-            out[k] = v.contiguous()
-    return out
-
-
-# ---------------------------------------------------------------- save contenders
-
-
-def save_case(name: str, target: Path, op: Any) -> Case:
-    async def before() -> None:
-        remove(target)
-        await anyio.to_thread.run_sync(os.sync)
-
-    return Case(name, op, before)
-
-
-def save_cases(sd: dict[str, Any], root: Path, dd_source: Path, nbytes: int) -> list[Case]:
-    plain = tensors_only(sd)
-    dd_count = -(-nbytes // DD_BLOCK)
-
-    async def aio() -> None:
-        await aiostage.save(sd, root / "aio")
-
-    async def torch_save() -> None:
-        tmp = root / "torch.pt.tmp"
-        with tmp.open("wb") as f:
-            torch.save(sd, f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.rename(root / "torch.pt")
-
-    async def dcp_save() -> None:
-        writer = dcp.FileSystemWriter(root / "dcp", sync_files=True, thread_count=2)
-        dcp.save(sd, storage_writer=writer)
-
-    async def st_save() -> None:
-        safetensors.torch.save_file(plain, root / "st.safetensors")
-        fsync_path(root / "st.safetensors")
-
-    def dd(flag: str, out: Path) -> Any:
-        async def op() -> None:
-            argv = ["dd", f"if={dd_source}", f"of={out}", "bs=16M", f"count={dd_count}", flag]
-            await anyio.run_process(argv, stderr=subprocess.DEVNULL)
-
-        return op
+    async def on_loop(fn: Callable[..., None], *args: Any) -> None:
+        fn(*args)  # synchronous, on the loop thread: how these are called
 
     return [
-        save_case(AIO_SAVE, root / "aio", aio),
-        save_case(TORCH_SAVE, root / "torch.pt", torch_save),
-        save_case(DCP_SAVE, root / "dcp", dcp_save),
-        save_case(ST_SAVE, root / "st.safetensors", st_save),
-        save_case(DD_FSYNC, root / "dd-fsync.bin", dd("conv=fsync", root / "dd-fsync.bin")),
-        save_case(DD_DIRECT, root / "dd-direct.bin", dd("oflag=direct", root / "dd-direct.bin")),
-    ]
+        case(AIO_SAVE, lambda: aiostage.save(sd, root / "aio")),
+        case(TORCH_SAVE, lambda: on_loop(anchors.torch_save_fsync, sd, root / "torch.pt")),
+        case(DCP_SAVE, lambda: on_loop(anchors.dcp_save, sd, root / "dcp")),
+        case(ST_SAVE, lambda: on_loop(anchors.safetensors_save, plain, root / "st.safetensors")),
+        case(DD_FSYNC, lambda: anchors.dd(dd_source, root / "dd-fsync.bin", nbytes, "conv=fsync")),
+        case(DD_DIRECT, lambda: anchors.dd(dd_source, root / "dd-direct.bin", nbytes, "oflag=direct")),
+    ]  # fmt: skip
 
 
-# ---------------------------------------------------------------- load contenders
+def load_cases(sd: Any, root: Path) -> list[Case]:
+    """Each load contender; its files are evicted from the page cache before each rep."""
 
-
-def load_cases(sd: dict[str, Any], root: Path) -> list[Case]:
-    def case(name: str, path: Path, op: Any) -> Case:
+    def case(name: str, op: Op) -> Case:
         async def before() -> None:
             # the worker thread that built an earlier load's result may not have dropped its
             # reference yet (anyio resumes the caller first): a call on it waits for that, so
             # no earlier mapping keeps the file's pages in the cache
             await anyio.to_thread.run_sync(gc.collect)
-            evict(path)
+            anchors.evict(root / TARGETS[name])
 
         async def after(result: Any) -> None:
             del result
@@ -175,36 +98,20 @@ def load_cases(sd: dict[str, Any], root: Path) -> list[Case]:
 
         return Case(name, op, before, after)
 
-    async def aio() -> Any:
-        return await aiostage.load(root / "aio")
-
-    async def torch_load() -> Any:
-        return torch.load(root / "torch.pt", weights_only=True)
-
-    async def st_load() -> Any:
-        return safetensors.torch.load_file(root / "st.safetensors")
-
-    async def dcp_load() -> Any:
-        template = {
-            k: torch.empty_like(v) if isinstance(v, torch.Tensor) else v for k, v in sd.items()
-        }
-        dcp.load(template, storage_reader=dcp.FileSystemReader(root / "dcp"))
-        return template
+    async def on_loop(fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
 
     return [
-        case(AIO_LOAD, root / "aio", aio),
-        case(TORCH_LOAD, root / "torch.pt", torch_load),
-        case(ST_LOAD, root / "st.safetensors", st_load),
-        case(DCP_LOAD, root / "dcp", dcp_load),
+        case(AIO_LOAD, lambda: aiostage.load(root / "aio")),
+        case(TORCH_LOAD, lambda: on_loop(anchors.torch_load, root / "torch.pt")),
+        case(ST_LOAD, lambda: on_loop(anchors.safetensors_load, root / "st.safetensors")),
+        case(DCP_LOAD, lambda: on_loop(anchors.dcp_load, sd, root / "dcp")),
     ]
 
 
-# ---------------------------------------------------------------- memory and checks
-
-
-async def save_memory(sd: dict[str, Any], root: Path) -> float:
+async def save_memory(sd: Any, root: Path) -> float:
     """Peak RSS above the starting RSS while ``aiostage.save`` runs, in MiB (1 ms samples)."""
-    remove(root / "mem")
+    anchors.remove(root / "mem")
     gc.collect()
     proc = psutil.Process()
     base = proc.memory_info().rss
@@ -222,19 +129,26 @@ async def save_memory(sd: dict[str, Any], root: Path) -> float:
     finally:
         done.set()
         sampler.join()
-    remove(root / "mem")
-    return (peak - base) / (1 << 20)
+    anchors.remove(root / "mem")
+    return float(peak - base) / (1 << 20)
 
 
-async def check(sd: dict[str, Any], root: Path) -> str:
-    out = await aiostage.load(root / "aio")
-    equal = all(torch.equal(a, b) for a, b in zip(tensors(sd), tensors(out), strict=True))
-    tied = (
-        out["lm_head.weight"].untyped_storage().data_ptr()
-        == out["embed.weight"].untyped_storage().data_ptr()
-    )
-    values = all(out[k] == sd[k] for k in ("step", "lr", "tag", "sched"))
-    return f"aiostage round trip: tensors equal={equal}, tied pair shares storage={tied}, values equal={values}"
+async def check(sd: Any, root: Path) -> str:
+    try:
+        assert_state_dict_equal(await aiostage.load(root / "aio"), sd, check_aliasing=True)
+    except AssertionError as exc:
+        return f"aiostage round trip differs: {exc}"
+    return "aiostage round trip: equal, aliasing kept"
+
+
+def write_dd_source(sd: Any, path: Path, nbytes: int) -> int:
+    """The state dict's own bytes, padded to whole dd blocks, in ``path``; the padded size."""
+    padded = -(-nbytes // anchors.DD_BLOCK) * anchors.DD_BLOCK
+    with path.open("wb") as f:
+        for s in shapes.unique_storages(sd):
+            f.write(torch.empty(0, dtype=torch.uint8).set_(s).numpy().data)
+        f.write(bytes(padded - nbytes))
+    return padded
 
 
 # ---------------------------------------------------------------- report
@@ -251,105 +165,85 @@ def row(name: str, t: Timing, nbytes: int, on_disk: int) -> list[str]:
     ]
 
 
-def ratio(name: str, ours: Timing, theirs: Timing, target: float) -> str:
-    med, best = theirs.median / ours.median, theirs.min / ours.min
-    verdict = "PASS" if med >= target else "MISS"
-    return f"- {name}: {med:.2f}x by median, {best:.2f}x by best (target >= {target}x) {verdict}"
-
-
-def ratios(
-    saves: dict[str, Timing], loads: dict[str, Timing], extra_mib: float, dd_bytes: int, nbytes: int
-) -> list[str]:
-    limit = {
-        n: Timing(seconds=[s * nbytes / dd_bytes for s in saves[n].seconds])
-        for n in (DD_FSYNC, DD_DIRECT)
-    }  # dd wrote dd_bytes; scale to the state dict's bytes
-    faster = min(limit.values(), key=lambda t: t.median)
-    ok = "PASS" if extra_mib <= 64 else "MISS"
+def ratios(by: dict[str, Timing], extra_mib: float, dd_bytes: int, nbytes: int) -> list[Ratio]:
+    """Issue 18's save and load targets, and the earlier ones (dd, safetensors, DCP, memory)."""
+    dd = min((by[DD_FSYNC], by[DD_DIRECT]), key=lambda t: t.median)
+    dd_same = Timing(seconds=[s * nbytes / dd_bytes for s in dd.seconds])  # the same bytes
     return [
-        ratio("save vs the faster dd (same bytes)", saves[AIO_SAVE], faster, 0.9),
-        ratio("save vs torch.save + fsync", saves[AIO_SAVE], saves[TORCH_SAVE], 1.2),
-        ratio("save vs dcp.save", saves[AIO_SAVE], saves[DCP_SAVE], 1.3),
-        ratio("save vs safetensors save_file + fsync", saves[AIO_SAVE], saves[ST_SAVE], 1.0),
-        ratio("load vs torch.load", loads[AIO_LOAD], loads[TORCH_LOAD], 1.0),
-        ratio("load vs safetensors load_file", loads[AIO_LOAD], loads[ST_LOAD], 1.0),
-        ratio("load vs dcp.load", loads[AIO_LOAD], loads[DCP_LOAD], 1.0),
-        f"- memory above the state dict while aiostage.save runs: peak {extra_mib:.0f} MiB "
-        f"(target <= 64 MiB) {ok}",
-    ]
+        speedup("save vs torch.save + fsync", by[AIO_SAVE], by[TORCH_SAVE], 1.2),
+        speedup("save vs dcp.save", by[AIO_SAVE], by[DCP_SAVE], 2.0),
+        speedup("load vs torch.load", by[AIO_LOAD], by[TORCH_LOAD], 1.2),
+        speedup("save vs the faster dd (same bytes)", by[AIO_SAVE], dd_same, 0.9),
+        speedup("save vs safetensors save_file + fsync", by[AIO_SAVE], by[ST_SAVE], 1.0),
+        speedup("load vs safetensors load_file", by[AIO_LOAD], by[ST_LOAD], 1.0),
+        speedup("load vs dcp.load", by[AIO_LOAD], by[DCP_LOAD], 1.0),
+        Ratio("memory above the state dict while aiostage.save runs (peak)", extra_mib, 64, False, " MiB"),
+        Ratio("aiostage.save loop max lag (median rep)", by[AIO_SAVE].lag_ms, None, unit=" ms"),
+        Ratio("aiostage.load loop max lag (median rep)", by[AIO_LOAD].lag_ms, None, unit=" ms"),
+    ]  # fmt: skip
 
 
-async def main(args: argparse.Namespace) -> None:
-    start = CpuSnapshot.now()
-    root = Path(args.dir)
-    root.mkdir(parents=True, exist_ok=True)
-    sd = make_sd(args.gib)
-    nbytes = unique_bytes(sd)
+async def measure(sd: Any, root: Path, reps: int, report: Report) -> None:
+    nbytes = shapes.unique_bytes(sd)
     dd_source = Path(f"/dev/shm/aiostage-bench-{os.getpid()}.bin")
-    dd_bytes = -(-nbytes // DD_BLOCK) * DD_BLOCK
     try:
-        with dd_source.open("wb") as f:  # the state dict's own bytes, padded to whole dd blocks
-            for s in unique_storages(sd):
-                f.write(memoryview(torch.empty(0, dtype=torch.uint8).set_(s).numpy()))
-            f.write(bytes(dd_bytes - nbytes))
+        dd_bytes = write_dd_source(sd, dd_source, nbytes)
         gc.collect()
         gc.freeze()
-        print(
-            f"state dict: --gib {args.gib}, {len(sd)} keys, {nbytes / GB:.3f} GB unique; "
-            f"target {root.resolve()} ({os.statvfs(root).f_bsize} B blocks); torch {torch.__version__}"
-        )
         saves = save_cases(sd, root, dd_source, nbytes)
-        await run_rounds(saves, args.reps)
-        on_disk = {
-            c.name: disk_bytes(root / p)
-            for c, p in zip(
-                saves,
-                ["aio", "torch.pt", "dcp", "st.safetensors", "dd-fsync.bin", "dd-direct.bin"],
-                strict=True,
-            )
-        }
-        print(await check(sd, root))
+        await run_rounds(saves, reps)
+        print(await check(sd, root), flush=True)
         loads = load_cases(sd, root)
-        await run_rounds(loads, args.reps)
+        await run_rounds(loads, reps)
         extra = await save_memory(sd, root)
     finally:
         dd_source.unlink(missing_ok=True)
-    rows = [
-        row(c.name, c.timing, dd_bytes if c.name.startswith("dd") else nbytes, on_disk[c.name])
-        for c in saves
-    ]
-    print(f"\n### save, {args.reps} reps round-robin, target removed + os.sync() before each\n")
-    print(table(HEADER, rows))
-    load_disk = {
-        AIO_LOAD: on_disk[AIO_SAVE],
-        TORCH_LOAD: on_disk[TORCH_SAVE],
-        ST_LOAD: on_disk[ST_SAVE],
-        DCP_LOAD: on_disk[DCP_SAVE],
-    }
-    print(f"\n### load, {args.reps} reps round-robin, page cache evicted before each\n")
-    print(table(HEADER, [row(c.name, c.timing, nbytes, load_disk[c.name]) for c in loads]))
-    by_save = {c.name: c.timing for c in saves}
-    by_load = {c.name: c.timing for c in loads}
-    print("\n" + "\n".join(ratios(by_save, by_load, extra, dd_bytes, nbytes)))
-    print("background: " + CpuSnapshot.now().others_since(start))
-    if not args.keep:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument(
-        "--gib",
-        type=float,
-        default=1.0,
-        help="state dict size in GiB (default 1; 4 for the large case)",
+    on_disk = {name: anchors.disk_bytes(root / t) for name, t in TARGETS.items()}
+    size = {DD_FSYNC: dd_bytes, DD_DIRECT: dd_bytes}
+    by_save, by_load = timings(saves), timings(loads)
+    title = f"save, {reps} reps round-robin, target removed + os.sync() before each"
+    report.add(
+        title, HEADER, [row(n, t, size.get(n, nbytes), on_disk[n]) for n, t in by_save.items()]
     )
+    title = f"load, {reps} reps round-robin, page cache evicted before each"
+    report.add(title, HEADER, [row(n, t, nbytes, on_disk[n]) for n, t in by_load.items()])
+    report.add_timings("save", by_save, nbytes)
+    report.add_timings("load", by_load, nbytes)
+    for what, by, names in (
+        ("save", by_save, (AIO_SAVE, TORCH_SAVE, DCP_SAVE)),
+        ("load", by_load, (AIO_LOAD, TORCH_LOAD, DCP_LOAD)),
+    ):
+        report.traces[what] = {n: by[n].median_trace() for n in names}
+    report.ratios += ratios(by_save | by_load, extra, dd_bytes, nbytes)
+
+
+async def main(args: argparse.Namespace, shape: shapes.Shape, report: Report) -> None:
+    root = (Path(args.dir) if args.dir else out_dir("persist")) / f"run-{os.getpid()}"
+    root.mkdir(parents=True, exist_ok=True)  # removed afterwards, unless --keep
+    sd = shape.state_dict()
+    report.shape = shape.describe()
+    report.notes.append(f"target {root.resolve()} ({os.statvfs(root).f_bsize} B blocks)")
+    try:
+        await measure(sd, root, args.reps, report)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, shapes.Shape]:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    shapes.add_arguments(p)
     p.add_argument("--reps", type=int, default=5, help="timed reps per contender (default 5)")
-    p.add_argument("--dir", default="bench/out/persist", help="where to write (a real disk)")
+    p.add_argument("--dir", help="where to write, a real disk (default bench/out/persist)")
     p.add_argument("--keep", action="store_true", help="keep the written files")
-    return p.parse_args(argv)
+    add_report_arguments(p)
+    return shapes.parse(p, argv)
 
 
 if __name__ == "__main__":
     warnings.filterwarnings("ignore", category=UserWarning)  # DCP without a process group
-    sys.exit(asyncio.run(main(parse())))
+    args, shape = parse()
+    report = start("persist", args)
+    asyncio.run(main(args, shape, report))
+    report.finish(args.json)
+    sys.exit(0)

@@ -14,21 +14,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
 import torch
 import torch.distributed as dist
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from _common import GB, make_sd, run_spawned, table, unique_bytes
+from _lib import shapes
+from _lib.machine import run_spawned
+from _lib.report import GB, Ratio, Report, add_report_arguments, start
+from _lib.timing import Heartbeat
 
 import aiostage
-from aiostage.testing import LoopLag
 
 Results = dict[str, list[float]]
 
@@ -48,22 +45,21 @@ def _raw(out: Results, rank: int, flat: torch.Tensor, into: torch.Tensor) -> Non
     _timed(out, "raw send/recv, one flat tensor, one way", time.perf_counter() - began)
     dist.barrier()
     began = time.perf_counter()
-    works = [dist.isend(flat, peer), dist.irecv(into, peer)]
-    for w in works:
-        w.wait()
+    _both_ways(rank, flat, into)
     _timed(out, "raw isend+irecv, one flat tensor, both ways (limit)", time.perf_counter() - began)
 
 
 def _both_ways(rank: int, flat: torch.Tensor, into: torch.Tensor) -> None:
     works = [dist.isend(flat, 1 - rank), dist.irecv(into, 1 - rank)]
     for w in works:
+        assert w is not None  # gloo returns a work for a point-to-point operation
         w.wait()
 
 
 async def _raw_in_thread(out: Results, rank: int, flat: torch.Tensor, into: torch.Tensor) -> None:
     """The limit again, posted and waited from a worker thread: the loop lag it costs by itself."""
     dist.barrier()
-    async with LoopLag() as lag:
+    async with Heartbeat() as lag:
         await anyio.to_thread.run_sync(_both_ways, rank, flat, into)
     _timed(out, "raw both ways from a worker thread: loop max lag ms", lag.max_ms)
 
@@ -72,7 +68,7 @@ async def _ours(
     out: Results, sd: dict[str, Any], stager: aiostage.ReplicationStager, tag: str = ""
 ) -> None:
     dist.barrier()
-    async with LoopLag() as lag:
+    async with Heartbeat() as lag:
         began = time.perf_counter()
         replica = await stager.stage(sd)
         took = time.perf_counter() - began
@@ -97,6 +93,7 @@ async def _ours_persisted(out: Results, sd: dict[str, Any], stager: Any) -> None
 def _anchor(out: Results, sd: dict[str, Any], tmp: str, persist: bool) -> None:
     from torch.distributed.checkpoint.staging import _ReplicationStager
 
+    assert dist.group.WORLD is not None
     anchor = _ReplicationStager(dist.group.WORLD, storage_dir=f"{tmp}/anchor_{dist.get_rank()}")
     if not persist:
         anchor._persist_state_dict = lambda *a, **k: None  # type: ignore[method-assign]
@@ -110,8 +107,8 @@ def _anchor(out: Results, sd: dict[str, Any], tmp: str, persist: bool) -> None:
 
 async def _rank(rank: int, world: int, gib: float, reps: int, tmp: str) -> Results:
     torch.set_num_threads(1)
-    sd = make_sd(gib, seed=rank)
-    n = unique_bytes(sd)
+    sd = shapes.flat(gib).state_dict(seed=rank)
+    n = shapes.unique_bytes(sd)
     flat, into = torch.ones(n // 4), torch.empty(n // 4)
     out: Results = {}
     async with (
@@ -131,55 +128,73 @@ async def _rank(rank: int, world: int, gib: float, reps: int, tmp: str) -> Resul
     return {k: v[2:] if k != "bytes" else v for k, v in out.items()}
 
 
-def _report(results: list[Results]) -> str:
+LAGS = (
+    "aiostage loop max lag ms",
+    "aiostage loop max lag ms (verify_on_arrival)",
+    "raw both ways from a worker thread: loop max lag ms",
+)
+
+
+def _report(results: list[Results], report: Report) -> None:
     n = results[0]["bytes"][0]
-    lags = (
-        "aiostage loop max lag ms",
-        "aiostage loop max lag ms (verify_on_arrival)",
-        "raw both ways from a worker thread: loop max lag ms",
-    )
-    names = [k for k in results[0] if k != "bytes" and k not in lags]
-    worst = {k: [max(r[k][i] for r in results) for i in range(len(results[0][k]))] for k in names}
+    names = [k for k in results[0] if k != "bytes" and k not in LAGS]
+    worst = {
+        k: [max(r[k][i] for r in results) for i in range(len(results[0][k]))]
+        for k in results[0]
+        if k != "bytes"
+    }
     med = {k: statistics.median(v) for k, v in worst.items()}
     rows = [
         [k, f"{1e3 * min(worst[k]):.1f}", f"{1e3 * med[k]:.1f}", f"{n / med[k] / GB:.2f}"]
         for k in names
     ]
-    lag, lag_oa, raw_lag = (
-        statistics.median(max(r[k][i] for r in results) for i in range(len(results[0][k])))
-        for k in lags
+    report.add(
+        f"{n / GB:.3f} GB unique per rank, max over 2 ranks per rep",
+        ["figure", "min ms", "median ms", "GB/s per direction (median)"],
+        rows,
     )
+    report.figures["replicate"] = {
+        k: {"seconds": worst[k], "median_s": med[k], "bytes": n} for k in names
+    }
+    report.figures["replicate loop lag"] = {k: {"max_lag_ms": worst[k]} for k in LAGS}
+    report.ratios += _ratios(med)
+
+
+def _ratios(med: dict[str, float]) -> list[Ratio]:
+    """The ratios against the replication issue's targets (lags in ms, the rest in seconds)."""
     ex = med["aiostage exchange only (both ways)"]
     st = med["aiostage stage: snapshot + exchange"]
     limit = med["raw isend+irecv, one flat tensor, both ways (limit)"]
     oa = med["aiostage exchange only (both ways) (verify_on_arrival)"]
-    ratios = [
-        ["aiostage exchange / anchor stage (no persist)", f"{ex / med['anchor _ReplicationStager.stage (no persist)']:.2f}", "<= 0.6"],
-        ["aiostage stage (snapshot+exchange) / anchor (no persist)", f"{st / med['anchor _ReplicationStager.stage (no persist)']:.2f}", "<= 0.6"],
-        ["aiostage stage+persisted / anchor (with persist)", f"{med['aiostage stage + persisted()'] / med['anchor _ReplicationStager.stage (with persist)']:.2f}", "<= 0.6"],
-        ["raw simultaneous limit / aiostage exchange", f"{limit / ex:.2f}", ">= 0.85"],
-        ["raw simultaneous limit / aiostage exchange (verify_on_arrival)", f"{limit / oa:.2f}", ">= 0.85"],
-        ["raw simultaneous limit / aiostage stage (snapshot+exchange)", f"{limit / st:.2f}", ">= 0.85"],
-        ["aiostage loop max lag during stage (ms, median over reps of the worse rank)", f"{lag:.1f}", "<= 5"],
-        ["aiostage loop max lag, verify_on_arrival (same statistic)", f"{lag_oa:.1f}", "<= 5"],
-        ["reference: loop max lag, raw both ways from a worker thread (same statistic)", f"{raw_lag:.1f}", ""],
-    ]  # fmt: skip
-    return (
-        f"{n / GB:.3f} GB unique per rank, max over 2 ranks per rep\n\n"
-        + table(["figure", "min ms", "median ms", "GB/s per direction (median)"], rows)
-        + "\n\n"
-        + table(["ratio", "value", "target"], ratios)
+    anchor = med["anchor _ReplicationStager.stage (no persist)"]
+    persisted = (
+        med["aiostage stage + persisted()"] / med["anchor _ReplicationStager.stage (with persist)"]
     )
+    return [
+        Ratio("aiostage exchange / anchor stage (no persist)", ex / anchor, 0.6, False),
+        Ratio("aiostage stage (snapshot+exchange) / anchor (no persist)", st / anchor, 0.6, False),
+        Ratio("aiostage stage+persisted / anchor (with persist)", persisted, 0.6, False),
+        Ratio("raw simultaneous limit / aiostage exchange", limit / ex, 0.85),
+        Ratio("raw simultaneous limit / aiostage exchange (verify_on_arrival)", limit / oa, 0.85),
+        Ratio("raw simultaneous limit / aiostage stage (snapshot+exchange)", limit / st, 0.85),
+        Ratio("aiostage loop max lag during stage (median over reps of the worse rank)", med[LAGS[0]], 5, False, " ms"),
+        Ratio("aiostage loop max lag, verify_on_arrival (same statistic)", med[LAGS[1]], 5, False, " ms"),
+        Ratio("reference: loop max lag, raw both ways from a worker thread (same statistic)", med[LAGS[2]], unit=" ms"),
+    ]  # fmt: skip
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--gib", type=float, default=1.0)
     parser.add_argument("--reps", type=int, default=3)
+    add_report_arguments(parser)
     args = parser.parse_args()
-    results, background = run_spawned("replicate_", 2, _rank, args.gib, args.reps)
-    print(_report(results))
-    print(background)
+    report = start("replicate", args)
+    report.children = True
+    report.shape = shapes.flat(args.gib).describe()
+    results, report.background = run_spawned("replicate_", 2, _rank, args.gib, args.reps)
+    _report(results, report)
+    report.finish(args.json)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +22,10 @@ import anyio
 import anyio.to_thread
 import torch
 import torch.distributed as dist
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from _common import GB, make_sd, percentile_ms, run_spawned, table, unique_bytes
+from _lib import shapes
+from _lib.machine import run_spawned
+from _lib.report import GB, Ratio, Report, add_report_arguments, start
+from _lib.timing import percentile_ms
 
 import aiostage
 
@@ -78,13 +77,14 @@ def _took(out: dict[str, list[float]], name: str, began: float) -> None:
 
 
 async def _publisher(sd: dict[str, Any], args: argparse.Namespace, tmp: str) -> dict[str, Any]:
-    n = unique_bytes(sd)
+    n = shapes.unique_bytes(sd)
     flat = torch.ones(n // 4)
     await anyio.to_thread.run_sync(lambda: dist.broadcast(torch.tensor([n]), 0))
     out: dict[str, list[float]] = {}
     async with aiostage.WeightPublisher(
         subscribers=[1, 2], timeout=600, verify=args.verify, shared_memory=args.shared_memory
     ) as pub:
+        await pub.wait_for_subscribers()  # none is "absent" from the first report
         for version in range(1, args.reps + WARMUP + 1):
             await _publisher_round(pub, sd, flat, version, Path(tmp) / "handoff.pt", out)
         await anyio.to_thread.run_sync(barrier)  # idle period
@@ -124,11 +124,10 @@ async def _publisher_round(
 
 
 async def _subscriber(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
-    with torch.device("meta"):
-        shapes = make_sd(args.gib)
+    layout = shapes.flat(args.gib).state_dict(fill=lambda s: torch.empty(s, device="meta"))
     target = {
         k: torch.zeros(v.shape, dtype=v.dtype)
-        for k, v in shapes.items()
+        for k, v in layout.items()
         if isinstance(v, torch.Tensor)
     }
     n = torch.zeros(1, dtype=torch.int64)
@@ -183,7 +182,7 @@ def _load_into(path: Path, target: dict[str, torch.Tensor]) -> None:
 async def _rank(rank: int, world: int, args: argparse.Namespace, tmp: str) -> dict[str, Any]:
     torch.set_num_threads(1)
     if rank == 0:
-        return await _publisher(make_sd(args.gib), args, tmp)
+        return await _publisher(shapes.flat(args.gib).state_dict(), args, tmp)
     return await _subscriber(args, tmp)
 
 
@@ -204,26 +203,18 @@ def _latencies(results: list[dict[str, Any]]) -> tuple[list[list[Any]], dict[Any
 
 def _ratios(
     bcast: float, pub: float, installed: float, handoff: float, worst: float, floor: float
-) -> list[list[str]]:
-    """The ratio rows against the issue's targets."""
+) -> list[Ratio]:
+    """The ratios against the issue's targets."""
     return [
-        ["publish throughput / raw broadcast throughput", f"{bcast / pub:.2f}", ">= 0.8"],
-        [
-            "(publish + install) throughput / raw broadcast throughput",
-            f"{bcast / installed:.2f}",
-            "",
-        ],
-        [
-            "torch.save/load hand-off time / publish + install time",
-            f"{handoff / installed:.2f}",
-            "",
-        ],
-        ["serving p99 during an update / idle p99 (worse subscriber)", f"{worst:.2f}", "<= 2"],
-        ["reference: serving p99 during the raw broadcast / idle p99 (worse)", f"{floor:.2f}", ""],
+        Ratio("publish throughput / raw broadcast throughput", bcast / pub, 0.8),
+        Ratio("(publish + install) throughput / raw broadcast throughput", bcast / installed),
+        Ratio("torch.save/load hand-off time / publish + install time", handoff / installed),
+        Ratio("serving p99 during an update / idle p99 (worse subscriber)", worst, 2, False),
+        Ratio("reference: serving p99 during the raw broadcast / idle p99 (worse)", floor),
     ]
 
 
-def _report(results: list[dict[str, Any]]) -> str:
+def _report(results: list[dict[str, Any]], report: Report) -> None:
     n, times = results[0]["bytes"], results[0]["times"]
     med = {k: statistics.median(v) for k, v in times.items()}
     rows = [
@@ -248,23 +239,21 @@ def _report(results: list[dict[str, Any]]) -> str:
         (p99.get((r, "raw broadcast"), float("nan")) / p99[(r, "idle")] for r in (1, 2)),
         default=float("nan"),
     )
-    ratios = _ratios(bcast, pub, installed, handoff, worst, floor)
     r0 = results[0]
     via = "shared memory (same-host fast path)" if r0["shared"] else "gloo on loopback"
     via += ", install by swap" if r0["swap"] else ", install by copy"
     via += "" if r0["verify"] else ", verify=False"
-    return (
-        f"{n / GB:.3f} GB unique, 1 publisher -> 2 subscribers, aiostage via {via}\n\n"
-        + table(["figure", "min ms", "median ms", "GB/s (median)"], rows)
-        + "\n\n"
-        + table(["subscriber", "phase", "requests", "p50 ms", "p99 ms"], lat_rows)
-        + "\n\n"
-        + table(["ratio", "value", "target"], ratios)
-    )
+    title = f"{n / GB:.3f} GB unique, 1 publisher -> 2 subscribers, aiostage via {via}"
+    report.add(title, ["figure", "min ms", "median ms", "GB/s (median)"], rows)
+    report.add("serving latency", ["subscriber", "phase", "requests", "p50 ms", "p99 ms"], lat_rows)
+    report.figures["weight_sync"] = {
+        k: {"seconds": v, "median_s": med[k], "bytes": n} for k, v in times.items()
+    }
+    report.ratios += _ratios(bcast, pub, installed, handoff, worst, floor)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--gib", type=float, default=1.0)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--interval-ms", type=float, default=5.0)
@@ -272,10 +261,14 @@ def main() -> None:
     parser.add_argument("--no-verify", dest="verify", action="store_false")
     parser.add_argument("--shared-memory", action="store_true", help="the same-host fast path")
     parser.add_argument("--swap", action="store_true", help="subscribers re-point, not copy")
+    add_report_arguments(parser)
     args = parser.parse_args()
-    results, background = run_spawned("weight_sync_", 3, _rank, args)
-    print(_report(results))
-    print(background)
+    report = start("weight_sync", args)
+    report.children = True
+    report.shape = shapes.flat(args.gib).describe()
+    results, report.background = run_spawned("weight_sync_", 3, _rank, args)
+    _report(results, report)
+    report.finish(args.json)
 
 
 if __name__ == "__main__":
