@@ -17,9 +17,19 @@ from typing import Any, TextIO
 
 import anyio
 
-from ._cli import Found, RankFile, checkpoint_manifest, export, read_checkpoint, scan, verify
+from ._cli import (
+    Found,
+    RankFile,
+    checkpoint_manifest,
+    export,
+    plan,
+    read_checkpoint,
+    scan,
+    verify,
+)
 from ._core.dtypes import dtype_name
 from ._core.tree import Leaf, MapNode, Node, SeqNode, Value, key_str
+from ._format.hf import INDEX_NAME, parse_size
 from .errors import AiostageError, CheckpointCorrupt
 
 __all__ = ["main"]
@@ -63,12 +73,37 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("verify", help="check every file's checksums (reads all data)")
     check.add_argument("path", type=Path, metavar="PATH")
     check.set_defaults(run=_verify)
-    out = sub.add_parser("export", help="write a single-rank checkpoint as one file")
+    _export_parser(sub)
+    return parser
+
+
+def _export_parser(sub: Any) -> None:
+    """The ``export`` command's arguments (``sub``: the parser's sub-commands)."""
+    out = sub.add_parser(
+        "export", help="write a checkpoint (any world size) as whole tensors, for serving"
+    )
     out.add_argument("path", type=Path, metavar="PATH")
     out.add_argument("--to", required=True, choices=("safetensors", "torch"), dest="fmt")
     out.add_argument("out", type=Path, metavar="OUT")
+    out.add_argument(
+        "--only", metavar="KEY", help="export only this sub-tree (dotted key, e.g. model)"
+    )
+    out.add_argument(
+        "--max-shard-size",
+        type=_size,
+        metavar="SIZE",
+        help="safetensors only: OUT is a directory of shards of at most SIZE (5GB, 500MB) "
+        f"and {INDEX_NAME}",
+    )
     out.set_defaults(run=_export)
-    return parser
+
+
+def _size(text: str) -> int:
+    """``--max-shard-size``: bytes, or argparse's usage error naming the bad value."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _one_line(exc: BaseException) -> str:
@@ -135,10 +170,16 @@ async def _verify(args: argparse.Namespace) -> int:
 
 
 async def _export(args: argparse.Namespace) -> int:
-    manifest = await checkpoint_manifest(args.path)
-    with ProgressBar("export", sum(f.size for f in manifest.files), sys.stderr) as bar:
-        size = await export(args.path, args.fmt, args.out, bar)
-    print(f"{args.out}: {human_bytes(size)} ({args.fmt})")
+    todo = await plan(
+        args.path, args.fmt, args.out, only=args.only, max_shard_size=args.max_shard_size
+    )
+    with ProgressBar("export", todo.nbytes, sys.stderr) as bar:
+        files = await export(todo, bar)
+    total = human_bytes(sum(size for _, size in files))
+    if todo.directory:
+        print(f"{args.out}: {len(files)} file(s), {total} ({args.fmt})")
+    else:
+        print(f"{args.out}: {total} ({args.fmt})")
     return 0
 
 

@@ -2,38 +2,33 @@
 
 Nothing here prints; ``__main__`` parses the command line and renders what these return. Headers
 are read without the tensor data; verification hashes every entry in worker threads, chunk by
-chunk, reporting its progress in bytes.
+chunk, reporting its progress in bytes; export streams whole tensors (``_storage/export.py``).
 """
 
 from __future__ import annotations
 
 import errno
-import functools
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from ._core.dtypes import ST_DTYPES
-from ._core.tree import KeyPath, MapNode, Node, SeqNode, Value, flatten, key_str
+from ._core.tree import KeyPath, Node
 from ._format.codec import MANIFEST, STEP_NAME, FileInfo, Header, Manifest
-from ._storage import localfs
 from ._storage.backend import Leftover, Storage
 from ._storage.digests import entry_keys, hash_entries
-from ._storage.local import LOCAL
+from ._storage.export import ExportPlan, plan_export, write_export
 from ._storage.locate import locate
-from ._storage.reader import load, read_header, read_manifest
-from .errors import CheckpointCorrupt, CheckpointNotFound, UsageError
+from ._storage.reader import read_header, read_manifest
+from .errors import CheckpointCorrupt, CheckpointNotFound
 
 __all__ = [
+    "ExportPlan",
     "Found",
     "RankFile",
     "checkpoint_manifest",
     "export",
+    "plan",
     "read_checkpoint",
     "scan",
     "verify",
@@ -207,78 +202,16 @@ def _mismatches(rf: RankFile, digests: dict[int, int]) -> list[CheckpointCorrupt
 # ---------------------------------------------------------------- export
 
 
-async def export(path: Path, fmt: str, out: Path, progress: Progress) -> int:
-    """Write the single-rank checkpoint at ``path`` as one ``fmt`` file ("safetensors" or
-    "torch") at ``out``; return its size.
-
-    Verifies the data first (``progress`` hears of the bytes hashed), then loads it and writes
-    the file under a temporary name that is renamed into place. Blocks worker threads only.
-    Raises ``UsageError`` (a multi-rank checkpoint, ``out`` exists, safetensors not installed,
-    a tensor safetensors cannot hold), the first ``CheckpointCorrupt`` found, and what
-    ``aiostage.load`` raises.
-    """
-    storage, where = locate(path)
-    if await LOCAL.kind(out) != "absent":
-        raise UsageError(f"{out} exists; remove it or choose another output path")
-    manifest = await read_manifest(storage, where)
-    if manifest.world_size != 1:
-        raise UsageError(
-            f"{path} was saved by {manifest.world_size} ranks; export writes single-rank "
-            "checkpoints only: load it with aiostage.load(path, pg=...) on that many ranks and "
-            "save each rank's state dict"
-        )
-    write = _writer(fmt)
-    _, problems = await verify(path, progress)
-    if problems:
-        raise problems[0]
-    state = await load(path, verify=False)
-    try:
-        return await localfs.publish_file(out, functools.partial(write, state, manifest.metadata))
-    except FileExistsError as exc:
-        raise UsageError(f"{out} appeared while exporting; nothing was replaced") from exc
+async def plan(
+    path: Path, fmt: str, out: Path, *, only: str | None, max_shard_size: int | None
+) -> ExportPlan:
+    """What ``aiostage export`` will write (see ``_storage.export.plan_export``); reads headers
+    only, so the command can size its progress bar before any tensor is read."""
+    return await plan_export(path, fmt, out, only=only, max_shard_size=max_shard_size)
 
 
-def _writer(fmt: str) -> Callable[[Any, dict[str, Any], Path], None]:
-    if fmt == "torch":
-        return lambda state, _meta, out: torch.save(state, out)
-    try:
-        import safetensors.torch  # noqa: F401 - a test dependency, not a runtime one
-    except ImportError as exc:
-        raise UsageError(
-            "export --to safetensors needs the safetensors package: pip install safetensors"
-        ) from exc
-    return _save_safetensors
-
-
-def _save_safetensors(state: Any, metadata: dict[str, Any], out: Path) -> None:
-    """One flat safetensors file: tensors under their dotted key paths, values as metadata."""
-    import safetensors.torch
-
-    tree = flatten(state)
-    tensors: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for leaf in tree.leaves:
-        key = leaf.key
-        if key in tensors:
-            raise UsageError(f"{key}: two tensors flatten to this key; export --to torch instead")
-        if leaf.data.dtype not in ST_DTYPES:
-            raise UsageError(f"{key}: safetensors cannot hold {leaf.data.dtype}; use --to torch")
-        t = leaf.data.detach().contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        tensors[key] = t.clone() if ptr in seen and t.numel() else t  # safetensors refuses aliases
-        seen.add(ptr)
-    extra = {"aiostage.metadata": json.dumps(metadata)}
-    extra.update(_values(tree.root, ()))
-    safetensors.torch.save_file(tensors, out, metadata=extra)
-
-
-def _values(node: Node, path: KeyPath) -> dict[str, str]:
-    """Non-tensor leaves as ``{dotted key: JSON}`` (what safetensors' metadata can hold)."""
-    if isinstance(node, Value):
-        return {key_str(path): json.dumps(node.value, default=repr)}
-    out: dict[str, str] = {}
-    if isinstance(node, MapNode | SeqNode):
-        keys = node.keys if isinstance(node, MapNode) else range(len(node.children))
-        for k, child in zip(keys, node.children, strict=True):
-            out.update(_values(child, (*path, k)))
-    return out
+async def export(todo: ExportPlan, progress: Progress) -> list[tuple[Path, int]]:
+    """Write ``todo`` (a ``plan``): whole tensors assembled one at a time from a checkpoint of any world
+    size, each entry read verified; ``progress`` hears of the bytes written. Returns the files
+    written and their sizes; raises what ``_storage.export.write_export`` raises."""
+    return await write_export(todo, progress)

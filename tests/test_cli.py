@@ -250,20 +250,8 @@ def test_export_refuses_a_corrupt_checkpoint_and_an_existing_output(tmp_path: Pa
     assert (tmp_path / "taken.pt").read_bytes() == b"mine"
     flip_byte_of(ckpt, "model.bias")
     out = run_cli("export", ckpt, "--to", "torch", tmp_path / "x.pt")
-    assert_one_line_error(out, "checksum mismatch in tensor model.bias")
-    assert not (tmp_path / "x.pt").exists()
-
-
-def test_export_to_safetensors_without_the_package_says_so(tmp_path: Path) -> None:
-    ckpt = save(tmp_path / "ckpt")
-    code = (
-        "import sys; sys.modules['safetensors'] = None; from aiostage.__main__ import main; "
-        f"sys.exit(main(['export', {str(ckpt)!r}, '--to', 'safetensors', 'out.st']))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60
-    )
-    assert_one_line_error(out, "needs the safetensors package: pip install safetensors")
+    assert_one_line_error(out, "checksum mismatch in entry 'model.bias' (tensor model.bias)")
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "taken.pt"]  # nor a temporary left
 
 
 # ---------------------------------------------------------------- many ranks
@@ -276,7 +264,7 @@ async def save_rank(rank: int, world: int, path: str) -> None:
 
 
 @pytest.mark.distributed
-def test_a_multi_rank_checkpoint_is_inspected_verified_but_not_exported(tmp_path: Path) -> None:
+def test_a_multi_rank_checkpoint_is_inspected_verified_and_exported(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
     run_world(save_rank, 2, str(ckpt), timeout=90)
     out = run_cli("inspect", ckpt)
@@ -286,5 +274,8 @@ def test_a_multi_rank_checkpoint_is_inspected_verified_but_not_exported(tmp_path
     out = run_cli("verify", ckpt)
     assert out.returncode == 0, out.stderr
     assert "OK (2 file(s), 2 tensor(s) verified)" in out.stdout
+    # plain (not DTensor) values differ per rank: the export holds rank 0's, as load does
     out = run_cli("export", ckpt, "--to", "torch", tmp_path / "x.pt")
-    assert_one_line_error(out, "saved by 2 ranks", "single-rank")
+    assert out.returncode == 0, out.stderr
+    got = torch.load(tmp_path / "x.pt", weights_only=True)
+    assert_state_dict_equal(got, {"w": torch.zeros(4, 4), "rank": 0})
