@@ -29,7 +29,7 @@ from ._storage.reader import load_metadata as load_metadata
 from ._storage.save import SaveReport as SaveReport
 from ._storage.save import save as save
 from ._storage.writer import WriteOptions as WriteOptions
-from ._train_state import apply_train_state as apply_train_state
+from ._train_state import TrainState as TrainState
 from ._train_state import train_state as train_state
 
 __version__ = "0.1.0"
@@ -48,12 +48,12 @@ __all__ = [
     "SaveReport",
     "StagerStatistics",
     "StagingOptions",
+    "TrainState",
     "WeightPublisher",
     "WeightSubscriber",
     "WeightUpdate",
     "WriteOptions",
     "__version__",
-    "apply_train_state",
     "async_save",
     "errors",
     "load",

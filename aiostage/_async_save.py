@@ -9,6 +9,7 @@ settles it through a ``Settler``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -16,13 +17,17 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 
 from ._core.outcome import Outcome, Resolver, wait_settled
 from ._core.timeouts import DEFAULT_TIMEOUT, seconds
+from ._format.codec import check_metadata
+from ._format.storable import check_storable
 from ._replication.stager import ReplicationStager
 from ._staging import AsyncStager, DefaultStager, StagingOptions
 from ._storage.locate import PathLike
 from ._storage.save import SaveReport, save
+from ._train_state import as_state_dict
 from .errors import PersistenceError
 
 __all__ = [
@@ -57,15 +62,30 @@ class Job:
         return self.settler.handle
 
 
-async def stage_job(job: Job, state_dict: Any) -> None:
-    """Stage ``state_dict`` into ``job`` (the caller's part of a save)."""
+async def stage_job(job: Job, state_dict: Any, issued: Callable[[], object] | None = None) -> None:
+    """Stage ``state_dict`` into ``job`` (the caller's part of a save). ``issued``: a zero-stall
+    save, whose caller goes on once the copy is issued (``DefaultStager.stage``); with another
+    stager, once staging starts."""
     stats = getattr(job.stager, "statistics", None)
     before = stats().bytes_staged if stats is not None else 0
     t = time.perf_counter()
-    job.staged = await job.stager.stage(state_dict)
+    if issued is None:
+        job.staged = await job.stager.stage(state_dict)
+    else:
+
+        def at_issue() -> None:
+            job.stall = time.perf_counter() - job.began
+            issued()
+
+        if isinstance(job.stager, DefaultStager):
+            job.staged = await job.stager.stage(state_dict, issued=at_issue)
+        else:
+            at_issue()
+            job.staged = await job.stager.stage(state_dict)
     job.stage = time.perf_counter() - t
     job.stage_bytes = stats().bytes_staged - before if stats is not None else 0
-    job.stall = time.perf_counter() - job.began
+    if issued is None:
+        job.stall = time.perf_counter() - job.began
     job.settler.staged.set(None)
 
 
@@ -113,10 +133,15 @@ async def async_save(
     save (nothing half-written is visible; ``handle.committed`` raises ``PersistenceError``). A
     failed save never fails the group: ``await handle.committed`` raises it (logged if unseen).
 
-    Blocks on staging. Raises what staging raises (``StagingError``, ``LeaseTimeout``), and
+    Blocks on staging. Raises ``UnsupportedValueError`` naming the key of a value the format
+    cannot store (before anything is staged), what staging raises (``StagingError``,
+    ``LeaseTimeout``), and
     ``ValueError`` (bad ``timeout``) or ``RuntimeError`` (``task_group`` not active) first.
     """
     limit, own = seconds(timeout), stager is None
+    state_dict = await as_state_dict(state_dict)
+    check_metadata(metadata)
+    await anyio.to_thread.run_sync(check_storable, state_dict)  # refused now, not when written
     use = stager or DefaultStager(StagingOptions(pool_size=1))
     job = Job(Settler(None, Path(path)), None, use, metadata, time.perf_counter())
     try:

@@ -34,12 +34,21 @@ from ._async_save import (
 )
 from ._core import dist
 from ._core.timeouts import DEFAULT_TIMEOUT, seconds
-from ._format.codec import STEP_NAME, step_name
+from ._format.codec import STEP_NAME, check_metadata, step_name
+from ._format.storable import check_storable
 from ._replication.stager import ReplicationStager
 from ._staging import AsyncStager, DefaultStager, StagingOptions
 from ._storage.locate import PathLike, locate
 from ._storage.reader import load
-from .errors import AiostageWarning, CheckpointNotFound, ClosedError, UsageError
+from ._train_state import as_state_dict
+from .errors import (
+    AiostageWarning,
+    CheckpointNotFound,
+    ClosedError,
+    PersistenceError,
+    UnsupportedValueError,
+    UsageError,
+)
 
 __all__ = ["Checkpointer", "step_name"]
 
@@ -93,7 +102,7 @@ class Checkpointer:
         self._own_stager = stager is None
         self._stager = stager or DefaultStager(StagingOptions(pool_size=max_in_flight))
         self._rank, self._world = dist.rank_and_size(pg) if pg is not None else (0, 1)
-        self._bg: Any = None  # private groups: background saves, and the skip agreement
+        self._bg: Any = None  # private groups: background saves, and each save's agreement
         self._fg: Any = None
         self._repl: ReplicationStager | None = None
         self._slots = anyio.Semaphore(max_in_flight)
@@ -101,6 +110,7 @@ class Checkpointer:
         self._tg: anyio.abc.TaskGroup | None = None
         self._failed: list[Settler] = []
         self._steps: list[int] = []
+        self._pending: list[int] = []  # steps accepted by save, not yet committed or failed
         self._state = "new"
 
     # ------------------------------------------------------------ lifetime
@@ -111,8 +121,7 @@ class Checkpointer:
         self._state = "open"
         if self._pg is not None and self._world > 1:
             self._bg = await dist.private_group(self._pg)
-            if self.on_busy == "skip":
-                self._fg = await dist.private_group(self._pg)
+            self._fg = await dist.private_group(self._pg)
         if self._replicate:
             self._repl = ReplicationStager(self._bg, timeout=self._timeout)
         if self._rank == 0:
@@ -170,33 +179,99 @@ class Checkpointer:
     # ------------------------------------------------------------ saving
 
     async def save(
-        self, step: int, state_dict: Any, metadata: dict[str, Any] | None = None
+        self,
+        step: int,
+        state_dict: Any,
+        metadata: dict[str, Any] | None = None,
+        *,
+        overwrite: bool = False,
+        overlap: bool = False,
     ) -> SaveHandle:
         """Stage ``state_dict`` as checkpoint ``step``; return once it is staged.
 
-        ``metadata`` (JSON) is stored with ``"step"`` added. Blocks on a free slot
-        (``on_busy="wait"``) and on staging. Raises an earlier background failure first (that
-        save is lost; this one is not attempted), ``ClosedError`` outside ``async with``, and
-        what staging raises.
+        ``overlap=True`` (zero-stall): return as soon as the copy is issued, so it overlaps the
+        next forward and backward pass; ``await handle.staged`` before anything changes the
+        state in place (``optimizer.step()``). A tensor changed before that fails the save with
+        ``StagingError`` naming its key (at ``handle.staged`` and ``handle.committed``), as
+        does any other staging error after the copy was issued.
+
+        ``metadata`` (JSON) is stored with ``"step"`` added. ``step`` must be newer than every
+        step committed or being saved (the newest again only with ``overwrite=True``, which
+        replaces it); with ``pg`` the ranks agree first (a small all-gather) and all save or all
+        raise. Blocks on a free slot (``on_busy="wait"``) and on staging. Raises an earlier
+        background failure first (that save is lost; this one is not attempted),
+        ``UnsupportedValueError`` naming the key of a value the format cannot store (before
+        staging), ``UsageError`` for a step that exists or is older or outside ``async with``
+        (``ClosedError`` after it), and what staging raises.
         """
         self._check_open()
-        self._raise_failure()
         began = time.perf_counter()
         path = self.root / step_name(step)
-        if await self._busy():
-            return _skipped(step, path, began)
         meta = {**(metadata or {}), "step": step}
+        state_dict = await as_state_dict(state_dict)
+        unstorable = await _unstorable(state_dict, meta)
+        if await self._agree(step, overwrite, unstorable):
+            return _skipped(step, path, began)
         job = Job(Settler(step, path), None, self._stager, meta, began)
-        await self._slots.acquire()
-        job.wait = time.perf_counter() - began
+        self._pending.append(step)
         try:
+            await self._queue(job, state_dict, overlap)
+        except BaseException:
+            self._pending.remove(step)
+            raise
+        return job.handle
+
+    async def _queue(self, job: Job, state_dict: Any, overlap: bool) -> None:
+        """Wait for a slot, stage ``state_dict`` into ``job`` and hand it to the worker; with
+        ``overlap``, return once the copy is issued and stage in a background task."""
+        await self._slots.acquire()
+        job.wait = time.perf_counter() - job.began
+        try:
+            if overlap:  # the task's own clone keeps the worker's stream open until it sent
+                assert self._tg is not None
+                assert self._send is not None
+                await self._tg.start(self._stage_behind, job, state_dict, self._send.clone())
+                return
             await stage_job(job, state_dict)
             assert self._send is not None
             self._send.send_nowait(job)  # a free slot means room in the stream
         except BaseException:
             self._slots.release()
             raise
-        return job.handle
+
+    async def _stage_behind(
+        self,
+        job: Job,
+        state_dict: Any,
+        send: MemoryObjectSendStream[Job],
+        *,
+        task_status: anyio.abc.TaskStatus[None],
+    ) -> None:
+        """Stage a zero-stall save (a background task); what fails before the copy is issued
+        is raised by ``save`` (``start``), what fails after settles the handle."""
+        issued = False
+
+        def started() -> None:
+            nonlocal issued
+            issued = True
+            task_status.started()
+
+        try:
+            with send:
+                await stage_job(job, state_dict, issued=started)
+                send.send_nowait(job)
+        except BaseException as exc:
+            if not issued:
+                raise
+            self._slots.release()
+            if job.handle.step is not None:
+                self._pending.remove(job.handle.step)
+            if not isinstance(exc, Exception):
+                job.settler.abandon()
+                raise
+            job.settler.staged.fail(exc)
+            job.settler.finish(exc)
+            self._failed.append(job.settler)
 
     async def reserve(self, state_dict: Any) -> None:
         """Prepare the staging buffers for state dicts laid out like ``state_dict`` now (e.g.
@@ -206,23 +281,35 @@ class Checkpointer:
         self._check_open()
         reserve = getattr(self._stager, "reserve", None)
         if reserve is not None:
-            await reserve(state_dict, self.max_in_flight)
+            await reserve(await as_state_dict(state_dict), self.max_in_flight)
 
     def _check_open(self) -> None:
-        if self._state != "open":
-            raise ClosedError("use the Checkpointer inside `async with Checkpointer(...)`")
+        """Saving needs the background task that ``async with`` runs (reading does not)."""
+        if self._state == "new":
+            raise UsageError(
+                "this Checkpointer was not entered: save, reserve and recover need `async with "
+                "Checkpointer(root) as ckpt:` (latest, load and steps work without)"
+            )
+        if self._state == "closed":
+            raise ClosedError("this Checkpointer is closed; create a new one to save again")
 
-    async def _busy(self) -> bool:
-        """``on_busy="skip"``: whether any rank has no free slot (then all skip)."""
-        if self.on_busy != "skip":
-            return False
-        mine = int(self._slots.value == 0)
-        if self._fg is None:
-            return bool(mine)
-        rows = await dist.all_gather_ints(
-            self._fg, [mine], pg_timeout=self._timeout, what="Checkpointer skip agreement"
-        )
-        return any(r[0] for r in rows)
+    async def _agree(self, step: int, overwrite: bool, unstorable: Exception | None) -> bool:
+        """Raise what stops this save, the same on every rank (one all-gather with ``pg``: no
+        rank is left in a collective for a save the others refused); return whether every rank
+        skips it (``on_busy="skip"`` and a rank busy)."""
+        failure = self._unseen_failure()
+        newest = max([*self._steps, *self._pending], default=-1)
+        busy = self.on_busy == "skip" and self._slots.value == 0
+        mine = [step, newest, overwrite, busy, unstorable is not None, failure is not None]
+        rows = [[int(v) for v in mine]]
+        if self._fg is not None:
+            rows = await dist.all_gather_ints(
+                self._fg, rows[0], pg_timeout=self._timeout, what="Checkpointer save agreement"
+            )
+        for error in (failure, unstorable, _refusal(rows, self.root, self.keep_last)):
+            if error is not None:
+                raise error
+        return any(row[3] for row in rows)
 
     async def _worker(self, receive: MemoryObjectReceiveStream[Job]) -> None:
         """Persist the staged jobs one by one, in order (the background task)."""
@@ -241,15 +328,24 @@ class Checkpointer:
                     job.settler.finish(report)  # committed, whether retention worked or not
                 finally:
                     self._slots.release()
+                    if job.handle.step is not None:
+                        self._pending.remove(job.handle.step)
                     job.settler.abandon()  # cancelled: settle the handle for its other waiters
 
     def _raise_failure(self) -> None:
         """Raise the first background failure that no ``await handle.committed`` delivered."""
+        error = self._unseen_failure()
+        if error is not None:
+            raise error
+
+    def _unseen_failure(self) -> BaseException | None:
+        """Take the first background failure that no ``await handle.committed`` delivered."""
         failed, self._failed = self._failed, []
         for settler in failed:
             error = settler.committed.unseen_error()
             if error is not None:
-                raise error
+                return error
+        return None
 
     # ------------------------------------------------------------ steps and retention
 
@@ -317,6 +413,7 @@ class Checkpointer:
 
     async def recover(self, *, lost: bool, like: Any = None) -> Any:
         """``ReplicationStager.recover`` of the latest replicated save (``replicate=True``)."""
+        self._check_open()
         if self._repl is None:
             raise UsageError("recover() needs Checkpointer(..., replicate=True)")
         return await self._repl.recover(lost=lost, like=like)
@@ -325,3 +422,47 @@ class Checkpointer:
 def _skipped(step: int, path: Path, began: float) -> SaveHandle:
     stall = time.perf_counter() - began
     return settled_handle(CheckpointReport(step, path, True, stall, 0, 0, 0, 0, stall, 0, None))
+
+
+def _refusal(rows: list[list[int]], root: Path, keep_last: int | None) -> Exception | None:
+    """Why no rank saves the step, from each rank's ``[step, newest, overwrite, busy,
+    unstorable, failed]`` (a rank raises its own failure or unstorable value itself)."""
+    step, newest = rows[0][0], max(row[1] for row in rows)
+    if failed := [r for r, row in enumerate(rows) if row[5]]:
+        return PersistenceError(
+            f"step {step} is not saved: an earlier save failed, and rank(s) {failed} raise its "
+            "error at this save; every rank skips the step", path=root,
+        )  # fmt: skip
+    if bad := [r for r, row in enumerate(rows) if row[4]]:
+        return UnsupportedValueError(
+            f"rank(s) {bad} hold a value the checkpoint format cannot store (their error names "
+            f"the key); no rank saves step {step}"
+        )
+    if len({row[0] for row in rows}) > 1:
+        saves = ", ".join(f"rank {r}: {row[0]}" for r, row in enumerate(rows))
+        return UsageError(f"the ranks save different steps ({saves}); save the same on all")
+    if step < newest:
+        deleted = (
+            f" and retention (keep_last={keep_last}) may delete it at once" if keep_last else ""
+        )
+        return UsageError(
+            f"step {step} is older than step {newest}, the newest committed or being saved in "
+            f"{root}: latest() would never return it{deleted}; save steps in increasing order "
+            "(to go back, delete the newer steps first, or use another root)"
+        )
+    if step == newest and not all(row[2] for row in rows):
+        return UsageError(
+            f"{root / step_name(step)} exists (step {step} is committed or being saved); save "
+            "a newer step, or pass overwrite=True to replace it"
+        )
+    return None
+
+
+async def _unstorable(state_dict: Any, metadata: dict[str, Any]) -> Exception | None:
+    """What ``aiostage.save`` would refuse in ``metadata`` or ``state_dict``, or ``None``."""
+    try:
+        check_metadata(metadata)
+        await anyio.to_thread.run_sync(check_storable, state_dict)
+    except UnsupportedValueError as exc:
+        return exc
+    return None

@@ -2,15 +2,22 @@
 
 ``DefaultStager.stage`` walks the state dict once (``tree``), groups tensors by shared storage,
 leases a set of CPU buffers sized for that layout from a pool, and fills them: CUDA bytes by
-non-blocking copies on a side stream whose event the loop polls, every other byte by
-``Tensor.copy_`` in a worker thread (it releases the GIL) in bounded chunks, so cancellation
-lands between chunks. A staged copy stays reserved until ``release(staged)``.
+non-blocking copies on a side stream whose event the loop polls, every other byte by batched
+copies in a worker thread (they release the GIL) in bounded chunks, so cancellation lands
+between chunks. A state dict of an unchanged structure reuses the plan and the staged tensors of
+the last stage (``_core/fill.py``); nothing on the loop thread grows with the number of tensors.
+A staged copy stays reserved until ``release(staged)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import operator
 import time
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
@@ -18,14 +25,18 @@ import anyio
 import anyio.lowlevel
 import torch
 
-from ._core import cuda, gc_pause
-from ._core.buffers import Buffers, Layout, allocate, copy_chunks, free, source_bytes, touch
+from ._core import cuda
+from ._core.buffers import Buffers, allocate, free, touch
 from ._core.completion import Backoff, wait_until
-from ._core.storages import StoragePlan, plan_storages, view_tensor
-from ._core.tree import Tree, flatten, unflatten
-from .errors import ClosedError, LeaseTimeout, UsageError
+from ._core.fill import Fill, Planner, Prepared, prime
+from ._core.storages import Layout
+from ._core.tree import TensorLeaf, key_str
+from .errors import AiostageWarning, ClosedError, LeaseTimeout, StagingError, UsageError
 
 __all__ = ["AsyncStager", "DefaultStager", "StagerStatistics", "StagingOptions"]
+
+#: a tensor's in-place change counter (shared by its views), read for many tensors at C speed
+_version = operator.attrgetter("_version")
 
 _T = TypeVar("_T")
 _MiB = 1 << 20
@@ -84,6 +95,9 @@ class StagingOptions:
     - ``chunk_bytes``: bytes copied between two cancellation checks on the CPU path.
     - ``lease_timeout``: seconds ``stage`` may wait for a free buffer before raising
       ``LeaseTimeout`` (``None``: wait as long as it takes).
+    - ``lease_warning``: seconds ``stage`` may wait for a free buffer before it warns
+      (``AiostageWarning``) that every copy is still leased and what to do; it goes on waiting
+      (``None``: never warn; a task that waits for its own copy would wait forever, silently).
     - ``huge_pages``: ask the kernel for transparent huge pages for the buffers, which makes the
       first ``stage`` (page faults) several times faster.
     """
@@ -95,6 +109,7 @@ class StagingOptions:
     non_blocking: bool = True
     chunk_bytes: int = 64 * _MiB
     lease_timeout: float | None = None
+    lease_warning: float | None = 10.0
     huge_pages: bool = True
 
     def __post_init__(self) -> None:
@@ -104,6 +119,8 @@ class StagingOptions:
             raise ValueError(f"chunk_bytes must be at least 4096, got {self.chunk_bytes}")
         if self.lease_timeout is not None and self.lease_timeout < 0:
             raise ValueError(f"lease_timeout must be >= 0 or None, got {self.lease_timeout}")
+        if self.lease_warning is not None and not self.lease_warning > 0:
+            raise ValueError(f"lease_warning must be > 0 or None, got {self.lease_warning}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,10 +145,19 @@ class DefaultStager:
     shapes, strides, aliasing and wrappers (``nn.Parameter``, DTensor, ShardedTensor). It waits
     only for a free buffer (backpressure, ``pool_size``) and for the copy itself. Raises
     ``StagingError`` naming the key of an unsupported leaf, ``LeaseTimeout`` and ``ClosedError``.
+
+    Options come as one ``StagingOptions`` or as its fields by keyword
+    (``DefaultStager(pool_size=1)``; keywords override ``options``); an unknown one is a
+    ``TypeError`` listing the options.
     """
 
-    def __init__(self, options: StagingOptions | None = None) -> None:
-        self.options = options or StagingOptions()
+    def __init__(self, options: StagingOptions | None = None, **changes: Any) -> None:
+        known = [f.name for f in dataclasses.fields(StagingOptions)]
+        if unknown := sorted(set(changes) - set(known)):
+            raise TypeError(
+                f"DefaultStager() got unknown option(s) {unknown}; the options: {known}"
+            )
+        self.options = dataclasses.replace(options or StagingOptions(), **changes)
         self._cuda = cuda.available()
         self._pin = self.options.pin_memory and self._cuda
         self._streams = cuda.SideStreams() if self._cuda else None
@@ -144,6 +170,7 @@ class DefaultStager:
         self._closed = False
         self._stats = {"stages": 0, "bytes_staged": 0, "allocations": 0}
         self._last_seconds = 0.0
+        self._planner = Planner(self.options.chunk_bytes)
 
     async def __aenter__(self) -> DefaultStager:
         self._check_open()
@@ -163,27 +190,51 @@ class DefaultStager:
             last_stage_seconds=self._last_seconds,
         )
 
-    async def stage(self, state_dict: _T) -> _T:
-        """Copy ``state_dict`` to CPU and return the copy; see the class docstring."""
+    async def stage(self, state_dict: _T, *, issued: Callable[[], object] | None = None) -> _T:
+        """Copy ``state_dict`` to CPU and return the copy; see the class docstring.
+
+        ``issued`` (zero-stall saves): called once the state dict has been walked and the
+        version counter of each of its tensors noted, before any byte is copied; the caller may
+        then run on (a forward and backward pass) but must not change a tensor in place until
+        ``stage`` returns. One that was changed meanwhile (``optimizer.step()``, BatchNorm
+        statistics updated by a forward in train mode) makes ``stage`` raise ``StagingError``
+        naming its key: the copy may be torn, and it is discarded.
+        """
         self._check_open()
         self._enter()
         try:
             began = time.perf_counter()
-            tree, plan = await anyio.to_thread.run_sync(_plan, state_dict)
-            buffers = await self._acquire(plan.layout)
+            prepared, noted = await anyio.to_thread.run_sync(
+                self._prepare, state_dict, issued is not None
+            )
+            if issued is not None:
+                issued()
+            layout = prepared.recipe.layout
+            buffers = await self._acquire(layout)
             try:
-                staged: _T = await self._fill(tree, plan, buffers)
+                staged: _T = await self._fill(prepared, buffers)
+                if noted is not None:
+                    await anyio.to_thread.run_sync(_check_unchanged, noted)
             except BaseException:
                 self._give_back(buffers)
                 raise
             self._last_seconds = time.perf_counter() - began
             self._stats["stages"] += 1
-            self._stats["bytes_staged"] += plan.nbytes
+            self._stats["bytes_staged"] += layout.nbytes
             if self.options.reuse_buffers:
                 self._leases[id(staged)] = (staged, buffers)
             return staged
         finally:
             self._exit()
+
+    def _prepare(self, state_dict: Any, note: bool) -> tuple[Prepared, _Noted | None]:
+        """The plan of ``state_dict`` and, with ``note``, its tensors and their version
+        counters (a worker thread; the fill lets go of ``prepared.datas``)."""
+        prepared = self._planner.prepare(state_dict)
+        if not note:
+            return prepared, None
+        datas = list(prepared.datas)
+        return prepared, (datas, _versions(datas), prepared.recipe.leaves)
 
     async def reserve(self, state_dict: Any, copies: int = 1) -> None:
         """Allocate and fault in pooled buffers for ``copies`` staged copies laid out like
@@ -198,19 +249,22 @@ class DefaultStager:
         if not self.options.reuse_buffers:
             await anyio.lowlevel.checkpoint()
             return
-        _, plan = await anyio.to_thread.run_sync(_plan, state_dict)
-        have = sum(1 for b in self._pool if b.layout == plan.layout)
+        recipe = (await anyio.to_thread.run_sync(self._planner.prepare, state_dict)).recipe
+        have = sum(1 for b in self._pool if b.layout == recipe.layout)
         for _ in range(min(copies, self.options.pool_size) - have):
             if len(self._pool) >= self.options.pool_size:
                 break
-            buffers = await self._allocate(plan.layout, pooled=True)
+            buffers = await self._allocate(recipe.layout, pooled=True)
             try:
                 await anyio.to_thread.run_sync(touch, buffers)
+                await anyio.to_thread.run_sync(prime, recipe, buffers)
             finally:
                 self._give_back(buffers)
 
     def release(self, staged: Any) -> None:
-        """Hand back the buffers of ``staged``; the copy must not be read afterwards.
+        """Hand back the buffers of ``staged``; the copy must not be read afterwards: a later
+        ``stage`` of the same structure refills them and may hand out the same tensor objects
+        again (any that were changed, not just read, are built afresh).
 
         A no-op with ``reuse_buffers=False`` or after ``aclose``. Raises ``UsageError`` for an
         object this stager did not return (or one already released).
@@ -271,15 +325,32 @@ class DefaultStager:
             with anyio.fail_after(self.options.lease_timeout):
                 return await self._acquire_forever(layout)
         except TimeoutError as exc:
-            raise LeaseTimeout(
-                f"all {self.options.pool_size} staged copies stayed leased for "
-                f"{self.options.lease_timeout} s; call stager.release(staged) when a copy is "
-                "consumed, or raise StagingOptions.pool_size"
-            ) from exc
+            raise LeaseTimeout(self._all_leased(self.options.lease_timeout)) from exc
+
+    def _all_leased(self, seconds: float | None) -> str:
+        return (
+            f"all {self.options.pool_size} staged copies stayed leased for {seconds} s; call "
+            "stager.release(staged) when a copy is consumed, or raise StagingOptions.pool_size"
+        )
+
+    async def _wait_for_release(self, warn_at: float) -> float:
+        """Wait for a release; at ``warn_at`` (loop time) warn once: return when to warn next."""
+        with anyio.CancelScope(deadline=warn_at):
+            await self._changed.wait()
+            return warn_at
+        warnings.warn(
+            f"stage() is waiting for a free buffer: {self._all_leased(self.options.lease_warning)}"
+            " (it goes on waiting; StagingOptions.lease_timeout makes it raise LeaseTimeout)",
+            AiostageWarning,
+            stacklevel=5,  # the caller of stage()
+        )
+        return math.inf
 
     async def _acquire_forever(self, layout: Layout) -> Buffers:
         if not self.options.reuse_buffers:
             return await self._allocate(layout)
+        warning = self.options.lease_warning
+        warn_at = math.inf if warning is None else anyio.current_time() + warning
         while True:
             self._check_open()
             idle = [i for i, b in enumerate(self._pool) if not b.busy]
@@ -293,7 +364,7 @@ class DefaultStager:
                 await anyio.to_thread.run_sync(free, [self._pool.pop(idle[0])])
             if len(self._pool) < self.options.pool_size:
                 return await self._allocate(layout, pooled=True)
-            await self._changed.wait()
+            warn_at = await self._wait_for_release(warn_at)
 
     async def _allocate(self, layout: Layout, *, pooled: bool = False) -> Buffers:
         o = self.options
@@ -312,16 +383,16 @@ class DefaultStager:
             self._pool.append(buffers)
         return buffers
 
-    async def _fill(self, tree: Tree, plan: StoragePlan, buffers: Buffers) -> Any:
-        """Fill ``buffers`` from a worker thread and rebuild the tree over them.
+    async def _fill(self, prepared: Prepared, buffers: Buffers) -> Any:
+        """Fill ``buffers`` from a worker thread and build the staged copy over them.
 
         CUDA copies the thread queued are always awaited (shielded) before returning or raising,
         so a cancelled stage never hands back buffers a copy may still write.
         """
         streams = self._streams if self._pin and self.options.non_blocking else None
-        job = _CopyJob(tree, plan, buffers, self.options.chunk_bytes)
+        job = Fill(prepared, buffers, self.options.chunk_bytes)
         if streams is not None:
-            job.cuda = (streams, cuda.current_streams(s.device for s in plan.spans))
+            job.cuda = (streams, cuda.current_streams(prepared.recipe.devices))
         try:
             staged = await anyio.to_thread.run_sync(job.run, abandon_on_cancel=False)
         finally:
@@ -332,40 +403,23 @@ class DefaultStager:
         return staged
 
 
-def _plan(state_dict: Any) -> tuple[Tree, StoragePlan]:
-    """Walk the state dict and plan its storages (a worker thread: large dicts take a while)."""
-    with gc_pause.paused():
-        tree = flatten(state_dict)
-        return tree, plan_storages([leaf.data for leaf in tree.leaves])
+def _versions(datas: list[torch.Tensor]) -> list[int]:
+    return list(map(_version, datas))
 
 
-@dataclass(eq=False)
-class _CopyJob:
-    """One stage's copies, run in a worker thread; ``events`` collects the queued CUDA copies."""
+_Noted = tuple[list[torch.Tensor], list[int], tuple[TensorLeaf, ...]]
 
-    tree: Tree
-    plan: StoragePlan
-    buffers: Buffers
-    chunk: int
-    cuda: tuple[cuda.SideStreams, dict[torch.device, Any]] | None = None
-    events: list[Any] = field(default_factory=list)
 
-    def run(self) -> Any:
-        """Queue the CUDA copies, copy the rest in chunks, rebuild the tree over the buffers."""
-        host: list[tuple[torch.Tensor, torch.Tensor]] = []
-        by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        spans = zip(self.plan.spans, self.plan.sources, self.buffers.flats, strict=True)
-        for span, source, dst in spans:
-            pair = (source_bytes(source, span), dst)
-            if self.cuda is not None and span.device.type == "cuda":
-                by_device.setdefault(span.device, []).append(pair)
-            else:
-                host.append(pair)
-        if self.cuda is not None:
-            streams, current = self.cuda
-            for device, pairs in by_device.items():
-                self.events.append(streams.issue_copies(device, pairs, after=current[device]))
-        copy_chunks(host, self.chunk)
-        with gc_pause.paused():
-            storages = self.buffers.storages()
-            return unflatten(self.tree, [view_tensor(v, storages) for v in self.plan.views])
+def _check_unchanged(noted: _Noted) -> None:
+    """Raise ``StagingError`` naming the first tensor changed in place since it was noted."""
+    datas, versions, leaves = noted
+    now = _versions(datas)
+    if now == versions:
+        return
+    i = next(i for i, (a, b) in enumerate(zip(now, versions, strict=True)) if a != b)
+    raise StagingError(
+        "changed in place while it was being staged (before `await handle.staged`, e.g. by "
+        "optimizer.step() or a forward pass updating BatchNorm statistics): the copy may be "
+        "torn and was discarded; await handle.staged before changing the state",
+        key=key_str(leaves[i].path),
+    )

@@ -7,7 +7,7 @@
     │   ├── LeaseTimeout(…, TimeoutError)     every pooled staged copy stayed leased too long
     │   └── UnsupportedValueError(…, TypeError) a value the format cannot store or send (names the key)
     ├── UsageError(…, RuntimeError)           the object was used in a way it cannot serve
-    │   └── ClosedError                       used after ``aclose()``
+    │   └── ClosedError                       used after ``aclose()`` (or after its ``async with``)
     ├── PersistenceError                      a checkpoint could not be written or read (names the path)
     │   ├── CheckpointNotFound(…, LookupError) no committed checkpoint (no manifest) at the path
     │   ├── CheckpointCorrupt                 a file, header or tensor failed validation (names file, key)
@@ -17,7 +17,8 @@
         └── ReplicationTimeout(…, TimeoutError) the exchange ran past its timeout; the group is broken
 
 ``AiostageWarning(UserWarning)`` is warned, not raised: something was ignored (e.g. a file in a
-Checkpointer's root that is not a checkpoint).
+Checkpointer's root that is not a checkpoint), or a wait looks stuck (a ``stage`` waiting long
+for a staged copy nobody released).
 
 Cancellation (``CancelledError``, ``KeyboardInterrupt``, ``SystemExit``) is never caught or
 wrapped. Each error keeps its cause (``raise ... from``).
@@ -67,7 +68,8 @@ class UsageError(AiostageError, RuntimeError):
 
 
 class ClosedError(UsageError):
-    """The object was used after ``aclose()``; create a new one."""
+    """The object was used after ``aclose()`` (or after its ``async with`` ended); create a new
+    one. Used before ``async with``, a ``Checkpointer`` raises a plain ``UsageError``."""
 
 
 class PersistenceError(AiostageError):
@@ -112,8 +114,12 @@ class UnsupportedValueError(StagingError, TypeError):
 class ReplicationError(AiostageError):
     """Exchanging state with a peer failed; ``peer`` is its group rank, ``phase`` the step.
 
-    Phases: ``"header"`` (the frame or its metadata), ``"data"`` (tensor payloads), ``"verify"``
-    (checksums), ``"persist"`` (writing the replica), ``"recover"`` (agreeing who lost state).
+    Phases: ``"header"`` (the frame or its metadata, refused before anything is allocated),
+    ``"allocate"`` (buffers for a frame within the limits), ``"data"`` (tensor payloads),
+    ``"verify"`` (checksums), ``"persist"`` (writing the replica), ``"recover"`` (agreeing who
+    lost state); the weight channel adds ``"offer"`` (a version that does not increase, a
+    structure that does not decode), ``"region"`` (a shared-memory region that is not the
+    publisher's), ``"send"``, ``"receive"``, ``"control"``, ``"ready"`` and ``"broken"``.
     """
 
     def __init__(self, message: str, *, peer: int | None = None, phase: str = "") -> None:
@@ -132,7 +138,8 @@ class ReplicationTimeout(ReplicationError, TimeoutError):
 
 
 class AiostageWarning(UserWarning):
-    """Something was ignored or skipped on purpose (never an error): says what and why."""
+    """Something was ignored or skipped on purpose, or a wait looks stuck (never an error):
+    says what and why."""
 
 
 for _name in __all__:

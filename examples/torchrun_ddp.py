@@ -62,7 +62,7 @@ async def run(args: argparse.Namespace) -> None:
                 if rank == 0:
                     print(f"step {step:4d}  loss {loss:.4f}  staged (saving in the background)")
         reports = [await h.report for h in handles]
-        mine = aiostage.train_state(model, opt)
+        mine = await aiostage.train_state(model, opt).state_dict()
         began = time.perf_counter()
         got = await ckpt.recover(lost=rank == 1, like=mine)
         from_peer = time.perf_counter() - began

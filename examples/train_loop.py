@@ -6,7 +6,8 @@ the loop runs. Every ``--every`` steps ``aiostage.Checkpointer.save`` stages the
 optimizer state (the only stall training sees) and writes it durably in the background, keeping
 the newest three. At ``--crash-at`` the process kills itself with SIGKILL right after starting a
 save. The demo then resumes from ``Checkpointer.latest()`` in a fresh model and optimizer: the
-replayed steps must give the same losses as before the crash.
+replayed steps must give the same losses as before the crash, and the whole run the losses of
+the same run without aiostage.
 
     python examples/train_loop.py [--steps 60] [--every 10] [--crash-at 50] [--hidden 1024]
 """
@@ -62,8 +63,8 @@ async def train(args: argparse.Namespace, root: Path, losses: Path) -> None:
     gc.freeze()  # start-up objects are never scanned again: no 100 ms collector pauses
     handles: list[aiostage.SaveHandle] = []
     async with LoopLag() as lag, aiostage.Checkpointer(root, keep_last=3) as ckpt:
-        # buffers ready before step 1; the first train_state imports DCP's helpers: a thread
-        await ckpt.reserve(await anyio.to_thread.run_sync(aiostage.train_state, model, opt))
+        state = aiostage.train_state(model, opt)  # built in a worker thread at each save
+        await ckpt.reserve(state)  # buffers ready before step 1
         began = time.perf_counter()
         for step in range(1, args.steps + 1):
             loss = await anyio.to_thread.run_sync(train_step, model, opt, step)
@@ -71,7 +72,6 @@ async def train(args: argparse.Namespace, root: Path, losses: Path) -> None:
                 f.write(json.dumps([step, loss]) + "\n")
             if step % args.every:
                 continue
-            state = aiostage.train_state(model, opt)
             mark, t0 = lag.beats, time.perf_counter()
             handle = await ckpt.save(step, state, metadata={"loss": loss})  # returns once staged
             print(
@@ -121,7 +121,7 @@ async def resume(args: argparse.Namespace, root: Path, losses: Path) -> None:
         step = await ckpt.latest()
         assert step is not None, "no committed checkpoint to resume from"
         model, opt = build(args.hidden)
-        await ckpt.load(step, into=aiostage.train_state(model, opt))  # in place
+        await ckpt.load(step, into=aiostage.train_state(model, opt))  # restored in place
         print(
             f"  resume: removed {len(left)} leftover(s) of the interrupted save; a fresh model "
             f"loaded step {step} (committed: {ckpt.steps()})"
@@ -138,7 +138,14 @@ async def resume(args: argparse.Namespace, root: Path, losses: Path) -> None:
             loss = await anyio.to_thread.run_sync(train_step, model, opt, s)
             if s % args.every == 0:
                 await ckpt.save(s, aiostage.train_state(model, opt), metadata={"loss": loss})
+            before[s] = loss
     print(f"  finished: steps up to {args.steps}, committed checkpoints {ckpt.steps()}")
+    model, opt = build(args.hidden)  # the same run, never checkpointed
+    plain = [await anyio.to_thread.run_sync(train_step, model, opt, s) for s in before]
+    same = plain == list(before.values())
+    print(f"  every loss identical to the same run without aiostage: {same}")
+    if not same:
+        raise SystemExit("checkpointing changed the numbers training produced")
 
 
 def main(args: argparse.Namespace) -> None:

@@ -17,6 +17,7 @@ from aiostage._channel.notes import (
     CLOSED,
     DONE,
     FRAME_TAG,
+    LIMIT,
     MARK,
     NO_SHM,
     OFFER,
@@ -24,6 +25,7 @@ from aiostage._channel.notes import (
     OFFER_TAG,
     READY,
     READY_TAG,
+    TOO_BIG,
     Mailbox,
     Note,
     cpu_group,
@@ -91,7 +93,7 @@ def wire(monkeypatch: pytest.MonkeyPatch) -> _Loopback:
 
 
 def test_kinds_and_tags_are_distinct_and_the_mark_spells_its_name() -> None:
-    kinds = [READY, BYE, OFFER, BYE_ACK, CLOSED, OFFER_SHM, DONE, NO_SHM]
+    kinds = [READY, BYE, OFFER, BYE_ACK, CLOSED, OFFER_SHM, DONE, NO_SHM, LIMIT, TOO_BIG]
     assert len(set(kinds)) == len(kinds)
     assert 0 not in kinds  # a zeroed landing tensor is never mistaken for a note
     # the frames have a tag of their own: a ReplicationStager (transport.TAG) never takes one

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import gc
 import logging
 import os
 import pathlib
+from collections.abc import Awaitable, Callable
 
 import anyio
 import pytest
 import torch
 
 import aiostage
-from aiostage.errors import AiostageWarning, CheckpointNotFound, ClosedError, UnsupportedValueError
-from aiostage.testing import assert_state_dict_equal
+from aiostage.errors import (
+    AiostageWarning,
+    CheckpointNotFound,
+    CheckpointWriteError,
+    ClosedError,
+    UnsupportedValueError,
+    UsageError,
+)
+from aiostage.testing import FaultyWrites, assert_state_dict_equal
 
 
 def state(seed: int, n: int = 1 << 12) -> dict[str, object]:
@@ -95,25 +105,32 @@ async def test_skip_when_busy_says_so_and_wait_waits(tmp_path: pathlib.Path) -> 
 async def test_a_background_failure_surfaces_once_and_the_next_save_works(
     tmp_path: pathlib.Path,
 ) -> None:
-    bad = {"w": torch.ones(3), "opaque": object()}  # stages, but the format cannot store it
-    async with aiostage.Checkpointer(tmp_path) as ckpt:
-        handle = await ckpt.save(1, bad)
-        with pytest.raises(UnsupportedValueError, match="opaque"):
-            await handle.committed
-        await (await ckpt.save(2, state(2))).committed  # already delivered: not raised again
-        lost = await ckpt.save(3, bad)
-        await lost.wait()  # finished (failed) in the background; nobody received the error
-        with pytest.raises(UnsupportedValueError):
-            await ckpt.save(4, state(4))  # not delivered yet: raised here, once
-        await (await ckpt.save(5, state(5))).committed
-        assert ckpt.steps() == [2, 5]
-    assert sorted(os.listdir(tmp_path)) == ["step_000000002", "step_000000005"]
+    with FaultyWrites() as faults:
+        async with aiostage.Checkpointer(tmp_path) as ckpt:
+            faults.fail(1, match="*.safetensors")  # ENOSPC: step 1 stages, then fails to write
+            handle = await ckpt.save(1, state(1))
+            with pytest.raises(CheckpointWriteError, match="No space left"):
+                await handle.committed
+            await (await ckpt.save(1, state(1))).committed  # delivered, not raised; 1 is retried
+            faults.fail(1, match="*.safetensors")  # the next save's data file
+            lost = await ckpt.save(3, state(3))
+            await lost.wait()  # finished (failed) in the background; nobody received the error
+            with pytest.raises(CheckpointWriteError):
+                await ckpt.save(4, state(4))  # not delivered yet: raised here, once
+            await (await ckpt.save(5, state(5))).committed
+            assert ckpt.steps() == [1, 5]
+    assert sorted(os.listdir(tmp_path)) == ["step_000000001", "step_000000005"]
 
 
 async def test_a_failure_nobody_received_is_raised_by_aclose(tmp_path: pathlib.Path) -> None:
-    with pytest.raises(UnsupportedValueError):
+    async def save_and_leave() -> None:
         async with aiostage.Checkpointer(tmp_path) as ckpt:
-            await ckpt.save(1, {"x": object()})
+            await ckpt.save(1, state(1))
+
+    with FaultyWrites() as faults:
+        faults.fail(1)
+        with pytest.raises(CheckpointWriteError):
+            await save_and_leave()
     assert os.listdir(tmp_path) == []
 
 
@@ -151,8 +168,6 @@ async def test_garbage_in_root_is_ignored_with_a_warning(tmp_path: pathlib.Path)
 
 async def test_misuse_gets_clear_errors(tmp_path: pathlib.Path) -> None:
     ckpt = aiostage.Checkpointer(tmp_path / "root")
-    with pytest.raises(ClosedError):
-        await ckpt.save(1, state(1))
     with pytest.raises(ValueError, match="keep_last"):
         aiostage.Checkpointer(tmp_path, keep_last=0)
     with pytest.raises(ValueError, match="on_busy"):
@@ -194,11 +209,13 @@ async def test_leaving_the_task_group_waits_for_the_save(tmp_path: pathlib.Path)
 
 
 async def test_async_save_failure_is_raised_by_committed(tmp_path: pathlib.Path) -> None:
-    async with anyio.create_task_group() as tg:  # a failed save does not fail the group
-        handle = await aiostage.async_save({"x": object()}, tmp_path / "bad", task_group=tg)
-    with pytest.raises(UnsupportedValueError):
+    with FaultyWrites() as faults:
+        faults.fail(1, match="*.safetensors")  # ENOSPC: staged, then fails to write
+        async with anyio.create_task_group() as tg:  # a failed save does not fail the group
+            handle = await aiostage.async_save(state(1), tmp_path / "bad", task_group=tg)
+    with pytest.raises(CheckpointWriteError, match="No space left"):
         await handle.committed
-    with pytest.raises(UnsupportedValueError):
+    with pytest.raises(CheckpointWriteError):
         await handle.report
     assert not (tmp_path / "bad").exists()
 
@@ -206,16 +223,17 @@ async def test_async_save_failure_is_raised_by_committed(tmp_path: pathlib.Path)
 async def test_an_async_save_error_nobody_awaits_is_logged(
     tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.ERROR, logger="aiostage"):
+    with caplog.at_level(logging.ERROR, logger="aiostage"), FaultyWrites() as faults:
+        faults.fail(1, match="*.safetensors", times=None)
         async with anyio.create_task_group() as tg:
-            await aiostage.async_save({"x": object()}, tmp_path / "lost", task_group=tg)
+            await aiostage.async_save(state(1), tmp_path / "lost", task_group=tg)
         gc.collect()
         assert "nobody awaited it" in caplog.text
-        assert "UnsupportedValueError" in caplog.text
+        assert "CheckpointWriteError" in caplog.text
         caplog.clear()
         async with anyio.create_task_group() as tg:
-            handle = await aiostage.async_save({"x": object()}, tmp_path / "seen", task_group=tg)
-        with pytest.raises(UnsupportedValueError):
+            handle = await aiostage.async_save(state(1), tmp_path / "seen", task_group=tg)
+        with pytest.raises(CheckpointWriteError):
             await handle.committed
         del handle
         gc.collect()
@@ -255,13 +273,15 @@ async def test_the_body_error_is_not_masked_by_a_background_failure(
 
     async def run() -> None:
         async with aiostage.Checkpointer(tmp_path) as ckpt:
-            handles.append(await ckpt.save(1, {"x": object()}))
+            handles.append(await ckpt.save(1, state(1)))
             await handles[0].wait()
             raise KeyError("body")
 
-    with pytest.raises(KeyError, match="body"):
-        await run()
-    with pytest.raises(UnsupportedValueError):
+    with FaultyWrites() as faults:
+        faults.fail(1)
+        with pytest.raises(KeyError, match="body"):
+            await run()
+    with pytest.raises(CheckpointWriteError):
         await handles[0].committed  # still delivered through the handle
 
 
@@ -270,10 +290,12 @@ async def test_retention_never_deletes_the_newest_committed_checkpoint(
 ) -> None:
     async with aiostage.Checkpointer(tmp_path, keep_last=1) as ckpt:
         await (await ckpt.save(1, state(1))).committed
-        failed = await ckpt.save(2, {"x": object()})
-        await failed.wait()
+        with FaultyWrites() as faults:
+            faults.fail(1)
+            failed = await ckpt.save(2, state(2))
+            await failed.wait()
         assert await ckpt.latest() == 1
-        with pytest.raises(UnsupportedValueError):
+        with pytest.raises(CheckpointWriteError):
             await ckpt.save(3, state(3))
         assert_state_dict_equal(await ckpt.load(), state(1))
     assert os.listdir(tmp_path) == ["step_000000001"]
@@ -392,3 +414,160 @@ async def test_reserve_makes_the_first_save_warm(tmp_path: pathlib.Path) -> None
     await stager.aclose()
     with pytest.raises(ClosedError):
         await ckpt.reserve(state(1))
+
+
+# ---------------------------------------------------------------- failing fast (issue 17)
+
+
+@dataclasses.dataclass
+class _Config:
+    name: str
+    extra: object
+
+
+_Pair = collections.namedtuple("_Pair", ["a", "b"])
+
+
+def _with_attribute() -> torch.Tensor:
+    t = torch.ones(2)
+    t.origin = object()  # type: ignore[attr-defined]
+    return t
+
+
+@pytest.mark.parametrize(
+    ("bad", "metadata"),
+    [
+        ({"w": torch.ones(3), "opaque": object()}, None),
+        ({"optim": {"param_groups": [{"lr": 0.1, "fn": len}]}}, None),
+        ({(1, 2): torch.ones(1)}, None),
+        ({"cfg": _Config("x", object())}, None),
+        ({"pair": _Pair(1, {2, 3})}, None),
+        ({"t": _with_attribute()}, None),
+        ({"w": torch.ones(1)}, {"when": object()}),
+    ],
+    ids=["value", "nested", "key", "dataclass", "namedtuple", "tensor-attr", "metadata"],
+)
+async def test_save_refuses_what_the_format_cannot_store_at_once(
+    tmp_path: pathlib.Path, bad: dict[object, object], metadata: dict[str, object] | None
+) -> None:
+    with pytest.raises(UnsupportedValueError) as direct:
+        await aiostage.save(bad, tmp_path / "direct", metadata=metadata)
+    stager = aiostage.DefaultStager(pool_size=1)
+    async with aiostage.Checkpointer(tmp_path / "root", stager=stager) as ckpt:
+        with pytest.raises(UnsupportedValueError) as refused:
+            await ckpt.save(1, bad, metadata=metadata)
+        assert str(refused.value) == str(direct.value)  # aiostage.save's words, and its key
+        assert refused.value.key == direct.value.key
+        assert stager.statistics().stages == 0  # refused before anything was staged
+        await (await ckpt.save(1, state(1))).committed  # step 1 was never taken
+    await stager.aclose()
+    assert os.listdir(tmp_path / "root") == ["step_000000001"]
+    async with anyio.create_task_group() as tg:  # async_save too: at once, not when written
+        with pytest.raises(UnsupportedValueError) as late:
+            await aiostage.async_save(bad, tmp_path / "async", task_group=tg, metadata=metadata)
+    assert str(late.value) == str(direct.value)
+    assert not (tmp_path / "async").exists()
+
+
+async def test_saving_needs_async_with_and_reading_does_not(tmp_path: pathlib.Path) -> None:
+    await aiostage.save(state(1), tmp_path / "step_000000001")
+    ckpt = aiostage.Checkpointer(tmp_path, replicate=True)
+    assert await ckpt.latest() == 1  # reading works without `async with`
+    assert_state_dict_equal(await ckpt.load(), state(1))
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: ckpt.save(2, state(2)),
+        lambda: ckpt.reserve(state(2)),
+        lambda: ckpt.recover(lost=True),
+    ]
+    for call in calls:
+        with pytest.raises(UsageError, match=r"not entered.*`async with Checkpointer") as seen:
+            await call()
+        assert not isinstance(seen.value, ClosedError)  # it was never closed
+    async with ckpt:
+        await (await ckpt.save(2, state(2))).committed
+    for call in calls:
+        with pytest.raises(ClosedError, match="closed; create a new one"):
+            await call()
+    assert await ckpt.latest() == 2  # and reading works after it
+    assert_state_dict_equal(await ckpt.load(), state(2))
+
+
+async def test_a_step_that_exists_is_refused_unless_overwrite(tmp_path: pathlib.Path) -> None:
+    async with aiostage.Checkpointer(tmp_path) as ckpt:
+        await (await ckpt.save(1, state(1))).committed
+        with pytest.raises(UsageError, match=r"step_000000001 exists.*overwrite=True"):
+            await ckpt.save(1, state(2))
+        assert_state_dict_equal(await ckpt.load(1), state(1))  # untouched
+        await (await ckpt.save(1, state(2), overwrite=True)).committed
+        assert_state_dict_equal(await ckpt.load(1), state(2))
+        handle = await ckpt.save(2, state(2))  # being saved (or committed) when saved again
+        with pytest.raises(UsageError, match="step_000000002 exists"):
+            await ckpt.save(2, state(3))
+        await handle.committed
+    async with aiostage.Checkpointer(tmp_path) as again:  # steps found on entry count too
+        with pytest.raises(UsageError, match="step_000000002 exists"):
+            await again.save(2, state(3))
+    assert_state_dict_equal(await again.load(2), state(2))
+
+
+async def test_a_step_older_than_the_newest_is_refused(tmp_path: pathlib.Path) -> None:
+    async with aiostage.Checkpointer(tmp_path, keep_last=2) as ckpt:
+        for step in (10, 20):
+            await (await ckpt.save(step, state(step))).committed
+        with pytest.raises(UsageError, match=r"step 15 is older than step 20.*keep_last=2"):
+            await ckpt.save(15, state(15))
+        with pytest.raises(UsageError, match="step 10 is older"):
+            await ckpt.save(10, state(10), overwrite=True)  # overwrite replaces the newest only
+        assert ckpt.steps() == [10, 20]
+        await (await ckpt.save(21, state(21))).committed
+        assert await ckpt.latest() == 21
+    assert sorted(os.listdir(tmp_path)) == ["step_000000020", "step_000000021"]
+
+
+# ---------------------------------------------------------------- zero-stall saves (overlap=True)
+
+
+async def test_an_overlapped_save_returns_at_issue_and_saves_the_state_of_that_moment(
+    tmp_path: pathlib.Path,
+) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    async with aiostage.Checkpointer(tmp_path) as ckpt:
+        state = aiostage.train_state(model, opt)
+        before = {k: v.clone() for k, v in model.named_parameters()}
+        handle = await ckpt.save(1, state, overlap=True)  # the copy runs behind this
+        assert not handle.staged.done()
+        loss = model(torch.ones(8, 64)).square().mean()  # forward and backward change nothing
+        loss.backward()
+        await handle.staged  # ... and only now may the step change the weights
+        opt.step()
+        await handle.committed
+    loaded = await aiostage.load(tmp_path / "step_000000001")
+    assert_state_dict_equal(dict(loaded["model"]), before)
+
+
+async def test_a_state_changed_before_staged_fails_that_save_naming_the_key(
+    tmp_path: pathlib.Path,
+) -> None:
+    sd = {"a": torch.zeros(1 << 16), "b": torch.ones(1 << 16)}
+    async with aiostage.Checkpointer(tmp_path) as ckpt:
+        handle = await ckpt.save(1, sd, overlap=True)
+        sd["b"].add_(1)  # too early: the copy may be torn
+        with pytest.raises(aiostage.errors.StagingError, match=r"^b: changed in place") as err:
+            await handle.staged
+        with pytest.raises(aiostage.errors.StagingError) as again:
+            await handle.committed
+        assert again.value is err.value
+        await (await ckpt.save(2, sd, overlap=True)).committed  # the next save works
+        assert ckpt.steps() == [2]
+    assert sorted(os.listdir(tmp_path)) == ["step_000000002"]  # nothing of step 1 is visible
+
+
+async def test_an_overlapped_save_refuses_at_once_what_fails_before_the_copy(
+    tmp_path: pathlib.Path,
+) -> None:
+    async with aiostage.Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(aiostage.errors.StagingError, match=r"^bad"):
+            await ckpt.save(1, {"bad": torch.ones(2).to_sparse()}, overlap=True)
+        await (await ckpt.save(1, state(1), overlap=True)).committed  # the slot came back

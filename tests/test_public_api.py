@@ -20,8 +20,8 @@ LAYERS: dict[str, int] = {
     "_core": 1,  # tree, storage identity, buffers, completion, and the doors to CUDA and dist
     "_format": 2,  # pure bytes in and out
     "_staging": 2,
+    "_train_state": 2,  # the front doors take a TrainState wherever they take a state dict
     "_storage": 3,  # the storage seam, its local backend, writer, reader, save, reshard
-    "_train_state": 3,
     "_replication": 4,  # persists the replicas it receives through _storage
     "_async_save": 5,
     "_channel": 5,

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import os
 import struct
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -277,3 +281,119 @@ async def test_into_distinguishes_int_and_str_keys(tmp_path: Path) -> None:
     target = {"state": {0: torch.zeros(1)}}
     await aiostage.load(tmp_path / "ckpt", into=target)
     assert torch.equal(target["state"][0], torch.ones(1))
+
+
+# ---------------------------------------------------------------- failing fast (issue 17)
+
+
+async def test_map_location_on_a_cuda_device_this_process_lacks(tmp_path: Path) -> None:
+    """A ``UsageError`` that says so, before anything is read (the path does not even exist);
+    ignored with ``into``, as documented."""
+    absent = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    with pytest.raises(UsageError, match=rf"map_location='{absent}'.*CUDA device"):
+        await aiostage.load(tmp_path / "nothing here", map_location=absent)
+    await aiostage.save({"x": torch.ones(3)}, tmp_path / "ckpt")
+    target = {"x": torch.zeros(3)}
+    await aiostage.load(tmp_path / "ckpt", into=target, map_location=absent)
+    assert torch.equal(target["x"], torch.ones(3))
+
+
+class Suspensions:
+    """Await ``coro`` as ``await`` does, calling ``on_suspend(n)`` just before it suspends for
+    the n-th time and ``on_resume(n)`` when it is resumed: a cancellation point by point."""
+
+    def __init__(
+        self,
+        coro: Coroutine[Any, Any, Any],
+        on_suspend: Callable[[int], object] = lambda n: None,
+        on_resume: Callable[[int], object] = lambda n: None,
+    ) -> None:
+        self.coro, self.on_suspend, self.on_resume = coro, on_suspend, on_resume
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        n, value, error = 0, None, None
+        while True:
+            try:
+                out = self.coro.send(value) if error is None else self.coro.throw(error)
+            except StopIteration as stop:
+                return stop.value
+            n += 1
+            self.on_suspend(n)
+            try:
+                value, error = (yield out), None
+            except BaseException as exc:  # handed to the coroutine, as a task does
+                value, error = None, exc
+            self.on_resume(n)
+
+
+def cancel_task_at(k: int) -> Callable[[int], object]:
+    """``task.cancel()`` at the k-th suspension, as an ``asyncio.timeout`` expiring there does."""
+    return lambda n: n == k and asyncio.current_task().cancel()  # type: ignore[union-attr]
+
+
+async def run_task(awaitable: Awaitable[Any]) -> asyncio.Task[Any]:
+    """Run ``awaitable`` in a task of its own and return the task once it is done."""
+
+    async def body() -> Any:
+        return await awaitable
+
+    task = asyncio.ensure_future(body())
+    await asyncio.wait([task])
+    return task
+
+
+async def test_a_cancelled_load_leaves_into_untouched_or_fully_loaded(tmp_path: Path) -> None:
+    """Cancelled at each of its suspensions in turn, a load into ``into`` raises with ``into``
+    as it was or completely loaded, and nothing writes to it afterwards."""
+    sd = {"a": torch.arange(8.0), "c": torch.arange(1000.0)}
+    await aiostage.save({**sd, "n": 3}, tmp_path / "ckpt")
+    seen: list[tuple[dict[str, torch.Tensor], bool]] = []
+    for k in itertools.count(1):
+        into = {"a": torch.zeros(8), "c": torch.zeros(1000)}
+        load = aiostage.load(tmp_path / "ckpt", into=into)
+        task = await run_task(Suspensions(load, on_suspend=cancel_task_at(k)))
+        if not task.cancelled():
+            assert task.result()["n"] == 3
+            break
+        loaded = {torch.equal(into[key], sd[key]) for key in sd}
+        untouched = not any(t.any() for t in into.values())
+        assert loaded == {True} or untouched, f"cancelled at suspension {k}: half loaded"
+        seen.append((into, loaded == {True}))
+    assert k > 10, f"the load suspended only {k - 1} times"
+    for into, full in seen:  # still as the cancellation left it
+        assert all(torch.equal(into[key], sd[key] if full else 0 * sd[key]) for key in sd)
+
+
+async def test_a_load_cancelled_while_copying_completes_the_copy_first(tmp_path: Path) -> None:
+    """The cancellation lands while the worker thread copies: ``into`` is complete by the time
+    it surfaces (and no thread goes on writing into it)."""
+    sd = {"a": torch.ones(8), **{f"big{i}": torch.full((4 << 20,), i + 2.0) for i in range(4)}}
+    await aiostage.save(sd, tmp_path / "ckpt")
+
+    def fresh() -> dict[str, torch.Tensor]:
+        return {k: torch.zeros_like(v) for k, v in sd.items()}
+
+    first, copying = fresh(), list[int]()
+
+    def on_resume(n: int) -> None:
+        if not copying and first["a"][0]:
+            copying.append(n)
+
+    await Suspensions(aiostage.load(tmp_path / "ckpt", into=first), on_resume=on_resume)
+    [k] = copying  # the copy ran while the load was suspended for the k-th time
+
+    into = fresh()
+
+    def cancel_mid_copy(n: int) -> None:
+        if n == k:
+            deadline = time.monotonic() + 30
+            while not into["a"][0]:  # the worker thread has begun: cancel while it copies
+                assert time.monotonic() < deadline, f"no copy began at suspension {k}"
+                time.sleep(0)
+            asyncio.current_task().cancel()  # type: ignore[union-attr]
+
+    load = aiostage.load(tmp_path / "ckpt", into=into)
+    task = await run_task(Suspensions(load, on_suspend=cancel_mid_copy))
+    assert task.cancelled()
+    unfinished = [key for key, v in sd.items() if not torch.equal(into[key], v)]
+    assert not unfinished, f"the cancellation surfaced with {unfinished} not yet copied"

@@ -6,6 +6,7 @@ import collections
 import dataclasses
 import gc
 import threading
+import warnings
 from typing import Any, NamedTuple
 
 import anyio
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 import aiostage
-from aiostage.errors import ClosedError, LeaseTimeout, StagingError, UsageError
+from aiostage.errors import AiostageWarning, ClosedError, LeaseTimeout, StagingError, UsageError
 from aiostage.testing import LoopLag
 
 MiB = 1 << 20
@@ -366,6 +367,19 @@ def test_options_are_validated() -> None:
         aiostage.StagingOptions(pool_size=0)
     with pytest.raises(ValueError, match="chunk_bytes"):
         aiostage.StagingOptions(chunk_bytes=10)
+    with pytest.raises(ValueError, match="lease_warning"):
+        aiostage.StagingOptions(lease_warning=0)
+
+
+def test_options_may_be_given_by_keyword() -> None:
+    assert aiostage.DefaultStager(pool_size=1).options == aiostage.StagingOptions(pool_size=1)
+    base = aiostage.StagingOptions(pin_memory=False, pool_size=3)
+    mixed = aiostage.DefaultStager(base, pool_size=1, lease_timeout=2.0).options
+    assert mixed == aiostage.StagingOptions(pin_memory=False, pool_size=1, lease_timeout=2.0)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['pool_sise'\].*'pool_size'"):
+        aiostage.DefaultStager(pool_sise=1)
+    with pytest.raises(ValueError, match="pool_size must be at least 1"):
+        aiostage.DefaultStager(pool_size=0)
 
 
 async def test_default_stager_is_an_async_stager() -> None:
@@ -438,6 +452,47 @@ async def test_lease_timeout_says_what_to_do() -> None:
         await stager.stage({"w": torch.ones(4)})
         with pytest.raises(LeaseTimeout, match="release"):
             await stager.stage({"w": torch.ones(4)})
+
+
+async def test_a_stage_that_waits_long_for_a_lease_warns_by_default() -> None:
+    """Staging twice without a release on a one-copy pool waits forever: say so, and why."""
+    assert aiostage.StagingOptions().lease_warning == 10.0
+    async with aiostage.DefaultStager(pool_size=1, lease_warning=0.01) as stager:
+        first = await stager.stage({"w": torch.ones(4)})
+        with pytest.raises(AiostageWarning) as seen:  # the suite turns warnings into errors
+            await stager.stage({"w": torch.ones(4)})
+        message = str(seen.value)
+        assert "all 1 staged copies stayed leased for 0.01 s" in message
+        assert "stager.release(staged)" in message
+        assert "pool_size" in message
+        assert "lease_timeout" in message
+        stager.release(first)
+        stager.release(await stager.stage({"w": torch.ones(4)}))  # and the stager still works
+
+
+async def test_the_lease_warning_does_not_end_the_wait() -> None:
+    warned = anyio.Event()
+    where: list[str] = []
+
+    def show(message: Any, category: Any, filename: str, *args: Any, **kwargs: Any) -> None:
+        where.append(filename)
+        warned.set()
+
+    sd = {"w": torch.arange(4.0)}
+    got: list[Any] = []
+    async with aiostage.DefaultStager(pool_size=1, lease_warning=0.01) as stager:
+        first = await stager.stage(sd)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", AiostageWarning)
+            warnings.showwarning = show
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_stage_into, stager, sd, got)
+                with anyio.fail_after(30):
+                    await warned.wait()
+                assert got == []  # warned, and still waiting
+                stager.release(first)
+    assert torch.equal(got[0]["w"], sd["w"])
+    assert where == [__file__]  # the warning points at the caller of stage()
 
 
 async def test_new_layout_gets_new_buffers() -> None:

@@ -3,7 +3,9 @@ trips, and the stager's parts (planned frames, held buffers, the guard, the repl
 
 from __future__ import annotations
 
+import json
 import struct
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import aiostage
-from aiostage._format.codec import encode_header
+from aiostage._format.codec import MAX_DATA, MAX_HEADER, encode_header
 from aiostage._replication import frames
 from aiostage._replication.frames import (
     Frame,
@@ -32,10 +34,16 @@ from aiostage._replication.replicas import ReplicaWrites
 from aiostage._replication.transport import partners
 from aiostage._replication.wire import (
     MAGIC,
+    PARSE_BUDGET,
+    Limits,
     check_head,
     decode_frame_header,
     entry_digests,
+    limits_like,
+    limits_of,
+    parse_cost,
     plan_messages,
+    unknown_limits,
 )
 from aiostage.errors import ReplicationError, ReplicationTimeout, UsageError
 
@@ -86,24 +94,75 @@ def test_large_entries_go_alone_and_small_ones_share() -> None:
     ]
 
 
+#: limits a receiver might hold a peer to: 1 TiB of data, a 1 MiB header
+LIMITS = Limits(1 << 40, 1 << 20, 1 << 30, "a test")
+
+
 @pytest.mark.parametrize(
     ("head", "message"),
     [
         ((0x1234, 1, 4096, 0, 0), "not an aiostage frame"),
         ((MAGIC, 2, 4096, 0, 0), "wire version 2"),
-        ((MAGIC, 1, 1 << 40, 0, 0), "header length"),
+        ((MAGIC, 1, 1 << 40, 0, 0), "a header of 1099511627776 bytes is more than"),
+        ((MAGIC, 1, (1 << 20) + 4096, 0, 0), "(1048576 bytes: a test)"),
         ((MAGIC, 1, 4095, 0, 0), "header length"),
         ((MAGIC, 1, 4096, -1, 0), "data length"),
-        ((MAGIC, 1, 4096, 1 << 50, 0), "data length"),
+        ((MAGIC, 1, 4096, 1 << 50, 0), "data of 1125899906842624 bytes is more than"),
+        ((MAGIC, 1, 4096, (1 << 40) + 1, 0), "pass max_bytes="),
         ((MAGIC, 1, 4096, 0, -3), "entries"),
     ],
 )
 def test_frame_heads_are_bounded_before_allocation(
     head: tuple[int, int, int, int, int], message: str
 ) -> None:
-    problem = check_head(*head, max_data=1 << 40)
+    problem = check_head(*head, limits=LIMITS)
     assert problem is not None
     assert message in problem
+    assert check_head(MAGIC, 1, 1 << 20, 1 << 40, 3, LIMITS) is None  # the limits themselves
+
+
+def test_limits_follow_this_ranks_own_state_or_the_callers_bound() -> None:
+    header = plan_cpu_frame({"w": torch.zeros(1000), "step": 3}).header
+    raw = encode_header(header)
+    like = limits_like(raw, header.data_bytes)
+    assert like.data == 2 * header.data_bytes + (64 << 20)
+    assert like.header == 2 * len(raw) + (64 << 10)
+    assert like.parse == 2 * parse_cost(raw) + (16 << 20)
+    assert "this rank's own state" in like.why
+    given = limits_of(5 << 30)
+    assert (given.data, given.header, given.parse) == (5 << 30, MAX_HEADER + 8, PARSE_BUDGET)
+    assert limits_of(10).header == 4096  # a header is a page at least
+    unknown = unknown_limits()
+    assert 0 < unknown.data <= MAX_DATA
+    assert (unknown.header, unknown.why) == (MAX_HEADER + 8, "this host's memory")
+
+
+def test_the_parse_cost_is_above_what_parsing_takes() -> None:
+    """The estimate is an upper bound on the Python objects ``json`` builds (checked with
+    tracemalloc on a real header and on the worst shapes a peer could send)."""
+    state = {f"layer{i}.w": torch.zeros(2, 2) for i in range(300)}
+    real = encode_header(plan_cpu_frame(state).header)
+    shapes = [real, b"[" + b",".join([b"[]"] * 20_000) + b"]"]
+    shapes += [b"[" + b",".join([b'{"":0}'] * 20_000) + b"]", b"[" + b"1.5," * 20_000 + b"0]"]
+    for body in shapes:
+        tracemalloc.start()
+        try:
+            json.loads(body[8:] if body is real else body)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert parse_cost(body) >= peak, (body[:40], parse_cost(body), peak)
+    assert parse_cost(shapes[1]) > 40 * len(shapes[1])  # 45 bytes per 3: refused early
+
+
+def test_a_header_over_its_parse_budget_is_refused_before_parsing() -> None:
+    body = (b"[" + b",".join([b"[]"] * 20_000) + b"]").ljust(61436, b" ")
+    raw = struct.pack("<Q", len(body)) + body
+    with pytest.raises(ReplicationError, match=r"could take .* bytes of memory") as caught:
+        decode_frame_header(raw, 0, 0, 3, budget=1 << 20)
+    assert (caught.value.peer, caught.value.phase) == (3, "header")
+    with pytest.raises(ReplicationError, match="bad header"):  # within the budget: parsed
+        decode_frame_header(raw, 0, 0, 3, budget=1 << 30)
 
 
 def test_a_pickle_header_is_refused_without_unpickling() -> None:
@@ -243,8 +302,12 @@ async def test_held_replicas_lease_keep_and_release() -> None:
     assert held.buffers.held == []
 
 
+#: the header of a small frame (planned here, not on the event loop: planning is thread work)
+_HEADER = plan_cpu_frame({"x": torch.zeros(4)}).header
+
+
 def _received(data: torch.Tensor) -> tuple[Any, torch.Tensor, None]:
-    return plan_cpu_frame({"x": torch.zeros(4)}).header, data, None
+    return _HEADER, data, None
 
 
 async def test_the_guard_turns_a_timeout_into_a_broken_stager() -> None:
@@ -280,7 +343,7 @@ async def _fail(exc: BaseException) -> None:
 
 
 async def test_replica_writes_persist_and_report_a_digest_mismatch(tmp_path: Path) -> None:
-    planned = plan_cpu_frame({"w": torch.arange(8.0)})
+    planned = await anyio.to_thread.run_sync(plan_cpu_frame, {"w": torch.arange(8.0)})
     frame = _landed(planned)
     good = Frame(frame.header, frame.data, entry_digests(frame.sources()))
     bufs = ReceiveBuffers()

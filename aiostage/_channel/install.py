@@ -10,7 +10,6 @@ import torch
 
 from .._core.tree import KeyPath, flatten, key_str
 from .._format.codec import Header
-from .._replication.frames import frame_leaves, frame_tensors
 from ..errors import StateDictMismatch
 
 __all__ = ["Received", "copy_targets", "install", "match", "swap_targets"]
@@ -18,13 +17,15 @@ __all__ = ["Received", "copy_targets", "install", "match", "swap_targets"]
 
 @dataclass(eq=False)
 class Received:
-    """A version that landed: its frame header and the buffer holding its data."""
+    """A version that landed: its frame header, the buffer holding its data, and its tensors by
+    key path (views into that buffer, decoded and checked as it landed: ``frame_views``)."""
 
     version: int
     seq: int
     header: Header
     data: torch.Tensor
     seconds: float
+    views: list[tuple[KeyPath, torch.Tensor]]
 
 
 def copy_targets(target: Any) -> list[tuple[KeyPath, torch.Tensor]]:
@@ -68,15 +69,13 @@ def install(pairs: list[tuple[torch.Tensor, torch.Tensor]], swap: bool) -> None:
 
 
 def match(
-    target: list[tuple[KeyPath, torch.Tensor]], received: Received, peer: int
+    target: list[tuple[KeyPath, torch.Tensor]], received: Received
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(target tensor, received tensor)`` for every tensor of the target, matched by key path.
 
     Raises ``StateDictMismatch`` listing every key, shape or dtype that differs.
     """
-    _, leaves = frame_leaves(received.header, peer)
-    tensors = frame_tensors(received.header, received.data)
-    sent = {leaf.path: t for leaf, t in zip(leaves, tensors, strict=True)}
+    sent = dict(received.views)
     problems, pairs = [], []
     for path, dst in target:
         src = sent.pop(path, None)

@@ -1,10 +1,12 @@
 """The weight channel's control messages: small int64 notes whose arrival is polled, never waited.
 
-A note is ``int64[4] = [kind, a, b, MARK]``. Subscribers send ``READY`` (``a``: the publish
-sequence number they hold, ``b``: their host token), ``BYE``, and ``DONE`` / ``NO_SHM`` after a
-shared-memory offer, on ``READY_TAG``; the publisher answers with ``OFFER`` (``a``: version,
-``b``: sequence number; a frame follows on the transport's tag), ``OFFER_SHM`` (a shared-memory
-description follows, ``shm``), ``BYE_ACK`` or ``CLOSED`` on ``OFFER_TAG``.
+A note is ``int64[4] = [kind, a, b, MARK]``. Subscribers send ``LIMIT`` once (``a``: the most
+data bytes they take in one version), ``READY`` (``a``: the publish sequence number they hold,
+``b``: their host token), ``BYE``, and ``DONE`` / ``NO_SHM`` after a shared-memory offer, on
+``READY_TAG``; the publisher answers with ``OFFER`` (``a``: version, ``b``: sequence number; a
+frame follows on the transport's tag), ``OFFER_SHM`` (a shared-memory description follows,
+``shm``), ``TOO_BIG`` (``a``: version, ``b``: its bytes, over the subscriber's ``LIMIT``: nothing
+follows), ``BYE_ACK`` or ``CLOSED`` on ``OFFER_TAG``.
 
 Waiting for a note may take hours (a publisher between versions, a subscriber that has not
 started), and a gloo wait that times out closes every pair of the process group. So a receive
@@ -32,6 +34,7 @@ __all__ = [
     "CLOSED",
     "DONE",
     "FRAME_TAG",
+    "LIMIT",
     "MARK",
     "NO_SHM",
     "OFFER",
@@ -39,6 +42,7 @@ __all__ = [
     "OFFER_TAG",
     "READY",
     "READY_TAG",
+    "TOO_BIG",
     "Mailbox",
     "Note",
     "cpu_group",
@@ -47,6 +51,7 @@ __all__ = [
 ]
 
 READY, BYE, OFFER, BYE_ACK, CLOSED, OFFER_SHM, DONE, NO_SHM = 1, 2, 3, 4, 5, 6, 7, 8
+LIMIT, TOO_BIG = 9, 10
 READY_TAG = 0x5A61
 OFFER_TAG = 0x5A62
 #: the frames themselves: not the transport's default tag, so a ReplicationStager between the

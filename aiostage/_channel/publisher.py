@@ -3,21 +3,22 @@
 ``submit`` stages the state dict into one of two pooled CPU buffers (so the next version can be
 staged while the previous one is still on the wire) and makes it the latest version. One task per
 subscriber, owned by the publisher's task group, waits for that subscriber's ``READY`` note and
-answers with the latest version it does not hold: an ``OFFER`` note, then the frame
-(``_replication.transport.send_frame``), under ``timeout``. A version a subscriber was too busy
+answers with the latest version it does not hold (``offers``: an ``OFFER`` note, then the frame,
+or a shared-memory description), under ``timeout``. A version a subscriber was too busy
 to take is superseded by the next one (latest wins). A subscriber that has not asked yet is
 absent: no report waits for it. A subscriber that dies or times out is dropped, with the error
-in each pending report, and rejoins when its next ``READY`` arrives. See ``docs/channel.md``.
+in each pending report, and rejoins when its next ``READY`` arrives. A version larger than a
+subscriber said it takes (its ``LIMIT``) is not offered to it: it is told ``TOO_BIG`` and
+dropped. See ``docs/channel.md``.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -26,17 +27,15 @@ import torch
 
 from .._core.completion import Backoff, wait_until
 from .._core.timeouts import DEFAULT_TIMEOUT, seconds
-from .._replication.transport import Link, send_frame
+from .._replication.transport import Link
 from ..errors import ClosedError, ReplicationError, ReplicationTimeout, UsageError
 from .notes import (
     BACKSTOP,
     BYE,
     BYE_ACK,
     CLOSED,
-    DONE,
     FRAME_TAG,
-    OFFER,
-    OFFER_SHM,
+    LIMIT,
     OFFER_TAG,
     READY,
     READY_TAG,
@@ -45,30 +44,14 @@ from .notes import (
     cpu_group,
     send_note,
 )
+from .offers import Peer, offer
 from .report import Delivery, Publication, PublishReport, Sending
-from .shm import host_token, send_description
+from .shm import host_token
 from .versions import Snapshot, Snapshots
 
 __all__ = ["WeightPublisher"]
 
 _POLL = Backoff(0.0005, 0.005)
-
-
-@dataclass(eq=False)
-class _Peer:
-    """The publisher's view of one subscriber."""
-
-    rank: int
-    link: Link
-    mailbox: Mailbox
-    state: Literal["absent", "live", "dropped", "closed"] = "absent"  # absent: has not asked
-    have: int = 0  # the publish sequence number it holds (0: none)
-    heard: bool = False  # it has asked at least once
-    ended: bool = False  # told that the stream ended
-    sending: bool = False
-    shm: bool = False  # on this host: sent through shared memory
-    unmappable: bool = False  # answered NO_SHM once: it cannot map our regions
-    error: ReplicationError | None = field(default=None, repr=False)
 
 
 class WeightPublisher:
@@ -113,7 +96,7 @@ class WeightPublisher:
             )
         cpu = torch.device("cpu")
         self._peers = {
-            r: _Peer(
+            r: Peer(
                 r,
                 Link(self._pg, cpu, BACKSTOP, verify=verify, tag=FRAME_TAG),
                 Mailbox(self._pg, r, READY_TAG),
@@ -229,7 +212,7 @@ class WeightPublisher:
 
     # -- per subscriber
 
-    async def _serve(self, peer: _Peer) -> None:
+    async def _serve(self, peer: Peer) -> None:
         """Answer each note of one subscriber for the publisher's lifetime."""
         while True:
             try:
@@ -238,6 +221,9 @@ class WeightPublisher:
                 self._drop(peer, exc)
                 return
             peer.mailbox.post()
+            if note.kind == LIMIT:
+                peer.limit = max(note.a, 0)
+                continue
             peer.heard = True
             if note.kind == BYE:
                 await self._farewell(peer, BYE_ACK)
@@ -253,7 +239,7 @@ class WeightPublisher:
             if not await self._serve_ready(peer):
                 return
 
-    async def _serve_ready(self, peer: _Peer) -> bool:
+    async def _serve_ready(self, peer: Peer) -> bool:
         """Send the next version the subscriber lacks; ``False`` once the publisher closes."""
         await wait_until(lambda: self._closing or self._newer(peer) or peer.mailbox.landed(), _POLL)
         if peer.mailbox.landed():
@@ -266,10 +252,10 @@ class WeightPublisher:
         await self._deliver(peer, self._latest)
         return True
 
-    def _newer(self, peer: _Peer) -> bool:
+    def _newer(self, peer: Peer) -> bool:
         return self._latest is not None and self._latest.seq > peer.have
 
-    async def _farewell(self, peer: _Peer, kind: int) -> None:
+    async def _farewell(self, peer: Peer, kind: int) -> None:
         """Tell a subscriber its stream ended (best effort, bounded by the timeout)."""
         with anyio.move_on_after(self._timeout):
             try:
@@ -277,19 +263,14 @@ class WeightPublisher:
             except ReplicationError as exc:
                 self._drop(peer, exc)
 
-    async def _deliver(self, peer: _Peer, snap: Snapshot) -> None:
+    async def _deliver(self, peer: Peer, snap: Snapshot) -> None:
         """Send ``snap`` to ``peer`` under the timeout; record the outcome."""
         snap.users += 1
         peer.sending = True
         began = time.perf_counter()
         try:
             with anyio.fail_after(self._timeout):
-                if not (peer.shm and await self._offer_shared(peer, snap)):
-                    await send_note(
-                        self._pg, peer.rank, OFFER_TAG, Note(OFFER, snap.version, snap.seq)
-                    )
-                    digests = await self._snaps.digests(snap)
-                    await send_frame(peer.link, peer.rank, snap.header, snap.sources, digests)
+                await offer(self._pg, peer, snap, self._snaps.digests)
         except TimeoutError as exc:
             self._snaps.poison(snap)
             error = ReplicationTimeout(
@@ -310,27 +291,9 @@ class WeightPublisher:
             peer.sending = False
             self._maybe_release(snap)
 
-    async def _offer_shared(self, peer: _Peer, snap: Snapshot) -> bool:
-        """Offer ``snap`` through shared memory; ``False`` when the subscriber cannot map it
-        (then it waits for a plain offer, and gets plain offers from now on)."""
-        assert snap.region is not None
-        await send_note(self._pg, peer.rank, OFFER_TAG, Note(OFFER_SHM, snap.version, snap.seq))
-        await send_description(self._pg, peer.rank, snap.region, snap.header)
-        note = await peer.mailbox.take(active=True)  # DONE: it copied the data out
-        peer.mailbox.post()
-        if note.kind == DONE:
-            return True
-        if note.kind == BYE:  # it closed instead of copying
-            await self._farewell(peer, BYE_ACK)
-            raise ReplicationError(
-                "closed its end during the transfer", peer=peer.rank, phase="send"
-            )
-        peer.shm, peer.unmappable = False, True  # plain offers from now on
-        return False
-
     # -- outcomes and buffers
 
-    def _delivered(self, peer: _Peer, snap: Snapshot, seconds: float) -> None:
+    def _delivered(self, peer: Peer, snap: Snapshot, seconds: float) -> None:
         for sending in self._pending:
             if sending.seq == snap.seq:
                 sending.decide(Delivery(peer.rank, "delivered", seconds, shared_memory=peer.shm))
@@ -338,11 +301,11 @@ class WeightPublisher:
                 sending.decide(Delivery(peer.rank, "superseded"))
         self._prune()
 
-    def _drop(self, peer: _Peer, error: ReplicationError) -> None:
+    def _drop(self, peer: Peer, error: ReplicationError) -> None:
         peer.state, peer.error = "dropped", error
         self._decide_all(peer, "dropped")
 
-    def _decide_all(self, peer: _Peer, status: str) -> None:
+    def _decide_all(self, peer: Peer, status: str) -> None:
         for sending in self._pending:
             if status == "dropped":
                 sending.decide(Delivery(peer.rank, "dropped", error=peer.error))

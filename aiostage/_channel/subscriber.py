@@ -1,14 +1,14 @@
 """``WeightSubscriber``: receive versioned weights in the background, install them between requests.
 
-A background task (owned by the subscriber's task group) posts a receive for the publisher's next
-note, says ``READY`` (with the publish sequence number it holds), and lands the frame that follows
-in a reused receive buffer, so serving never waits on the network. The newest received version
-is kept; ``WeightUpdate.apply`` copies it into the target tensors in place from a worker thread.
+A background task (owned by the subscriber's task group) runs its ``Receiver``: it tells the
+publisher how large a version it takes, says ``READY`` (with the publish sequence number it
+holds) and lands the frame that follows in a reused receive buffer, so serving never waits on
+the network; what lands passes the ``gate`` or is refused. The newest received version is kept;
+``WeightUpdate.apply`` copies it into the target tensors in place from a worker thread.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from types import TracebackType
@@ -19,32 +19,14 @@ import anyio.abc
 import anyio.lowlevel
 import torch
 
-from .._core.buffers import copy_bytes
 from .._core.timeouts import DEFAULT_TIMEOUT, seconds
-from .._format.codec import MAX_DATA, Header
+from .._format.codec import Header
 from .._replication.receive import ReceiveBuffers
-from .._replication.transport import Link, recv_frame
-from ..errors import ClosedError, ReplicationError, ReplicationTimeout, UsageError
+from ..errors import ClosedError, ReplicationError, UsageError
+from .gate import Gate, target_limits
 from .install import Received, copy_targets, install, match, swap_targets
-from .notes import (
-    BACKSTOP,
-    BYE,
-    BYE_ACK,
-    CLOSED,
-    DONE,
-    FRAME_TAG,
-    NO_SHM,
-    OFFER,
-    OFFER_SHM,
-    OFFER_TAG,
-    READY,
-    READY_TAG,
-    Mailbox,
-    Note,
-    cpu_group,
-    send_note,
-)
-from .shm import Region, host_token, recv_description
+from .notes import BYE, BYE_ACK, CLOSED, READY_TAG, Note, cpu_group, send_note
+from .receiver import Receiver
 
 __all__ = ["WeightSubscriber", "WeightUpdate"]
 
@@ -94,10 +76,18 @@ class WeightSubscriber:
     rank may take once a transfer has begun (a send or a receive; waiting for the next version
     is not bounded); past it ``ReplicationTimeout``.
 
-    Blocks on nothing. Raises ``ValueError`` for a bad ``timeout``. Iteration and ``wait_for``
-    raise the ``ReplicationError`` that ended the stream (the publisher died, a frame was
-    malformed or damaged) or ``ReplicationTimeout`` when a started frame did not arrive within
-    ``timeout``.
+    A version larger than this subscriber takes is never allocated for: by default twice its
+    target's state plus slack (the publisher must send a state like it), ``max_bytes`` instead;
+    the publisher is told, and a publisher that sends one anyway ends the stream. An offer that
+    lands but is wrong (a version that does not increase, a structure that does not decode,
+    damaged bytes, a shared-memory region it may not read) is refused: this subscriber keeps
+    what it has, asks again, and counts it in ``refused``; ``MAX_REFUSED`` (3) refusals in a row
+    end the stream.
+
+    Blocks on nothing. Raises ``ValueError`` for a bad ``timeout`` or ``max_bytes``. Iteration
+    and ``wait_for`` raise the ``ReplicationError`` that ended the stream (the publisher died, a
+    frame was malformed or too large, offers were refused in a row) or ``ReplicationTimeout``
+    when a started frame did not arrive within ``timeout``.
     """
 
     def __init__(
@@ -109,8 +99,12 @@ class WeightSubscriber:
         timeout: float | timedelta = DEFAULT_TIMEOUT,
         verify: bool = True,
         swap: bool = False,
+        max_bytes: int | None = None,
     ) -> None:
         self._timeout = seconds(timeout)
+        if max_bytes is not None and (type(max_bytes) is not int or max_bytes < 1):
+            raise ValueError(f"max_bytes must be a positive number of bytes, got {max_bytes!r}")
+        self._max_bytes = max_bytes
         self._pg, rank, world = cpu_group(pg)
         if not 0 <= publisher < world or publisher == rank:
             raise UsageError(
@@ -120,19 +114,17 @@ class WeightSubscriber:
         self._target = target
         self._swap = swap
         self._installed: torch.Tensor | None = None
-        self._link = Link(self._pg, torch.device("cpu"), BACKSTOP, verify=verify, tag=FRAME_TAG)
-        self._offers = Mailbox(self._pg, publisher, OFFER_TAG)
+        self._verify = verify
         self._arenas = ReceiveBuffers()
-        self._regions: dict[bytes, Region] = {}
-        self._host = host_token()
+        self._rx: Receiver | None = None  # made on entry, once the target's size is known
         self._latest: Received | None = None
         self._plans: dict[int, tuple[Header, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
-        self._have = self._applied = self._yielded = self._skipped = self._received = 0
+        self._applied = self._yielded = self._skipped = self._received = 0
         self._version: int | None = None
         self._changed = anyio.Event()
         self._apply_lock = anyio.Lock()
         self._error: ReplicationError | None = None
-        self._ended = self._closed = self._receiving = False
+        self._ended = self._closed = False
         self._tg: anyio.abc.TaskGroup | None = None
 
     @property
@@ -157,7 +149,7 @@ class WeightSubscriber:
     @property
     def receiving(self) -> bool:
         """Whether a version is landing right now (its frame has begun to arrive)."""
-        return self._receiving
+        return self._rx is not None and self._rx.receiving
 
     @property
     def ended(self) -> bool:
@@ -181,12 +173,25 @@ class WeightSubscriber:
         """How many versions arrived."""
         return self._received
 
+    @property
+    def refused(self) -> list[ReplicationError]:
+        """The offers refused so far, oldest first (the last 16): why each was not taken."""
+        return list(self._rx.gate.refused) if self._rx is not None else []
+
     async def __aenter__(self) -> WeightSubscriber:
+        """Work out how large a version this subscriber takes (its target's size, in a worker
+        thread) and start receiving. Raises ``UsageError`` when entered twice and what
+        flattening the target raises."""
         if self._closed or self._tg is not None:
             raise UsageError("a WeightSubscriber is entered once; create a new one")
+        gate = Gate(self._pub, await target_limits(self._target, self._max_bytes))
+        self._rx = Receiver(
+            self._pg, self._pub, timeout=self._timeout, verify=self._verify, gate=gate,
+            arenas=self._arenas, land=self._land,
+        )  # fmt: skip
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
-        self._tg.start_soon(self._receive_loop)
+        self._tg.start_soon(self._receive_loop, self._rx)
         return self
 
     async def __aexit__(
@@ -204,21 +209,22 @@ class WeightSubscriber:
         if tg is not None:
             tg.cancel_scope.cancel()
             await tg.__aexit__(None, None, None)
-            if not self._ended and self._error is None:
+            if not self._ended and self._error is None and self._rx is not None:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(self._timeout):
-                    await self._goodbye()
+                    await self._goodbye(self._rx)
         self._latest = None
         self._plans.clear()
-        self._regions.clear()
+        if self._rx is not None:
+            self._rx.close()
         self._arenas.clear()
         self._notify()
 
-    async def _goodbye(self) -> None:
+    async def _goodbye(self, rx: Receiver) -> None:
         """Say BYE and take the publisher's BYE_ACK, so no receive of ours stays posted."""
         try:
-            self._offers.post()
-            await send_note(self._pg, self._pub, READY_TAG, Note(BYE, self._have))
-            while (await self._offers.take()).kind not in (BYE_ACK, CLOSED):
+            rx.offers.post()
+            await send_note(self._pg, self._pub, READY_TAG, Note(BYE, rx.have))
+            while (await rx.offers.take()).kind not in (BYE_ACK, CLOSED):
                 pass
         except ReplicationError:
             pass  # the publisher is gone: nothing is left to tell
@@ -265,93 +271,26 @@ class WeightSubscriber:
 
     # -- the background receiver
 
-    async def _receive_loop(self) -> None:
+    async def _receive_loop(self, rx: Receiver) -> None:
         try:
-            while True:
-                self._offers.post()
-                await send_note(self._pg, self._pub, READY_TAG, Note(READY, self._have, self._host))
-                if not await self._next_version():
-                    self._ended = True
-                    return
+            await rx.announce()
+            while await rx.next_version():
+                pass
+            self._ended = True
         except ReplicationError as exc:
             self._error = exc
         finally:
             self._notify()
 
-    async def _next_version(self) -> bool:
-        """Take offers until a version has landed; ``False`` when the stream ended."""
-        while True:
-            note = await self._offers.take()
-            if note.kind in (CLOSED, BYE_ACK):
-                return False
-            if note.kind == OFFER:
-                await self._receive(note, shared=False)
-                return True
-            if note.kind == OFFER_SHM:
-                if await self._receive(note, shared=True):
-                    return True
-                self._offers.post()  # the plain offer follows
-                await send_note(self._pg, self._pub, READY_TAG, Note(NO_SHM, self._have))
-
-    async def _receive(self, note: Note, *, shared: bool) -> bool:
-        """Land the offered version; ``False`` when its shared memory cannot be mapped."""
-        began = time.perf_counter()
-        self._receiving = True
-        try:
-            with anyio.fail_after(self._timeout):
-                if shared:
-                    frame = await self._copy_shared(note)
-                else:
-                    got = await recv_frame(self._link, self._pub, self._buffer, max_data=MAX_DATA)
-                    frame = got[:2] if got is not None else None
-        except TimeoutError as exc:
-            raise ReplicationTimeout(
-                f"version {note.a} did not arrive within {self._timeout} s; the stream is broken",
-                peer=self._pub,
-                phase="receive",
-            ) from exc
-        finally:
-            self._receiving = False
-        if frame is None:
-            return not shared
-        self._land(note, *frame, time.perf_counter() - began)
-        return True
-
-    async def _copy_shared(self, note: Note) -> tuple[Header, torch.Tensor] | None:
-        """Copy a version out of the publisher's shared memory, then say DONE; ``None`` when
-        the region cannot be mapped here (another IPC namespace)."""
-        name, size, header = await recv_description(self._pg, self._pub, MAX_DATA)
-        region = self._regions.get(name)
-        if region is None:
-            try:
-                region = await anyio.to_thread.run_sync(Region.open, name, size)
-            except (RuntimeError, OSError):
-                return None
-            if len(self._regions) >= 4:
-                self._regions.clear()
-            self._regions[name] = region
-        data = await self._buffer(header.data_bytes)
-        try:
-            await anyio.to_thread.run_sync(copy_bytes, region.data[: header.data_bytes], data)
-            await send_note(self._pg, self._pub, READY_TAG, Note(DONE, note.b))
-        except BaseException:
-            self._arenas.drop(data, "receiving")
-            raise
-        return header, data
-
-    def _land(self, note: Note, header: Header, data: torch.Tensor, seconds: float) -> None:
-        received = Received(note.a, note.b, header, data, seconds)
+    def _land(self, received: Received) -> None:
+        """``received`` passed the gate: it is the newest version now."""
         old, self._latest = self._latest, received
-        self._arenas.hold(data, "latest")
-        self._arenas.drop(data, "receiving")
+        self._arenas.hold(received.data, "latest")
+        self._arenas.drop(received.data, "receiving")
         if old is not None:
             self._arenas.drop(old.data, "latest")
-        self._have = note.b
         self._received += 1
         self._notify()
-
-    async def _buffer(self, n: int) -> torch.Tensor:
-        return await self._arenas.get(n, "receiving")
 
     # -- installing
 
@@ -389,7 +328,7 @@ class WeightSubscriber:
             found = swap_targets(self._target) if self._swap else copy_targets(self._target)
             if self._swap and any(t.device.type != "cpu" for _, t in found):
                 raise UsageError("swap=True needs a target on the CPU; use the default copy")
-            pairs = match(found, received, self._pub)
+            pairs = match(found, received)
             if len(self._plans) >= 4:
                 self._plans.clear()
             self._plans[received.data.data_ptr()] = (received.header, pairs)

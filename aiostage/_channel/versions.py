@@ -51,7 +51,7 @@ class Snapshots:
     shared: bool
     verify: bool = True
     stager: DefaultStager = field(
-        default_factory=lambda: DefaultStager(StagingOptions(pool_size=2))
+        default_factory=lambda: DefaultStager(StagingOptions(pool_size=2, lease_warning=None))
     )
     retired: list[DefaultStager] = field(default_factory=list)
     regions: list[Region] = field(default_factory=list)
@@ -147,7 +147,7 @@ class Snapshots:
             self.changed = anyio.Event()
         elif snap.stager is self.stager:
             self.retired.append(self.stager)
-            self.stager = DefaultStager(StagingOptions(pool_size=2))
+            self.stager = DefaultStager(StagingOptions(pool_size=2, lease_warning=None))
 
     async def aclose(self) -> None:
         """Free every buffer (shielded)."""

@@ -9,22 +9,28 @@ each when it must be shared with other processes. Allocation and freeing block (
 from __future__ import annotations
 
 import mmap
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
+import anyio
 import anyio.from_thread
+import anyio.to_thread
 import torch
 
 from . import cuda
-from .storages import Span
+from .completion import wait_until
+from .storages import Layout, Span
 
 __all__ = []
+
+_T = TypeVar("_T")
 
 _MiB = 1 << 20
 #: spans of 64 KiB or more start on page boundaries inside an arena (O_DIRECT-friendly)
 _PAGE = 4096
 _SMALL = 64 * 1024
-Layout = tuple[tuple[str, int], ...]
 
 
 @dataclass(eq=False)
@@ -35,17 +41,19 @@ class Buffers:
     flats: tuple[torch.Tensor, ...]
     pinned: tuple[torch.Tensor, ...]
     busy: bool = True
+    made: Any = None  # the staged tensors last built over these buffers (reused by ``fill``)
 
     @property
     def nbytes(self) -> int:
-        return sum(n for _, n in self.layout)
+        return self.layout.nbytes
 
     def storages(self) -> list[torch.UntypedStorage]:
         return [f.untyped_storage() for f in self.flats]
 
 
-def allocate(layout: Layout, share: bool, pin: bool, huge: bool) -> Buffers:
+def allocate(layout: Sequence[tuple[str, int]], share: bool, pin: bool, huge: bool) -> Buffers:
     """Allocate buffers for ``layout`` (blocking: run it in a worker thread)."""
+    layout = layout if isinstance(layout, Layout) else Layout(layout)
     sizes = [n for _, n in layout]
     if share:
         flats = tuple(
@@ -108,6 +116,39 @@ def copy_chunks(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], chunk: int) 
             b = min(a + chunk, n)
             copy_bytes(src[a:b], dst[a:b])
             since_check += b - a
+
+
+async def run_whole(func: Callable[..., _T], *args: Any) -> _T:
+    """``func(*args)`` in a worker thread, never cut short: for copies into a caller's tensors,
+    which must end untouched or fully written, never half.
+
+    A cancellation that arrives before the thread starts ``func`` leaves it unrun; one that
+    arrives while it runs waits (shielded) for its end, then propagates. Cancellation by anyio
+    scopes and native asyncio cancellation (``asyncio.timeout``) alike.
+    """
+    lock, done, state = threading.Lock(), threading.Event(), ["queued"]
+
+    def run() -> _T:
+        with lock:
+            if state[0] == "dropped":  # the caller was cancelled first: nobody waits for it
+                raise RuntimeError("cancelled before it started")
+            state[0] = "running"
+        try:
+            return func(*args)
+        finally:
+            done.set()
+
+    def drop() -> bool:
+        with lock:
+            state[0] = "dropped" if state[0] == "queued" else state[0]
+            return state[0] == "dropped"
+
+    try:
+        return await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
+    finally:
+        if not done.is_set() and not drop():
+            with anyio.CancelScope(shield=True):
+                await wait_until(done.is_set)
 
 
 def copy_bytes(src: torch.Tensor, dst: torch.Tensor) -> None:

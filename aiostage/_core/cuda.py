@@ -12,12 +12,33 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from ..errors import UsageError
+
 __all__ = []
 
 
 def available() -> bool:
     """Whether a CUDA device can be used by this process."""
     return torch.cuda.is_available()
+
+
+def check_device(device: torch.device, what: str) -> None:
+    """Raise ``UsageError`` (``what`` names the argument) unless ``device`` can be used here: a
+    CUDA device that exists, or any other device. Never initialises CUDA for a CPU device."""
+    if device.type != "cuda":
+        return
+    count = torch.cuda.device_count()
+    if count == 0:
+        why = "a build without CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise UsageError(
+            f"{what}={str(device)!r}: no CUDA device is available to this process (torch "
+            f"{torch.__version__}, {why}); use 'cpu', or run where a GPU is visible"
+        )
+    if device.index is not None and device.index >= count:
+        raise UsageError(
+            f"{what}={str(device)!r}: this process sees {count} CUDA device(s), cuda:0 to "
+            f"cuda:{count - 1}"
+        )
 
 
 def current_streams(devices: Iterable[torch.device]) -> dict[torch.device, torch.cuda.Stream]:

@@ -8,8 +8,10 @@ collective cannot be withdrawn from the group; treat the group as broken afterwa
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import threading
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -38,6 +40,11 @@ __all__ = [
 _POLL = Backoff(0.0005, 0.01)
 #: how often a worker thread waiting for a p2p work checks whether its call was abandoned
 _ABANDON_POLL = 0.05
+#: the threads of ``wait_work`` still inside a gloo wait (``_let_waiters_return``)
+_WAITERS: set[threading.Thread] = set()
+#: how long interpreter exit waits for them: a peer that exits at the same time closes its
+#: connections, which ends their waits, well within it
+_EXIT_GRACE = 10.0
 
 
 def rank_and_size(pg: Any) -> tuple[int, int]:
@@ -141,7 +148,8 @@ def wait_work(work: Any, backstop: float) -> None:
     its own waits (at most ``backstop`` seconds) while the calling anyio worker checks for the
     cancellation of its call: an abandoned wait (a frozen peer) then frees the worker and leaves
     only a daemon thread, which never keeps the process from exiting. Raises the backend's
-    ``RuntimeError`` (a peer gone, the backstop expired).
+    ``RuntimeError`` (a peer gone, the backstop expired). At interpreter exit a waiter still
+    waiting is given time to return (``_let_waiters_return``).
     """
     failed: list[BaseException] = []
 
@@ -150,15 +158,40 @@ def wait_work(work: Any, backstop: float) -> None:
             work.wait(timedelta(seconds=backstop))
         except BaseException as exc:  # handed to the caller below
             failed.append(exc)
+        finally:
+            _WAITERS.discard(threading.current_thread())
 
     waiter = threading.Thread(target=wait, name="aiostage p2p wait", daemon=True)
-    waiter.start()
+    _WAITERS.add(waiter)
+    try:
+        waiter.start()
+    except BaseException:
+        _WAITERS.discard(waiter)
+        raise
     waiter.join(_ABANDON_POLL)
     while waiter.is_alive():  # joined: no thread is left once the wait returned
         _check_cancelled()
         waiter.join(_ABANDON_POLL)
     if failed:
         raise failed[0]
+
+
+@atexit.register
+def _let_waiters_return() -> None:
+    """At interpreter exit, wait (``_EXIT_GRACE`` at most) for the ``wait_work`` threads still
+    inside a gloo wait to return.
+
+    Exit handlers run before the interpreter finalizes. Once it finalizes, a daemon thread that
+    comes back from C++ (a peer exited and its connection closed, a backstop passed) is ended
+    with ``pthread_exit`` inside pybind11's GIL guard, whose unwinding aborts the process
+    (SIGABRT, "terminate called without an active exception"), and gloo offers no way to
+    interrupt the wait. A peer exiting at the same time ends them here instead; only a waiter
+    on a peer that stays frozen past the grace is left (its wait returns no sooner than the
+    peer thaws or dies).
+    """
+    deadline = time.monotonic() + _EXIT_GRACE
+    for waiter in list(_WAITERS):
+        waiter.join(max(0.0, deadline - time.monotonic()))
 
 
 def _check_cancelled() -> None:

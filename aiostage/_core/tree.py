@@ -3,14 +3,20 @@
 No I/O and no CUDA calls here: a state dict is walked once into a ``Tree`` (a skeleton of
 containers and non-tensor values, plus one ``TensorLeaf`` per tensor), and tensors are grouped by
 the storage they share so that aliased bytes are copied, written or sent exactly once.
+
+The walk runs no code of the objects it walks: types are told by ``type(obj)`` (never
+``isinstance``, which asks an object's ``__class__``), containers are read and rebuilt through
+their base class (``dict.items``, ``tuple.__iter__``, ``list.extend``), and non-tensor values are
+immutable built-ins (``VALUE_TYPES``) kept as they are, never deep-copied, pickled or compared
+by their own ``__eq__``; anything else is an ``UnsupportedValueError`` naming its key.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import sys
-from collections import defaultdict
+import time
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -18,16 +24,28 @@ from typing import Any, Literal
 import torch
 
 from ..errors import StagingError
+from .values import (
+    MAX_DEPTH,
+    VALUE_IDS,
+    check_key,
+    copy_plain,
+    factory_of,
+    field_items,
+    is_container,
+    map_items,
+    plain_keys,
+    seq_items,
+    too_deep,
+    unsupported_value,
+)
+from .values import KeyPath as KeyPath
+from .values import key_str as key_str
 
 __all__ = []
 
-KeyPath = tuple[Hashable, ...]
+#: tensors walked between two hand-overs of the GIL to a waiting event loop (about a millisecond)
+_BREATHE = 256
 Wrap = Literal["tensor", "parameter", "dtensor"]
-
-
-def key_str(path: KeyPath) -> str:
-    """Render a key path the way errors name it: ``optim.state.3.exp_avg`` (``<root>`` if empty)."""
-    return ".".join(str(k) for k in path) or "<root>"
 
 
 # ---------------------------------------------------------------- the skeleton
@@ -42,7 +60,8 @@ class Leaf:
 
 @dataclass(frozen=True, slots=True)
 class Value:
-    """A non-tensor leaf, already deep-copied away from the caller's object."""
+    """A non-tensor leaf: one of ``VALUE_TYPES`` (immutable, kept as it is) or a copied
+    bytearray when walked; a decoded one may also be a list, tuple or dict of them."""
 
     value: Any
 
@@ -120,7 +139,10 @@ class Tree:
 
 
 def flatten(obj: Any) -> Tree:
-    """Walk ``obj`` once into a ``Tree``; raise ``StagingError`` naming the key of a bad leaf."""
+    """Walk ``obj`` once into a ``Tree`` without running any of its objects' own code (see the
+    module docstring). Raises ``StagingError`` naming the key of a tensor that cannot be staged
+    or of a reference cycle, ``UnsupportedValueError`` (a ``StagingError``) for a value or key
+    type that is not copied, or for containers nested deeper than ``MAX_DEPTH``."""
     w = _Walk([])
     root = _walk(obj, (), w)
     return Tree(root, tuple(w.leaves))
@@ -137,73 +159,71 @@ class _Walk:
 
 
 def _walk(obj: Any, path: KeyPath, w: _Walk) -> Node:
-    if isinstance(obj, torch.Tensor):
-        return _walk_tensor(obj, path, w)
-    if _is_container(obj):
-        if id(obj) in w.active:
-            raise StagingError("the state dict contains a reference cycle", key=key_str(path))
-        w.active.add(id(obj))
-        try:
-            return _walk_container(obj, path, w)
-        finally:
-            w.active.discard(id(obj))
+    kind = type(obj)
+    if kind is torch.Tensor or kind is torch.nn.Parameter or issubclass(kind, torch.Tensor):
+        return _walk_tensor(obj, kind, path, w)
+    if id(kind) in VALUE_IDS or kind is bytearray:
+        return Value(copy_plain(obj, path))
+    if not is_container(kind):
+        raise unsupported_value(obj, path)
+    if len(path) >= MAX_DEPTH:
+        raise too_deep(path)
+    if id(obj) in w.active:
+        raise StagingError("the state dict contains a reference cycle", key=key_str(path))
+    w.active.add(id(obj))
     try:
-        return Value(copy.deepcopy(obj))
-    except Exception as exc:
-        raise StagingError(
-            f"cannot copy a leaf of type {type(obj).__qualname__}: {exc}", key=key_str(path)
-        ) from exc
+        return _walk_container(obj, kind, path, w)
+    finally:
+        w.active.discard(id(obj))
 
 
-def _is_container(obj: Any) -> bool:
-    if isinstance(obj, dict | list | tuple):
-        return not isinstance(obj, torch.Size)  # a Size is a value, not a sequence of leaves
-    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+def _walk_container(obj: Any, kind: type, path: KeyPath, w: _Walk) -> Node:
+    """The node of a container, its children walked (a loop, not a comprehension: two frames
+    per level of nesting keep ``MAX_DEPTH`` far from Python's recursion limit)."""
+    items: list[tuple[Any, Any]]
+    if issubclass(kind, dict):
+        items = map_items(obj)
+        if not plain_keys([k for k, _ in items]):
+            for k, _ in items:
+                check_key(k, path)
+    elif issubclass(kind, list | tuple):
+        items = list(enumerate(seq_items(obj)))
+    else:
+        items = field_items(obj)
+    kids: list[Node] = []
+    for k, v in items:
+        kids.append(_walk(v, (*path, k), w))
+    if issubclass(kind, dict):
+        factory = factory_of(obj) if issubclass(kind, defaultdict) else None
+        return MapNode(kind, tuple([k for k, _ in items]), tuple(kids), factory)
+    if issubclass(kind, list | tuple):
+        return SeqNode(kind, tuple(kids), issubclass(kind, tuple) and hasattr(kind, "_fields"))
+    return DataclassNode(kind, tuple([k for k, _ in items]), tuple(kids))
 
 
-def _walk_container(obj: Any, path: KeyPath, w: _Walk) -> Node:
-    def kids(items: Sequence[tuple[Hashable, Any]]) -> tuple[Node, ...]:
-        return tuple(_walk(v, (*path, k), w) for k, v in items)
-
-    if isinstance(obj, dict):
-        factory = obj.default_factory if isinstance(obj, defaultdict) else None
-        return MapNode(type(obj), tuple(obj), kids(list(obj.items())), factory)
-    if isinstance(obj, list | tuple):
-        named = isinstance(obj, tuple) and hasattr(type(obj), "_fields")
-        return SeqNode(type(obj), kids(list(enumerate(obj))), named)
-    names = tuple(f.name for f in dataclasses.fields(obj))
-    return DataclassNode(type(obj), names, kids([(n, getattr(obj, n)) for n in names]))
-
-
-def _walk_tensor(t: torch.Tensor, path: KeyPath, w: _Walk) -> Node:
+def _walk_tensor(t: torch.Tensor, kind: type, path: KeyPath, w: _Walk) -> Node:
+    if not len(w.leaves) % _BREATHE:
+        time.sleep(0)  # hands the GIL to an event loop waiting for it (flatten runs in a worker)
     first = w.seen.get(id(t))
     if first is not None:  # the same tensor object again (tied weights): one object staged
         w.leaves.append(dataclasses.replace(w.leaves[first], path=path, same_as=first))
         return Leaf(len(w.leaves) - 1)
-    kind = type(t)
     if kind is torch.nn.Parameter or kind is torch.Tensor:  # the common case first, cheaply
         wrap: Wrap = "parameter" if kind is torch.nn.Parameter else "tensor"
-    elif _is_sharded_tensor(t):
+    elif _is_sharded_tensor(kind):
         return _walk_sharded(t, path, w)
-    elif _is_dtensor(t):
+    elif _is_dtensor(kind):
         local = t._local_tensor  # type: ignore[attr-defined]
         _check_plain_data(local, path)
         spec = t._spec  # type: ignore[attr-defined]
-        param = isinstance(t, torch.nn.Parameter)
+        param = isinstance(t, torch.nn.Parameter)  # Parameter(DTensor): a DTensor, _is_param set
         w.leaves.append(TensorLeaf(path, local, "dtensor", t.requires_grad, spec=spec, param=param))
         w.seen[id(t)] = len(w.leaves) - 1
         return Leaf(len(w.leaves) - 1)
     else:
         raise StagingError(f"unsupported tensor subclass {kind.__qualname__}", key=key_str(path))
     _check_plain_data(t, path)
-    attrs: dict[str, Any] = {}
-    if t.__dict__:
-        try:
-            attrs = copy.deepcopy(dict(t.__dict__))
-        except Exception as exc:
-            raise StagingError(
-                f"cannot copy the tensor's Python attributes: {exc}", key=key_str(path)
-            ) from exc
+    attrs: dict[str, Any] = copy_plain(t.__dict__, path) if t.__dict__ else {}
     w.leaves.append(TensorLeaf(path, t.detach(), wrap, t.requires_grad, attrs))
     w.seen[id(t)] = len(w.leaves) - 1
     return Leaf(len(w.leaves) - 1)
@@ -235,14 +255,14 @@ def _check_plain_data(t: torch.Tensor, path: KeyPath) -> None:
     raise StagingError("quantized and nested tensors are not supported", key=key)
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
+def _is_dtensor(kind: type) -> bool:
     cls = _optional_class("torch.distributed.tensor", "DTensor")
-    return cls is not None and isinstance(t, cls)
+    return cls is not None and issubclass(kind, cls)
 
 
-def _is_sharded_tensor(t: torch.Tensor) -> bool:
+def _is_sharded_tensor(kind: type) -> bool:
     cls = _optional_class("torch.distributed._shard.sharded_tensor", "ShardedTensor")
-    return cls is not None and isinstance(t, cls)
+    return cls is not None and issubclass(kind, cls)
 
 
 def _optional_class(module: str, name: str) -> type | None:
@@ -257,8 +277,9 @@ def _optional_class(module: str, name: str) -> type | None:
 def unflatten(tree: Tree, data: Sequence[torch.Tensor], *, copy_values: bool = True) -> Any:
     """Rebuild the state dict of ``tree`` with ``data[i]`` standing for leaf ``i``.
 
-    Non-tensor values are deep-copied again (``copy_values``) so two rebuilt dicts never share a
-    mutable leaf.
+    Containers are rebuilt through their base class (a subclass's ``__init__``, ``__new__`` or
+    ``__setitem__`` never runs). A walked value is immutable; a decoded one may be a list or
+    dict, copied again (``copy_values``) so two rebuilt dicts never share a mutable leaf.
     """
     tensors: list[torch.Tensor] = []
     for leaf, d in zip(tree.leaves, data, strict=True):
@@ -280,7 +301,7 @@ def wrap_leaf(leaf: TensorLeaf, data: torch.Tensor) -> torch.Tensor:
     else:
         out = data.requires_grad_(True) if leaf.requires_grad else data
     if leaf.attrs:
-        out.__dict__.update(copy.deepcopy(leaf.attrs))
+        out.__dict__.update(copy_plain(leaf.attrs, leaf.path))
     return out
 
 
@@ -288,24 +309,53 @@ def _build(node: Node, tensors: list[torch.Tensor], copy_values: bool) -> Any:
     if isinstance(node, Leaf):
         return tensors[node.index]
     if isinstance(node, Value):
-        return copy.deepcopy(node.value) if copy_values else node.value
-    kids = [_build(c, tensors, copy_values) for c in node.children]
+        return copy_plain(node.value, ()) if copy_values else node.value
+    return assemble(node, [_build(c, tensors, copy_values) for c in node.children])
+
+
+def assemble(node: Node, kids: list[Any]) -> Any:
+    """The container ``node`` stands for, holding ``kids``, built through its base class."""
     if isinstance(node, MapNode):
         return _build_map(node, kids)
     if isinstance(node, SeqNode):
-        return node.cls(*kids) if node.named else node.cls(kids)
+        return _build_seq(node.cls, kids)
     if isinstance(node, DataclassNode):
         obj: Any = object.__new__(node.cls)
         for name, kid in zip(node.names, kids, strict=True):
             object.__setattr__(obj, name, kid)
         return obj
+    assert isinstance(node, ShardedNode)
     return _build_sharded(node, kids)
 
 
+def _build_seq(cls: type, kids: list[Any]) -> Any:
+    if cls is list:
+        return kids  # a fresh list of the caller's
+    if cls is tuple:
+        return tuple(kids)
+    if issubclass(cls, tuple):  # a namedtuple: its own __new__ never runs
+        return tuple.__new__(cls, kids)
+    out: Any = list.__new__(cls)
+    list.extend(out, kids)
+    return out
+
+
 def _build_map(node: MapNode, kids: list[Any]) -> Any:
-    out = node.cls(node.default_factory) if node.default_factory is not None else node.cls()
-    for k, v in zip(node.keys, kids, strict=True):
-        out[k] = v
+    cls: Any = node.cls
+    pairs = zip(node.keys, kids, strict=True)
+    if cls is dict:
+        return dict(pairs)
+    if cls is OrderedDict:
+        return OrderedDict(pairs)
+    if issubclass(cls, OrderedDict):  # its order is its own: set each item through OrderedDict
+        ordered: Any = OrderedDict.__new__(cls)
+        for k, v in pairs:
+            OrderedDict.__setitem__(ordered, k, v)
+        return ordered
+    out: Any = dict.__new__(cls)
+    if node.default_factory is not None:
+        defaultdict.__init__(out, node.default_factory)
+    dict.update(out, pairs)
     return out
 
 

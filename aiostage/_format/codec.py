@@ -1,4 +1,5 @@
-"""The on-disk layout: encode, decode and validate data-file headers and the manifest.
+"""The on-disk layout: encode, decode and validate data-file headers (the manifest and the
+names of files are ``manifest.py``'s, re-exported here).
 
 Pure bytes in and bytes out (see ``docs/format.md``). A data file is a safetensors file whose
 JSON header is padded so the data starts on a ``DATA_ALIGN`` boundary; ``__metadata__["aiostage"]``
@@ -10,21 +11,38 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import struct
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from .._core.dtypes import ST_ITEMSIZE, dtype_from_name, dtype_name
-from ..errors import CheckpointCorrupt, UnsupportedValueError
+from ..errors import CheckpointCorrupt
+from .checks import Json, json_int, json_list, json_object
+
+# the manifest and the names of files, re-exported: this module is where the format is imported
+from .manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    STEP_NAME,
+    FileInfo,
+    Manifest,
+    check_metadata,
+    decode_manifest,
+    encode_manifest,
+    rank_file,
+    step_name,
+)
 
 __all__ = [
     "DATA_ALIGN",
     "MANIFEST",
     "MAX_DATA",
     "MAX_HEADER",
+    "STEP_NAME",
+    "EncodedHeader",
     "Entry",
     "FileInfo",
     "Header",
@@ -37,17 +55,17 @@ __all__ = [
     "decode_header",
     "decode_manifest",
     "encode_header",
+    "encode_layout",
     "encode_manifest",
     "header_length",
     "rank_file",
     "round_up",
+    "step_name",
 ]
 
-Json = Any
-#: the bytes of one entry (uint8, on the CPU) and how many zero bytes pad it
+#: the bytes of one entry (uint8, on the CPU) and how many zero bytes pad it; the writer also
+#: takes any contiguous CPU tensor, whose bytes it reads by address
 Source = tuple[torch.Tensor, int]
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 #: the data of every file starts at a multiple of this (so O_DIRECT can write and read it)
 DATA_ALIGN = 4096
 
@@ -59,22 +77,6 @@ MAX_HEADER = 100_000_000
 #: the largest data region a received frame or shared-memory region may announce (checked
 #: before anything is allocated)
 MAX_DATA = 1 << 42
-
-
-#: the checkpoint names a ``Checkpointer`` gives its steps: ``step_`` and at least nine digits
-STEP_NAME = re.compile(r"^step_(?P<step>\d{9,})$")
-
-
-def step_name(step: int) -> str:
-    """The checkpoint name of ``step`` (``step_000000100``): names sort in step order."""
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    return f"step_{step:09d}"
-
-
-def rank_file(rank: int) -> str:
-    """The data file name of ``rank`` inside a checkpoint directory."""
-    return f"rank_{rank:05d}.safetensors"
 
 
 def round_up(n: int, align: int) -> int:
@@ -95,9 +97,12 @@ def as_uint64(value: int) -> int:
 # ---------------------------------------------------------------- what a file holds
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One safetensors entry: a tensor stored as itself, or an aliased storage as uint8."""
+class Entry(NamedTuple):
+    """One safetensors entry: a tensor stored as itself, or an aliased storage as uint8.
+
+    A named tuple, not a dataclass: files hold tens of thousands of entries and records, and a
+    frozen dataclass costs four times as much to build.
+    """
 
     name: str
     dtype: str
@@ -106,8 +111,7 @@ class Entry:
     end: int
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
     """One tensor of the state dict: a view (element offset, shape, stride) into an entry."""
 
     entry: int  # -1: an empty tensor with no bytes
@@ -136,11 +140,11 @@ class Header:
     checksums: tuple[int, ...]
     rank: int = 0
     world_size: int = 1
+    #: bytes of tensor data after the header, found once (headers list thousands of entries)
+    data_bytes: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def data_bytes(self) -> int:
-        """Bytes of tensor data after the header."""
-        return max((e.end for e in self.entries), default=0)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_bytes", max((e.end for e in self.entries), default=0))
 
 
 # ---------------------------------------------------------------- header bytes
@@ -154,23 +158,71 @@ def encode_header(h: Header) -> bytes:
     """The header bytes: length, JSON, and spaces up to the next ``DATA_ALIGN`` boundary.
 
     Its length depends only on the layout, never on the checksum values, so a writer can reserve
-    the space, write the data, and write the header last.
+    the space, write the data, and write the header last (``encode_layout``).
     """
-    meta = {
-        "version": FORMAT_VERSION,
-        "rank": h.rank,
-        "world_size": h.world_size,
-        "entries": [e.name for e in h.entries],
-        "xxh3": [f"{c:016x}" for c in h.checksums],
-        "tensors": [_encode_record(r) for r in h.records],
-        "tree": h.skeleton,
-    }
-    top: dict[str, Json] = {"__metadata__": {"format": "pt", "aiostage": _dumps(meta)}}
-    for e in h.entries:
-        top[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
-    body = _dumps(top).encode("ascii")
+    return encode_layout(h).with_checksums(h.checksums)
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedHeader:
+    """A header encoded once, its checksums still to fill in: 16 hex digits each at fixed places.
+
+    ``blob`` holds zeros where the digits go; ``at`` is where the first digit is.
+    """
+
+    blob: bytes
+    at: int
+    count: int
+
+    def with_checksums(self, checksums: Sequence[int]) -> bytes:
+        """The header bytes with ``checksums`` (one per entry) in place."""
+        if len(checksums) != self.count:
+            raise ValueError(f"{len(checksums)} checksums for {self.count} entries")
+        if not checksums:
+            return self.blob
+        digits = _SUM_SEP.join(f"{c:016x}" for c in checksums).encode("ascii")
+        return self.blob[: self.at] + digits + self.blob[self.at + len(digits) :]
+
+
+#: between two checksums' digits inside the aiostage metadata string: ``","`` escaped
+_SUM_SEP = '\\",\\"'
+_META_PREFIX = '{"__metadata__":{"format":"pt","aiostage":"'
+
+
+def encode_layout(h: Header) -> EncodedHeader:
+    """``encode_header`` of ``h`` with its checksums left to fill in: one pass of string
+    formatting over the entries and records (tens of thousands in a large state dict)."""
+    head = _dumps(
+        {
+            "version": FORMAT_VERSION,
+            "rank": h.rank,
+            "world_size": h.world_size,
+            "entries": [e.name for e in h.entries],
+        }
+    )
+    head = head[:-1] + ',"xxh3":['
+    sums = ",".join(['"0000000000000000"'] * len(h.entries))
+    tensors = ",".join([_record_json(r) for r in h.records])
+    meta = f'{head}{sums}],"tensors":[{tensors}],"tree":{_dumps(h.skeleton)}}}'
+    entries = "".join(
+        [_ENTRY % (_quoted(e.name), e.dtype, _ints(e.shape), e.begin, e.end) for e in h.entries]
+    )
+    body = f'{_META_PREFIX}{json.dumps(meta)[1:-1]}"}}{entries}}}'.encode("ascii")
     n = round_up(8 + len(body), DATA_ALIGN) - 8
-    return struct.pack("<Q", n) + body.ljust(n, b" ")
+    # escaping works character by character, so the digits sit after the escaped ``head``
+    # and the escaped quote (2 characters) that opens the first checksum
+    at = 8 + len(_META_PREFIX) + len(json.dumps(head)) - 2 + 2
+    return EncodedHeader(struct.pack("<Q", n) + body.ljust(n, b" "), at, len(h.entries))
+
+
+#: JSON text of a string (quoted, escaped, ASCII only: what ``json.dumps`` writes)
+_quoted = json.encoder.encode_basestring_ascii
+_ENTRY = ',%s:{"dtype":"%s","shape":[%s],"data_offsets":[%d,%d]}'
+_RECORD = '{"entry":%d,"offset":%d,"shape":[%s],"stride":[%s],"dtype":"%s"}'
+
+
+def _ints(values: tuple[int, ...]) -> str:
+    return ",".join(map(str, values))
 
 
 def _encode_record(r: Record) -> Json:
@@ -190,6 +242,17 @@ def _encode_record(r: Record) -> Json:
     if r.dtensor is not None:
         out["dtensor"] = r.dtensor
     return out
+
+
+def _record_json(r: Record) -> str:
+    if r.wrap == "tensor" and not r.requires_grad and not r.attrs and r.dtensor is None:
+        name = _DTYPE_TEXT.get(r.dtype) or _DTYPE_TEXT.setdefault(r.dtype, dtype_name(r.dtype))
+        return _RECORD % (r.entry, r.offset, _ints(r.shape), _ints(r.stride), name)
+    return _dumps(_encode_record(r))
+
+
+#: ``dtype_name`` of each dtype met so far (a handful)
+_DTYPE_TEXT: dict[torch.dtype, str] = {}
 
 
 def header_length(first: bytes, file_size: int, where: str) -> int:
@@ -222,65 +285,68 @@ def decode_header(body: bytes, data_len: int, where: str) -> Header:
 
 
 def _decode_header(body: bytes, data_len: int) -> Header:
-    top = _obj(json.loads(body), "header")
-    meta = _obj(top.get("__metadata__"), "__metadata__")
+    top = json_object(json.loads(body), "header")
+    meta = json_object(top.get("__metadata__"), "__metadata__")
     if not isinstance(meta.get("aiostage"), str):
         raise ValueError("no aiostage metadata: this is not an aiostage data file")
-    m = _obj(json.loads(meta["aiostage"]), "aiostage metadata")
+    m = json_object(json.loads(meta["aiostage"]), "aiostage metadata")
     if m.get("version") != FORMAT_VERSION:
         raise ValueError(f"format version {m.get('version')!r} is not {FORMAT_VERSION}")
-    names = _list(m["entries"], "entries")
-    entries = tuple(_decode_entry(n, top.get(n), data_len) for n in names)
+    names = json_list(m["entries"], "entries")
+    entries = tuple([_decode_entry(n, top.get(n), data_len) for n in names])
     _check_coverage(entries, data_len)
-    sums = _list(m["xxh3"], "xxh3")
-    if len(sums) != len(entries) or not all(isinstance(c, str) and len(c) == 16 for c in sums):
+    sums = _checksums(json_list(m["xxh3"], "xxh3"), len(entries))
+    records = tuple([_decode_record(r, entries) for r in json_list(m["tensors"], "tensors")])
+    world = json_int(m["world_size"], 1, 1 << 24, "world_size")
+    rank = json_int(m["rank"], 0, world - 1, "rank")
+    return Header(entries, records, m["tree"], sums, rank, world)
+
+
+def _checksums(sums: list[Json], n: int) -> tuple[int, ...]:
+    if len(sums) != n or not all(type(c) is str and len(c) == 16 for c in sums):
         raise ValueError("there must be one 16-digit xxh3 per entry")
-    records = tuple(_decode_record(r, entries) for r in _list(m["tensors"], "tensors"))
-    world = _int(m["world_size"], 1, 1 << 24, "world_size")
-    rank = _int(m["rank"], 0, world - 1, "rank")
-    return Header(entries, records, m["tree"], tuple(int(c, 16) for c in sums), rank, world)
+    return tuple([int(c, 16) for c in sums])
 
 
-def _obj(x: Json, what: str) -> dict[str, Json]:
-    if not isinstance(x, dict):
-        raise ValueError(f"{what} is not a JSON object")
-    return x
-
-
-def _list(x: Json, what: str) -> list[Json]:
-    if not isinstance(x, list):
-        raise ValueError(f"{what} is not a JSON list")
-    return x
-
-
-def _int(x: Json, lo: int, hi: int, what: str) -> int:
-    if type(x) is not int or not lo <= x <= hi:
-        raise ValueError(f"{what} {x!r:.40} is not an integer in [{lo}, {hi}]")
-    return x
+_DIM_MAX = 1 << 62
 
 
 def _dims(x: Json, what: str) -> tuple[int, ...]:
-    dims = _list(x, what)
+    dims = json_list(x, what)
     if len(dims) > 64:
         raise ValueError(f"{what} has {len(dims)} dimensions")
-    return tuple(_int(n, 0, 1 << 62, what) for n in dims)
+    for n in dims:  # a plain loop: this runs a few times per tensor of a file
+        if type(n) is not int or not 0 <= n <= _DIM_MAX:
+            raise ValueError(f"{what} {n!r:.40} is not an integer in [0, {_DIM_MAX}]")
+    return tuple(dims)
 
 
 def _decode_entry(name: Json, info: Json, data_len: int) -> Entry:
     if not isinstance(name, str):
         raise ValueError(f"entry name {name!r:.40} is not a string")
-    info = _obj(info, f"entry {name!r}")
+    info = json_object(info, f"entry {name!r}")
     dtype = info["dtype"]
     if dtype not in ST_ITEMSIZE:
         raise ValueError(f"entry {name!r}: unknown dtype {dtype!r:.20}")
     shape = _dims(info["shape"], f"entry {name!r} shape")
-    begin, end = (_int(o, 0, data_len, f"entry {name!r} offset") for o in info["data_offsets"])
+    offsets = json_list(info["data_offsets"], f"entry {name!r} data_offsets")
+    if len(offsets) != 2:
+        raise ValueError(f"entry {name!r}: data_offsets must be [begin, end]")
+    begin, end = (json_int(o, 0, data_len, f"entry {name!r} offset") for o in offsets)
     if end - begin != math.prod(shape) * ST_ITEMSIZE[dtype]:
         raise ValueError(f"entry {name!r}: offsets [{begin}, {end}) do not fit its shape {shape}")
     return Entry(name, dtype, shape, begin, end)
 
 
 def _check_coverage(entries: tuple[Entry, ...], data_len: int) -> None:
+    at = 0
+    for e in entries:  # aiostage writes entries in file order: no sort needed then
+        if e.begin != at:
+            break
+        at = e.end
+    else:
+        if at == data_len:
+            return
     at = 0
     for e in sorted(entries, key=lambda e: (e.begin, e.end)):
         if e.begin != at:
@@ -292,17 +358,31 @@ def _check_coverage(entries: tuple[Entry, ...], data_len: int) -> None:
         )
 
 
+#: dtypes by the names records give them; only names that are dtypes get in, a bounded set
+_DTYPE_NAMES: dict[str, torch.dtype] = {}
+
+
+def _dtype(name: Json) -> torch.dtype:
+    found = _DTYPE_NAMES.get(name) if type(name) is str else None
+    if found is None:
+        found = dtype_from_name(name)
+        _DTYPE_NAMES[name] = found
+    return found
+
+
 def _decode_record(r: Json, entries: tuple[Entry, ...]) -> Record:
-    r = _obj(r, "tensor record")
-    dtype = dtype_from_name(r["dtype"])
+    r = json_object(r, "tensor record")
+    dtype = _dtype(r["dtype"])
     shape, stride = _dims(r["shape"], "shape"), _dims(r["stride"], "stride")
-    entry = _int(r["entry"], -1, len(entries) - 1, "entry")
-    offset = _int(r["offset"], 0, 1 << 62, "offset")
+    entry = json_int(r["entry"], -1, len(entries) - 1, "entry")
+    offset = json_int(r["offset"], 0, _DIM_MAX, "offset")
     if len(shape) != len(stride):
         raise ValueError(f"shape {shape} and stride {stride} differ in length")
     if math.prod(shape) > 0:
         e = entries[entry] if entry >= 0 else None
-        last = offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
+        last = offset
+        for n, s in zip(shape, stride, strict=True):
+            last += (n - 1) * s
         if e is None or (last + 1) * dtype.itemsize > e.end - e.begin or e.begin % dtype.itemsize:
             raise ValueError(f"a {dtype} tensor of shape {shape} does not fit its entry")
     wrap, grad = r.get("wrap", "tensor"), r.get("grad", False)
@@ -311,73 +391,3 @@ def _decode_record(r: Json, entries: tuple[Entry, ...]) -> Record:
     if grad and not (dtype.is_floating_point or dtype.is_complex):
         raise ValueError(f"a {dtype} tensor cannot require grad")
     return Record(entry, offset, shape, stride, dtype, wrap, grad, r.get("attrs"), r.get("dtensor"))
-
-
-# ---------------------------------------------------------------- the manifest
-
-
-@dataclass(frozen=True, slots=True)
-class FileInfo:
-    """A data file as the manifest records it: name, exact size, xxh3_64 of its header."""
-
-    name: str
-    size: int
-    header_xxh3: int
-
-
-@dataclass(frozen=True, slots=True)
-class Manifest:
-    """``manifest.json``: written last, its presence is what makes a directory a checkpoint."""
-
-    world_size: int
-    files: tuple[FileInfo, ...]
-    metadata: dict[str, Any]
-
-
-def check_metadata(metadata: Any) -> dict[str, Any]:
-    """User metadata as stored (JSON: tuples become lists); ``UnsupportedValueError`` otherwise."""
-    if metadata is None:
-        return {}
-    try:
-        if not isinstance(metadata, dict):
-            raise TypeError(f"expected a dict, got {type(metadata).__qualname__}")
-        out: dict[str, Any] = json.loads(json.dumps(metadata))
-    except (TypeError, ValueError) as exc:
-        raise UnsupportedValueError(
-            f"metadata must be JSON-serialisable: {exc}", key="metadata"
-        ) from exc
-    return out
-
-
-def encode_manifest(m: Manifest) -> bytes:
-    """``manifest.json`` as bytes."""
-    files = [
-        {"name": f.name, "size": f.size, "header_xxh3": f"{f.header_xxh3:016x}"} for f in m.files
-    ]
-    doc = {"format": "aiostage", "version": FORMAT_VERSION, "world_size": m.world_size}
-    return json.dumps({**doc, "files": files, "metadata": m.metadata}, indent=1).encode() + b"\n"
-
-
-def decode_manifest(raw: bytes, where: str) -> Manifest:
-    """Parse and validate ``manifest.json``; raises ``CheckpointCorrupt`` naming ``where``."""
-    try:
-        doc = _obj(json.loads(raw), "manifest")
-        if doc.get("format") != "aiostage" or doc.get("version") != FORMAT_VERSION:
-            raise ValueError(f"not an aiostage v{FORMAT_VERSION} manifest")
-        world = _int(doc["world_size"], 1, 1 << 24, "world_size")
-        files = tuple(_decode_file(f, r) for r, f in enumerate(_list(doc["files"], "files")))
-        if len(files) != world:
-            raise ValueError(f"{len(files)} files listed for world size {world}")
-        return Manifest(world, files, _obj(doc["metadata"], "metadata"))
-    except (ValueError, TypeError, KeyError, RecursionError) as exc:
-        raise CheckpointCorrupt(f"{where}: bad manifest: {exc}", path=where) from exc
-
-
-def _decode_file(f: Json, rank: int) -> FileInfo:
-    f = _obj(f, "file")
-    if f.get("name") != rank_file(rank):
-        raise ValueError(f"file {rank} must be named {rank_file(rank)}")
-    digest = f["header_xxh3"]
-    if not isinstance(digest, str) or len(digest) != 16:
-        raise ValueError(f"bad header_xxh3 {digest!r:.40}")
-    return FileInfo(f["name"], _int(f["size"], 0, 1 << 62, "size"), int(digest, 16))

@@ -9,7 +9,8 @@ structure (the template) gives DTensors their spec and ShardedTensors their glob
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,9 @@ __all__ = [
     "Frame",
     "NeedsStaging",
     "Planned",
+    "expected_header",
     "frame_sources",
+    "frame_views",
     "plan_cpu_frame",
     "plan_frame",
     "rebuild",
@@ -98,6 +101,16 @@ def plan_frame(state: Any, in_place: bool = True) -> Planned | NeedsStaging:
         return Planned(tree, header, sources)
 
 
+def expected_header(tree: Tree) -> Header:
+    """The header a state dict flattened as ``tree`` is sent with, planned without reading or
+    copying its tensors (on any device): what a receiver expects from a peer whose state is like
+    it (worker thread). Raises ``UnsupportedValueError`` as ``plan_frame`` does."""
+    with gc_pause.paused():
+        portable = Tree(_portable(tree.root), tree.leaves)
+        plan = plan_storages([leaf.data for leaf in tree.leaves])
+        return plan_file(portable, plan, flat=False)[0]
+
+
 def plan_cpu_frame(state: Any) -> Planned:
     """``plan_frame`` for a state dict known to be in CPU memory (a staged or loaded copy).
 
@@ -132,8 +145,34 @@ def rebuild(
     ``(global rank, pg)`` of the rank whose state it is. Raises ``ReplicationError`` naming
     ``sender`` (phase ``"header"``) for a structure that does not decode or fit.
     """
-    with gc_pause.paused():
+    with gc_pause.paused(), _as_replication_error(sender):
         return _rebuild(header, data, template, sender, owner)
+
+
+@contextlib.contextmanager
+def _as_replication_error(peer: int) -> Iterator[None]:
+    """Turn whatever decoding a peer's frame raises into ``ReplicationError(peer, "header")``:
+    a malformed frame trips on anything (a bad attribute, a view that does not fit)."""
+    try:
+        yield
+    except ReplicationError:
+        raise
+    except Exception as exc:
+        raise ReplicationError(
+            f"its frame does not decode: {type(exc).__name__}: {exc}", peer=peer, phase="header"
+        ) from exc
+
+
+def frame_views(
+    header: Header, data: torch.Tensor, peer: int
+) -> list[tuple[KeyPath, torch.Tensor]]:
+    """Each tensor of a received frame by key path, a view into ``data``: the whole structure
+    decoded and every view checked, so a frame that passes can be installed (worker thread).
+    Raises ``ReplicationError(peer, "header")`` for anything malformed."""
+    with gc_pause.paused(), _as_replication_error(peer):
+        _, leaves = frame_leaves(header, peer)
+        tensors = frame_tensors(header, data)
+        return [(leaf.path, t) for leaf, t in zip(leaves, tensors, strict=True)]
 
 
 def _rebuild(

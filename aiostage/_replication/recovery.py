@@ -11,11 +11,11 @@ import anyio.to_thread
 import torch
 
 from .._core import dist
-from .._format.codec import MAX_DATA
 from .._storage.locate import locate
 from .._storage.reader import load
 from .frames import Frame, plan_cpu_frame
 from .transport import Link, recv_frame, send_frame, send_nothing
+from .wire import Limits
 
 __all__ = ["agree", "give", "swap"]
 
@@ -34,11 +34,12 @@ async def swap(
     give_to: int | None,
     take_from: int | None,
     buffer: Callable[[int], Awaitable[torch.Tensor]],
+    limits: Limits,
     latest: Frame | None,
     stored: Path | None,
 ) -> Frame | None:
     """At once: ``give`` rank ``give_to`` its replica (if not ``None``), and receive this rank's
-    own state from rank ``take_from`` (if not ``None``) into ``buffer``.
+    own state from rank ``take_from`` (if not ``None``) into ``buffer``, within ``limits``.
 
     Returns what was received: ``None`` when nothing was to be received or the peer holds no
     replica. Bound it with a timeout; raises ``ReplicationError`` naming the peer and phase.
@@ -46,7 +47,7 @@ async def swap(
     got: list[Frame | None] = [None]
 
     async def receive(peer: int) -> None:
-        received = await recv_frame(link, peer, buffer, max_data=MAX_DATA)
+        received = await recv_frame(link, peer, buffer, limits=limits)
         if received is not None:
             got[0] = Frame(*received)
 

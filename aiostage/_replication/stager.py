@@ -27,16 +27,17 @@ import anyio.lowlevel
 from .._core import dist
 from .._core.timeouts import DEFAULT_TIMEOUT, seconds
 from .._core.tree import Tree, flatten
-from .._format.codec import MAX_DATA, Header, Source
+from .._format.codec import Header, Source, encode_header
 from .._staging import DefaultStager, StagingOptions
 from .._storage.locate import locate
 from ..errors import ReplicationError, UsageError
-from .frames import Frame, Planned, plan_cpu_frame, plan_frame, rebuild
+from .frames import Frame, Planned, expected_header, plan_cpu_frame, plan_frame, rebuild
 from .guard import Breaker
 from .held import HeldReplicas
 from .recovery import agree, swap
 from .replicas import ReplicaWrites
-from .transport import Link, partners, recv_frame, send_frame
+from .transport import Link, encoded, partners, recv_frame, send_frame
+from .wire import Limits, limits_like, limits_of, unknown_limits
 
 __all__ = ["ReplicationStager", "ReplicationStatistics"]
 
@@ -53,6 +54,12 @@ class ReplicationStatistics:
     receive_allocations: int
     last_snapshot_seconds: float
     last_exchange_seconds: float
+
+
+def _limits_like_tree(tree: Tree) -> Limits:
+    """The limits for a state like the flattened ``like=`` of ``recover`` (worker thread)."""
+    header = expected_header(tree)
+    return limits_like(encode_header(header), header.data_bytes, "like=")
 
 
 class ReplicationStager:
@@ -80,12 +87,18 @@ class ReplicationStager:
     ``timeout`` (seconds or ``timedelta``, default 600) is the longest any one wait for another
     rank may take (a collective, a send or a receive); past it ``ReplicationTimeout``.
 
+    A peer's frame is refused (``ReplicationError``, phase ``"header"``) before anything is
+    allocated for it when it is larger than this rank expects: by default twice this rank's own
+    state plus slack (in ``recover``: twice ``like``, or this host's memory without it);
+    ``max_bytes`` sets the bound instead (partners whose states differ in size, e.g. pipeline
+    stages).
+
     Blocks on nothing. Raises ``ReplicationError`` naming the peer rank and phase,
     ``ReplicationTimeout`` after ``timeout`` (the stager is then broken: recreate the process
     group and the stager), ``UnsupportedValueError`` for a leaf that is not JSON,
     ``UsageError`` when the ranks' ``partner=`` choices do not pair up (checked once) or for a
     ``storage_dir`` URL no storage backend serves, and
-    ``ValueError`` for a bad ``timeout``.
+    ``ValueError`` for a bad ``timeout`` or ``max_bytes``.
     """
 
     def __init__(
@@ -98,8 +111,13 @@ class ReplicationStager:
         copy_cpu: bool = False,
         verify: bool = True,
         verify_on_arrival: bool = False,
+        max_bytes: int | None = None,
     ) -> None:
         self._timeout = seconds(timeout)
+        if max_bytes is not None and (type(max_bytes) is not int or max_bytes < 1):
+            raise ValueError(f"max_bytes must be a positive number of bytes, got {max_bytes!r}")
+        self._max_bytes = max_bytes
+        self._expected: tuple[bytes, Limits] | None = None  # limits for peers like our header
         self._pg = pg if pg is not None else dist.default_group()
         self._rank, self._world = dist.rank_and_size(self._pg) if self._pg is not None else (0, 1)
         self._send_to, self._recv_from = partners(self._rank, self._world, partner)
@@ -195,7 +213,8 @@ class ReplicationStager:
             began = time.perf_counter()
             async with self._planned(state_dict) as planned:
                 snapshot = time.perf_counter()
-                frame = await self._exchange(planned.header, planned.sources)
+                limits = await self._limits_like(planned.header)
+                frame = await self._exchange(planned.header, planned.sources, limits)
             self._seconds = (snapshot - began, time.perf_counter() - snapshot)
             replica: _T = await self._lease(frame, planned.tree, self._recv_from, self._recv_from)
             self._held.keep_latest(frame)
@@ -229,7 +248,33 @@ class ReplicationStager:
         if self._closed:
             raise UsageError("this ReplicationStager is closed; create a new one")
 
-    async def _exchange(self, header: Header, sources: list[Source]) -> Frame:
+    async def _limits_like(self, header: Header) -> Limits:
+        """What this rank takes from a peer whose state is like ``header``'s (``max_bytes`` when
+        given), worked out again only when the layout changes."""
+        if self._max_bytes is not None:
+            await anyio.lowlevel.checkpoint()
+            return limits_of(self._max_bytes)
+        raw = await anyio.to_thread.run_sync(encoded, self._link(), header)
+        if self._expected is None or self._expected[0] is not raw:
+            limits = await anyio.to_thread.run_sync(limits_like, raw, header.data_bytes)
+            self._expected = (raw, limits)
+        return self._expected[1]
+
+    async def _limits_back(self, template: Tree | None) -> Limits:
+        """What a rank that lost its state takes back in ``recover``: ``max_bytes``, else twice
+        ``like`` (``template``), else twice what this stager last sent, else the host's memory."""
+        if self._max_bytes is not None:
+            await anyio.lowlevel.checkpoint()
+            return limits_of(self._max_bytes)
+        if template is not None:
+            return await anyio.to_thread.run_sync(_limits_like_tree, template)
+        sent = self._link().sent
+        if sent is not None:
+            return await anyio.to_thread.run_sync(limits_like, sent[1], sent[0].data_bytes)
+        await anyio.lowlevel.checkpoint()
+        return unknown_limits()
+
+    async def _exchange(self, header: Header, sources: list[Source], limits: Limits) -> Frame:
         """Send to the partner and receive from the protected rank at once, under the timeout."""
         link, got = self._link(), []
 
@@ -238,7 +283,7 @@ class ReplicationStager:
                 link,
                 self._recv_from,
                 self._held.receive_into,
-                max_data=MAX_DATA,
+                limits=limits,
                 check=self._on_arrival,
             )
             got.append(frame)
@@ -308,9 +353,11 @@ class ReplicationStager:
         dict of the same structure (e.g. a freshly built model's), whose DTensors and
         ShardedTensors give the recovered tensors their wrappers (without it they come back as
         local tensors). The partner sends the replica it holds in memory, else the one it
-        persisted in ``storage_dir`` (checksums verified either way). Returns the recovered state
-        (leased: ``release`` it) where ``lost``, else ``None``. Raises ``ReplicationError`` (phase
-        ``"recover"``) when no replica of a lost rank exists, and ``ReplicationTimeout``.
+        persisted in ``storage_dir`` (checksums verified either way); a lost rank takes a state
+        of at most ``max_bytes``, else twice ``like``'s size, else this host's memory. Returns the
+        recovered state (leased: ``release`` it) where ``lost``, else ``None``. Raises
+        ``ReplicationError`` (phase ``"recover"``) when no replica of a lost rank exists, phase
+        ``"header"`` for a state over those bounds or malformed, and ``ReplicationTimeout``.
         """
         self._check_usable()
         if self._world == 1:
@@ -327,12 +374,14 @@ class ReplicationStager:
         """Send the protected rank its replica (if it lost it); receive ours (if we did)."""
         link = dataclasses.replace(self._link(), verify=True)
         peer = self._send_to if lost else self._recv_from
+        limits = await self._limits_back(template)
         async with self._breaker.guard(peer, "recover"):
             frame = await swap(
                 link,
                 give_to=self._recv_from if give else None,
                 take_from=self._send_to if lost else None,
                 buffer=self._held.receive_into,
+                limits=limits,
                 latest=self._held.latest,
                 stored=self.storage_path(self._recv_from),
             )

@@ -14,7 +14,8 @@ per-pair FIFO order):
    recovery carries the digests its owner computed, so the check is end to end.
 
 The message ranges depend only on the entries, so both sides derive them from the header. The
-receiver bounds every length before allocating and lands each message in the matching slice of one
+receiver bounds every length by what it agreed to take (``wire.Limits``: its own state's size, or
+the caller's ``max_bytes``) before allocating, and lands each message in the matching slice of one
 buffer; when asked to check, it hashes each message while the next one arrives and compares. It
 returns the sender's digests either way, so a later reader (the replica's writer, a recovery) can
 check the bytes against them.
@@ -36,6 +37,7 @@ from .wire import (
     MAGIC,
     WIRE_VERSION,
     Hasher,
+    Limits,
     check_head,
     decode_frame_header,
     messages,
@@ -44,7 +46,7 @@ from .wire import (
     tensor_bytes,
 )
 
-__all__ = ["Link", "partners", "recv_frame", "send_frame", "send_nothing"]
+__all__ = ["Link", "encoded", "partners", "recv_frame", "send_frame", "send_nothing"]
 
 TAG = 0x5A57
 
@@ -136,9 +138,7 @@ def _send(
     """Post the frame message by message, hashing each one just before it is posted (its bytes
     are then in the cache when the kernel copies them) unless ``digests`` are given, then the
     checksums; wait for every send (worker thread)."""
-    if link.sent is None or link.sent[0] != header:  # same layout as last round: reuse
-        link.sent = (header, encode_header(header))
-    raw = link.sent[1]
+    raw = encoded(link, header)
     head = [MAGIC, WIRE_VERSION, len(raw), header.data_bytes, len(header.entries)]
     first = [
         torch.tensor(head, dtype=torch.int64),
@@ -163,6 +163,14 @@ def _send(
     return len(raw) + header.data_bytes
 
 
+def encoded(link: Link, header: Header) -> bytes:
+    """``encode_header(header)``, kept in ``link.sent`` and reused while the layout is the same
+    (worker thread)."""
+    if link.sent is None or link.sent[0] != header:  # same layout as last round: reuse
+        link.sent = (header, encode_header(header))
+    return link.sent[1]
+
+
 # ---------------------------------------------------------------- receiving
 
 
@@ -171,22 +179,31 @@ async def recv_frame(
     peer: int,
     buffer: Callable[[int], Awaitable[torch.Tensor]],
     *,
-    max_data: int,
+    limits: Limits,
     check: bool | None = None,
 ) -> tuple[Header, torch.Tensor, tuple[int, ...]] | None:
     """Receive one frame from group rank ``peer``: its validated header, its data bytes and the
     sender's per-entry digests (``None`` when the peer sent ``send_nothing``).
 
     ``buffer(n)`` supplies a CPU uint8 tensor of ``n`` bytes (reused between rounds by the
-    caller). ``check`` (default ``link.verify``): hash the bytes as they land and compare them
-    with the digests. Blocks on nothing. Raises ``ReplicationError`` naming ``peer`` and the
-    phase: ``"header"`` for a malformed frame (checked before anything is allocated, never
-    unpickled), ``"data"`` when the backend fails, ``"verify"`` on a checksum mismatch.
+    caller). ``limits``: what this rank agreed to take. ``check`` (default ``link.verify``):
+    hash the bytes as they land and compare them with the digests. Blocks on nothing. Raises
+    ``ReplicationError`` naming ``peer`` and the phase: ``"header"`` for a malformed frame or one
+    over ``limits`` (checked before anything is allocated, never unpickled), ``"allocate"`` when
+    its buffer cannot be allocated, ``"data"`` when the backend fails, ``"verify"`` on a checksum
+    mismatch (the whole frame has landed then).
     """
-    header = await _recv_header(link, peer, max_data)
+    header = await _recv_header(link, peer, limits)
     if header is None:
         return None
-    data = await buffer(header.data_bytes)
+    try:
+        data = await buffer(header.data_bytes)
+    except (OSError, MemoryError, RuntimeError) as exc:  # ENOMEM from mmap, a failed pin
+        raise ReplicationError(
+            f"cannot allocate {header.data_bytes} bytes for its frame: {exc}",
+            peer=peer,
+            phase="allocate",
+        ) from exc
     ranges = plan_messages(spans(header))
     sums = torch.empty(len(header.entries), dtype=torch.int64, device=link.device)
     on_cpu = link.device.type == "cpu"
@@ -208,13 +225,13 @@ async def recv_frame(
     return header, data, digests
 
 
-async def _recv_header(link: Link, peer: int, max_data: int) -> Header | None:
+async def _recv_header(link: Link, peer: int, limits: Limits) -> Header | None:
     head = torch.zeros(5, dtype=torch.int64, device=link.device)
     await _recv_one(link, peer, head)
     magic, version, header_len, data_len, n_entries = (int(v) for v in head.cpu().tolist())
     if (magic, version, header_len, data_len, n_entries) == (MAGIC, WIRE_VERSION, 0, 0, 0):
         return None
-    problem = check_head(magic, version, header_len, data_len, n_entries, max_data)
+    problem = check_head(magic, version, header_len, data_len, n_entries, limits)
     if problem:
         raise ReplicationError(problem, peer=peer, phase="header")
     raw = torch.empty(header_len, dtype=torch.uint8, device=link.device)
@@ -223,7 +240,9 @@ async def _recv_header(link: Link, peer: int, max_data: int) -> Header | None:
     known = link.known.get(peer)
     if known is not None and known[:2] == (body, data_len):
         return known[2]
-    header = await anyio.to_thread.run_sync(decode_frame_header, body, data_len, n_entries, peer)
+    header = await anyio.to_thread.run_sync(
+        decode_frame_header, body, data_len, n_entries, peer, limits.parse
+    )
     link.known[peer] = (body, data_len, header)
     return header
 

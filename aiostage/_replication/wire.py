@@ -1,29 +1,41 @@
-"""Replication's frame format: message ranges, the first message, header checks, digests.
+"""Replication's frame format: message ranges, the first message, header checks, digests, and
+the limits a receiver holds a peer's frames to.
 
 Pure code, no I/O: ``transport`` posts what this module lays out.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 import xxhash
 
 from .._core.buffers import copy_bytes
-from .._format.codec import DATA_ALIGN, MAX_HEADER, Header, Source, decode_header
-from ..errors import CheckpointCorrupt, ReplicationError
+from .._format.codec import DATA_ALIGN, MAX_DATA, MAX_HEADER, Header, Source, decode_header
+from ..errors import ReplicationError
 
 __all__ = [
     "BUCKET",
     "MAGIC",
+    "PARSE_BUDGET",
     "SMALL",
+    "Limits",
     "check_head",
+    "check_lengths",
     "decode_frame_header",
     "entry_digests",
+    "limits_like",
+    "limits_of",
+    "parse_cost",
     "plan_messages",
+    "tensor_bytes",
+    "too_long",
+    "unknown_limits",
 ]
 
 MAGIC = 0x41494F5354414745  # "AIOSTAGE"
@@ -35,6 +47,63 @@ SMALL = 1 << 20
 
 
 MAX_ENTRIES = 10_000_000
+
+#: what parsing a header may cost (bytes of Python objects, ``parse_cost``) when nothing is known
+#: of the state it describes: a 100 MB header of real records costs ~1.1-2.0 GB, one of ``[[],...]``
+#: 4.4 GB
+PARSE_BUDGET = 2 << 30
+#: slack on bounds taken from this rank's own state (uneven shards, padding, a few more entries)
+_DATA_SLACK = 64 << 20
+_HEADER_SLACK = 64 << 10
+_PARSE_SLACK = 16 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What a receiver agreed to take from a peer, checked before anything is allocated for it:
+    the bytes of the data region, of the header as sent (length prefix and padding included),
+    and what parsing that header may cost (``parse_cost``); ``why`` says where they come from."""
+
+    data: int
+    header: int
+    parse: int
+    why: str
+
+
+def limits_like(raw: bytes, data_bytes: int, what: str = "this rank's own state") -> Limits:
+    """Limits for a frame like one of ``data_bytes`` with the header ``raw`` (``encode_header``):
+    twice as large, plus some slack (ranks of one job hold states of about the same size)."""
+    return Limits(
+        2 * data_bytes + _DATA_SLACK,
+        2 * len(raw) + _HEADER_SLACK,
+        2 * parse_cost(raw) + _PARSE_SLACK,
+        f"twice {what}, plus slack",
+    )
+
+
+def limits_of(max_bytes: int) -> Limits:
+    """Limits set by the caller: ``max_bytes`` of data, a header of as many bytes (at most the
+    format's ``MAX_HEADER``), parsed within ``PARSE_BUDGET``."""
+    header = min(MAX_HEADER + 8, max(max_bytes, DATA_ALIGN))
+    return Limits(max_bytes, header, PARSE_BUDGET, f"max_bytes={max_bytes}")
+
+
+def unknown_limits() -> Limits:
+    """Limits when nothing is known of the state to come: this host's memory, the format's
+    longest header, ``PARSE_BUDGET``."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # pragma: no cover - not a POSIX host
+        memory = MAX_DATA
+    return Limits(min(memory, MAX_DATA), MAX_HEADER + 8, PARSE_BUDGET, "this host's memory")
+
+
+def parse_cost(raw: bytes) -> int:
+    """An upper estimate of the memory ``json`` takes to parse ``raw`` (and the JSON string it
+    nests): a dict costs ~200 bytes, a list or any value ~64, a string its bytes. Measured, real
+    headers cost 7-13 times their size and this says 11-20; ``[[],[],...]`` costs 22 (says 45)."""
+    values = raw.count(b"[") + raw.count(b",") + raw.count(b":")
+    return 200 * raw.count(b"{") + 64 * values + 2 * len(raw)
 
 
 def plan_messages(
@@ -118,32 +187,62 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def check_head(
-    magic: int, version: int, header_len: int, data_len: int, n_entries: int, max_data: int
+    magic: int, version: int, header_len: int, data_len: int, n_entries: int, limits: Limits
 ) -> str | None:
-    """What is wrong with a frame's first message, or ``None``; checked before any allocation."""
+    """What is wrong with a frame's first message, or ``None``; checked before any allocation:
+    the header and the data must fit ``limits``."""
     if magic != MAGIC:
         return f"not an aiostage frame (magic {magic:#x}); is the peer running aiostage?"
     if version != WIRE_VERSION:
         return f"wire version {version}, expected {WIRE_VERSION}; run one aiostage version"
-    if not DATA_ALIGN <= header_len <= MAX_HEADER + 8 or header_len % DATA_ALIGN:
+    return check_lengths(header_len, data_len, n_entries, limits)
+
+
+def check_lengths(header_len: int, data_len: int, n_entries: int, limits: Limits) -> str | None:
+    """What is wrong with the lengths a frame (or a shared-memory description) announces, or
+    ``None``: in range, and within ``limits``."""
+    if header_len < DATA_ALIGN or header_len % DATA_ALIGN:
         return f"header length {header_len} is out of range"
-    if not 0 <= data_len <= max_data:
-        return f"data length {data_len} is out of range (limit {max_data} bytes)"
+    if header_len > limits.header:
+        return too_long("a header", header_len, limits.header, limits)
+    if data_len < 0:
+        return f"data length {data_len} is out of range"
+    if data_len > limits.data:
+        return too_long("data", data_len, limits.data, limits)
     if not 0 <= n_entries <= MAX_ENTRIES:
         return f"{n_entries} entries is out of range"
     return None
 
 
-def decode_frame_header(raw: bytes, data_len: int, n_entries: int, peer: int) -> Header:
-    """Validate the header bytes of a frame (``ReplicationError(peer, "header")``)."""
+def too_long(what: str, n: int, limit: int, limits: Limits) -> str:
+    """The refusal of ``n`` bytes of ``what`` over ``limit``, saying where the limit comes from."""
+    return (
+        f"{what} of {n} bytes is more than this rank accepts ({limit} bytes: {limits.why}); "
+        "pass max_bytes= if the peer's state is legitimately that large"
+    )
+
+
+def decode_frame_header(
+    raw: bytes, data_len: int, n_entries: int, peer: int, budget: int = PARSE_BUDGET
+) -> Header:
+    """Validate the header bytes of a frame, refusing one whose ``parse_cost`` exceeds ``budget``
+    before parsing it; any problem is ``ReplicationError(peer, "header")``."""
     (n,) = struct.unpack("<Q", raw[:8])
     if n != len(raw) - 8:
         raise ReplicationError(
             f"header says {n} bytes, got {len(raw) - 8}", peer=peer, phase="header"
         )
+    cost = parse_cost(raw)
+    if cost > budget:
+        raise ReplicationError(
+            f"parsing this header could take {cost} bytes of memory, more than the {budget} "
+            "this rank allows for it",
+            peer=peer,
+            phase="header",
+        )
     try:
         header = decode_header(raw[8:], data_len, f"frame from rank {peer}")
-    except CheckpointCorrupt as exc:
+    except Exception as exc:  # CheckpointCorrupt, or anything a malformed header trips on
         raise ReplicationError(str(exc), peer=peer, phase="header") from exc
     if len(header.entries) != n_entries:
         raise ReplicationError(

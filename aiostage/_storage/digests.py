@@ -1,22 +1,25 @@
 """Checking stored bytes: per-entry xxh3_64 digests of a mapped data region, chunk by chunk.
 
 Used by ``load`` (which also pages the data in this way) and by ``aiostage verify``; one place
-computes the digests and names the tensors of an entry that does not match.
+computes the digests and names the tensors of an entry that does not match. Whatever scales
+with the number of entries runs in worker threads: the loop thread only hands over chunks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import anyio.to_thread
 import xxhash
 
+from .._core import gc_pause
 from .._core.tree import KeyPath, key_str
 from .._format.codec import Header
 from .pipeline import cut
 
-__all__ = ["entry_keys", "hash_entries"]
+__all__ = ["entry_keys", "hash_entries", "mismatched_entries"]
 
 _CHUNK = 16 << 20
 
@@ -30,22 +33,83 @@ async def hash_entries(
     """The xxh3_64 of every entry of ``header`` (or each of ``only``) over ``data``, its data
     region, hashed in file order, ``_CHUNK`` bytes per worker-thread call (touching mapped pages
     brings them in on the kernel's readahead). ``progress`` hears of the bytes done."""
-    entries = header.entries
-    order = sorted(range(len(entries)) if only is None else only, key=lambda i: entries[i].begin)
-    hashes = {i: xxhash.xxh3_64() for i in order}
-    lengths = [entries[i].end - entries[i].begin for i in order]
-    for pieces in cut(lengths, _CHUNK):
-        spans = [(order[seg], entries[order[seg]].begin + at, n) for seg, at, n in pieces]
-        await anyio.to_thread.run_sync(_hash, data, spans, hashes)
+    hasher = await _hash(data, header, only, progress)
+    return await anyio.to_thread.run_sync(hasher.digests)
+
+
+async def mismatched_entries(
+    data: memoryview, header: Header, only: Collection[int] | None = None
+) -> list[int]:
+    """The entries (of ``only``, or all) whose bytes in ``data`` differ from the checksums of
+    ``header``, in file order; empty when all match. Compared in a worker thread."""
+    hasher = await _hash(data, header, only, None)
+    return await anyio.to_thread.run_sync(hasher.mismatches)
+
+
+async def _hash(
+    data: memoryview,
+    header: Header,
+    only: Collection[int] | None,
+    progress: Callable[[int], None] | None,
+) -> _Hasher:
+    hasher = await anyio.to_thread.run_sync(_Hasher, header, only)
+    for job in hasher.jobs:  # one per chunk of bytes, however many entries a chunk holds
+        await anyio.to_thread.run_sync(hasher.feed, data, job)
         if progress is not None:
-            progress(sum(n for _, _, n in spans))
-    return {i: h.intdigest() for i, h in hashes.items()}
+            progress(job.nbytes)
+    return hasher
 
 
-def _hash(data: memoryview, spans: list[tuple[int, int, int]], hashes: dict[int, Any]) -> None:
-    """Feed ``data[begin : begin + n]`` to entry ``index``'s hash for each span (worker thread)."""
-    for index, begin, n in spans:
-        hashes[index].update(data[begin : begin + n])
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """A chunk of the data to hash: its pieces (entry, start in the data, bytes)."""
+
+    nbytes: int
+    pieces: list[tuple[int, int, int]]
+
+
+class _Hasher:
+    """The digests of some entries of a data region, fed chunk by chunk (worker threads).
+
+    An entry that lies whole in one chunk is hashed in one call; one cut by a chunk boundary is
+    hashed piece by piece.
+    """
+
+    def __init__(self, header: Header, only: Collection[int] | None) -> None:
+        entries = header.entries
+        with gc_pause.paused():
+            order = range(len(entries)) if only is None else only
+            self.order = sorted(order, key=lambda i: entries[i].begin)
+            self.header = header
+            lengths = [entries[i].end - entries[i].begin for i in self.order]
+            self.jobs = [_Job(sum(n for _, _, n in p), p) for p in cut(lengths, _CHUNK)]
+            self.lengths = lengths
+            self.found = [xxhash.xxh3_64_intdigest(b"")] * len(self.order)
+            self.partial: dict[int, Any] = {}
+
+    def feed(self, data: memoryview, job: _Job) -> None:
+        """Hash ``job``'s pieces of ``data`` (worker thread)."""
+        entries, order, lengths, found = self.header.entries, self.order, self.lengths, self.found
+        for seg, at, n in job.pieces:
+            begin = entries[order[seg]].begin + at
+            if n == lengths[seg]:
+                found[seg] = xxhash.xxh3_64_intdigest(data[begin : begin + n])
+            else:
+                self.partial.setdefault(seg, xxhash.xxh3_64()).update(data[begin : begin + n])
+
+    def digests(self) -> dict[int, int]:
+        """Entry index -> digest, for every entry hashed (worker thread, once: the per-entry
+        state is dropped here, so that the loop thread never spends time freeing it)."""
+        found, order = self.found, self.order
+        for seg, h in self.partial.items():
+            found[seg] = h.intdigest()
+        self.found, self.order, self.lengths, self.jobs, self.partial = [], [], [], [], {}
+        return dict(zip(order, found, strict=True))
+
+    def mismatches(self) -> list[int]:
+        """The entries whose digest is not their checksum (worker thread)."""
+        sums = self.header.checksums
+        return [i for i, got in self.digests().items() if sums[i] != got]
 
 
 def entry_keys(header: Header, paths: Sequence[KeyPath], entry: int) -> list[str]:

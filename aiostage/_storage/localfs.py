@@ -23,9 +23,11 @@ from typing import Any
 
 import aiofiles
 import aiofiles.os
+import aiofiles.threadpool
 import anyio
 import anyio.to_thread
 
+from .._core.buffers import run_whole
 from .backend import Kind
 
 __all__ = [
@@ -134,17 +136,34 @@ async def create_file(path: Path, *, direct: bool = False) -> AsyncIterator[Loca
     f = None
     if direct and hasattr(os, "O_DIRECT"):
         try:
-            f = await aiofiles.open(path, "xb", buffering=0, opener=_open_direct)
+            f = await _open_whole(path, _open_direct)
         except OSError as exc:
             if exc.errno != errno.EINVAL:  # EINVAL: this file system has no O_DIRECT
                 raise
     if f is None:
-        f = await aiofiles.open(path, "xb", buffering=0)
+        f = await _open_whole(path, None)
     try:
         yield LocalFile(f)
     finally:
         with anyio.CancelScope(shield=True):
             await f.close()
+
+
+async def _open_whole(path: Path, opener: Callable[[str, int], int] | None) -> Any:
+    """Create ``path`` (unbuffered, as ``aiofiles``): in a worker thread a cancellation never
+    abandons, so the file a cancelled caller's thread opened is closed, never leaked."""
+    opened: list[Any] = []
+
+    def create() -> None:
+        opened.append(open(path, "xb", buffering=0, opener=opener))  # noqa: SIM115 - closed by the caller
+
+    try:
+        await run_whole(create)
+    except BaseException:
+        for f in opened:
+            f.close()
+        raise
+    return aiofiles.threadpool.wrap(opened[0])
 
 
 def _open_direct(path: str, flags: int) -> int:
@@ -291,10 +310,15 @@ def sweep_now(
 
 
 async def read_at(path: Path, offset: int, n: int) -> bytes:
-    """Up to ``n`` bytes of ``path`` from ``offset`` (fewer at the end of the file)."""
-    async with aiofiles.open(path, "rb") as f:
-        await f.seek(offset)
-        return await f.read(n)
+    """Up to ``n`` bytes of ``path`` from ``offset`` (fewer at the end of the file): opened,
+    read and closed in one worker-thread call, so a cancellation never leaves it open."""
+    return await anyio.to_thread.run_sync(_read_at, path, offset, n)
+
+
+def _read_at(path: Path, offset: int, n: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(n)
 
 
 async def file_size(path: Path) -> int:

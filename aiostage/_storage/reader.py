@@ -11,6 +11,7 @@ entries (verified) or pages (``verify=False``) of the saved shards it needs.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,8 @@ import anyio.to_thread
 import torch
 import xxhash
 
-from .._core import dist
+from .._core import cuda, dist, gc_pause
+from .._core.buffers import run_whole
 from .._core.storages import View, view_tensor
 from .._core.tree import (
     NO_DATA,
@@ -45,9 +47,10 @@ from .._format.codec import (
     header_length,
 )
 from .._format.structure import decode_skeleton, decode_value
+from .._train_state import TrainState
 from ..errors import CheckpointCorrupt, CheckpointNotFound, PersistenceError, UsageError
 from .backend import Storage
-from .digests import entry_keys, hash_entries
+from .digests import entry_keys, mismatched_entries
 from .locate import PathLike, locate
 from .reshard import Piece, Saved, check_local, copy_pieces, into_result, needs_reshard, plan_pieces
 
@@ -73,16 +76,27 @@ async def load(
     ``map_location`` is then ignored. With ``pg``, each rank reads the file it wrote. When
     ``into`` holds DTensors or the world or a layout differs, the checkpoint is resharded: each
     rank reads only the saved shards that overlap its part of each tensor, from any rank's file.
+    A failed or cancelled load leaves ``into`` untouched or fully loaded, never half: nothing is
+    copied before every check passed, and a copy once begun ends before a cancellation is raised.
 
     Blocks on nothing: reads, hashing and copies run in worker threads. Raises
     ``CheckpointNotFound`` (no manifest at ``path``), ``CheckpointCorrupt`` naming the file and
     key (a missing file; a checksum, size or header that does not match; ``verify=False``
     skips the checksum comparison, to salvage a damaged checkpoint), ``StateDictMismatch``
     listing every difference from ``into`` (before anything is copied) and ``UsageError`` when
-    the world size differs from the saving one and there is no ``into``.
+    the world size differs from the saving one and there is no ``into``, or (before reading
+    anything) when ``map_location`` is a CUDA device this process does not have.
     """
-    storage, target = locate(path)
+    if isinstance(into, TrainState):  # load into its state dict, then put that back
+        loaded = await load(
+            path, into=await into.state_dict(), map_location=map_location, verify=verify, pg=pg
+        )
+        await into.load_state_dict(loaded)
+        return loaded
     device = torch.device(map_location)
+    if into is None and device.type == "cuda":  # asking the driver may take a while
+        await anyio.to_thread.run_sync(cuda.check_device, device, "map_location")
+    storage, target = locate(path)
     manifest = await read_manifest(storage, target)
     rank, world = dist.rank_and_size(pg) if pg is not None else (0, 1)
     if into is None and manifest.world_size != world:
@@ -95,7 +109,9 @@ async def load(
     header, root, paths = await read_header(storage, file, info, verify, where.home)
     if into is None:
         data = await _verified_data(storage, file, info, header, paths, verify)
-        return await anyio.to_thread.run_sync(_build, data, header, root, paths, file, device)
+        parts: list[Any] = [header, root, paths]
+        del header, root, paths  # freed by _build's worker thread, not on the loop
+        return await anyio.to_thread.run_sync(_build, data, parts, file, device)
     return await _load_into(where, (header, root, paths), verify, into, world)
 
 
@@ -157,19 +173,26 @@ async def read_header(
         raise CheckpointCorrupt(f"{file}: listed in the manifest but missing", path=file) from exc
     except OSError as exc:
         raise PersistenceError(f"cannot read {file}: {exc}", path=file) from exc
-    if verify and xxhash.xxh3_64_intdigest(first + body) != info.header_xxh3:
-        raise CheckpointCorrupt(f"{file}: the header does not match its checksum", path=file)
-    return await anyio.to_thread.run_sync(_decode, body, size - 8 - len(body), file, rank)
+    expect = info.header_xxh3 if verify else None
+    return await anyio.to_thread.run_sync(_decode, first, body, size, file, rank, expect)
 
 
 def _decode(
-    body: bytes, data_len: int, file: Path, rank: int
+    first: bytes, body: bytes, size: int, file: Path, rank: int, expect: int | None
 ) -> tuple[Header, Node, list[KeyPath]]:
-    header = decode_header(body, data_len, str(file))
-    if header.rank != rank:
-        raise CheckpointCorrupt(f"{file}: written by rank {header.rank}, not {rank}", path=file)
-    root, paths = decode_skeleton(header.skeleton, len(header.records), str(file))
-    return header, root, paths
+    """Check the header against its checksum ``expect`` (unless ``None``) and decode it (worker
+    thread: both take time in proportion to the tensors it lists)."""
+    if expect is not None:
+        digest = xxhash.xxh3_64(first)
+        digest.update(body)
+        if digest.intdigest() != expect:
+            raise CheckpointCorrupt(f"{file}: the header does not match its checksum", path=file)
+    with gc_pause.paused():
+        header = decode_header(body, size - len(first) - len(body), str(file))
+        if header.rank != rank:
+            raise CheckpointCorrupt(f"{file}: written by rank {header.rank}, not {rank}", path=file)
+        root, paths = decode_skeleton(header.skeleton, len(header.records), str(file))
+        return header, root, paths
 
 
 async def _map_data(
@@ -179,22 +202,22 @@ async def _map_data(
     start: int,
     verify: bool,
     only: Collection[int] | None = None,
-) -> tuple[memoryview, dict[int, int] | None]:
+) -> tuple[memoryview, list[int]]:
     """Map ``file`` copy-on-write and return its data (from byte ``start``), paged in.
 
     Every entry (or each of ``only``) is hashed chunk by chunk in worker threads, which is also
     what brings its pages in: afterwards touching a tensor never blocks on the disk. Returns the
-    digests by entry when ``verify``. With ``only`` and not ``verify`` nothing is touched: only
-    the pages a copy later reads come in.
+    entries whose bytes do not match their checksums (none unless ``verify``). With ``only`` and
+    not ``verify`` nothing is touched: only the pages a copy later reads come in.
     """
     try:
         data = (await storage.map(file, start + header.data_bytes))[start:]
     except OSError as exc:
         raise PersistenceError(f"cannot map {file}: {exc}", path=file) from exc
     if only is not None and not verify:
-        return data, None
-    digests = await hash_entries(data, header, only)
-    return data, digests if verify else None
+        return data, []
+    bad = await mismatched_entries(data, header, only)
+    return data, bad if verify else []
 
 
 async def _verified_data(
@@ -208,27 +231,28 @@ async def _verified_data(
 ) -> memoryview:
     """``_map_data`` of ``file``, its checksums compared when ``verify``."""
     start = info.size - header.data_bytes
-    data, digests = await _map_data(storage, file, header, start, verify, only)
-    _check_sums(digests, header, paths, file)
+    data, bad = await _map_data(storage, file, header, start, verify, only)
+    if bad:
+        _check_sums(bad[0], header, paths, file)
     return data
 
 
-def _check_sums(
-    digests: dict[int, int] | None, header: Header, paths: Sequence[KeyPath], file: Path
-) -> None:
-    for i, got in (digests or {}).items():
-        if header.checksums[i] != got:
-            keys = entry_keys(header, paths, i)
-            raise CheckpointCorrupt(
-                f"{file}: checksum mismatch in entry {header.entries[i].name!r} (tensor "
-                f"{', '.join(keys)}): the data is corrupt; load an earlier checkpoint",
-                path=file,
-                key=keys[0] if keys else header.entries[i].name,
-            )
+def _check_sums(entry: int, header: Header, paths: Sequence[KeyPath], file: Path) -> None:
+    """Raise ``CheckpointCorrupt`` for ``entry``, whose bytes do not match its checksum, naming
+    the tensors stored in it."""
+    keys = entry_keys(header, paths, entry)
+    raise CheckpointCorrupt(
+        f"{file}: checksum mismatch in entry {header.entries[entry].name!r} (tensor "
+        f"{', '.join(keys)}): the data is corrupt; load an earlier checkpoint",
+        path=file,
+        key=keys[0] if keys else header.entries[entry].name,
+    )
 
 
 def _tensors(data: memoryview, header: Header, device: torch.device) -> list[torch.Tensor]:
     """One storage per entry (moved to ``device``), one view per record (worker thread)."""
+    if device.type == "cpu":
+        return _mapped_tensors(data, header)
     flats = [
         torch.frombuffer(data[e.begin : e.end], dtype=torch.uint8)
         if e.end > e.begin
@@ -246,17 +270,45 @@ def _tensors(data: memoryview, header: Header, device: torch.device) -> list[tor
     return out
 
 
-def _build(
-    data: memoryview,
-    header: Header,
-    root: Node,
-    paths: list[KeyPath],
-    file: Path,
-    device: torch.device,
-) -> Any:
-    """The loaded state dict (worker thread)."""
-    leaves = [_leaf(p, r, file) for p, r in zip(paths, header.records, strict=True)]
-    return unflatten(Tree(root, tuple(leaves)), _tensors(data, header, device), copy_values=False)
+def _mapped_tensors(data: memoryview, header: Header) -> list[torch.Tensor]:
+    """The records as CPU tensors over the mapped ``data``, no copy (worker thread).
+
+    Each entry is its own storage, so tensors alias exactly as they did when saved. An entry
+    that one record uses (most of them) becomes that tensor in two calls; the storage of an
+    entry that several records share is made once and viewed by each.
+    """
+    entries, records = header.entries, header.records
+    users = Counter(r.entry for r in records)
+    shared: dict[int, torch.UntypedStorage] = {}
+    out = []
+    for r in records:
+        if users[r.entry] > 1 and r.numel:
+            if r.entry not in shared:
+                e = entries[r.entry]
+                flat = torch.frombuffer(data[e.begin : e.end], dtype=torch.uint8)
+                shared[r.entry] = flat.untyped_storage()
+            view = View(0, r.offset, r.shape, r.stride, r.dtype)
+            out.append(view_tensor(view, [shared[r.entry]]))
+        elif r.numel:
+            e, size = entries[r.entry], r.dtype.itemsize
+            whole = torch.frombuffer(
+                data[e.begin : e.end - (e.end - e.begin) % size], dtype=r.dtype
+            )
+            out.append(whole.as_strided(r.shape, r.stride, r.offset))
+        else:
+            out.append(torch.empty_strided(r.shape, r.stride, dtype=r.dtype))
+    return out
+
+
+def _build(data: memoryview, parts: list[Any], file: Path, device: torch.device) -> Any:
+    """The loaded state dict (worker thread). ``parts``: ``[header, root, paths]``, taken out of
+    the list so that they are freed here, not on the loop (they hold thousands of objects)."""
+    header, root, paths = parts
+    parts.clear()
+    with gc_pause.paused():
+        leaves = [_leaf(p, r, file) for p, r in zip(paths, header.records, strict=True)]
+        tensors = _tensors(data, header, device)
+        return unflatten(Tree(root, tuple(leaves)), tensors, copy_values=False)
 
 
 def _leaf(path: KeyPath, r: Record, file: Path) -> TensorLeaf:
@@ -301,7 +353,7 @@ async def _load_into(
     file, info = where.file(where.home)
     targets = await anyio.to_thread.run_sync(check_local, leaves, paths, header.records, str(file))
     data = await _verified_data(where.storage, file, info, header, paths, verify)
-    return await anyio.to_thread.run_sync(_fill_into, data, header, targets, root, paths, into)
+    return await run_whole(_fill_into, data, header, targets, root, paths, into)
 
 
 # ---------------------------------------------------------------- loading into another layout
@@ -342,12 +394,20 @@ async def _load_resharded(
     root, paths = tree
     headers = await _read_headers(where, verify, home, paths)
     saved = [Saved(r, p, h.records, str(where.file(r)[0])) for r, (h, p) in enumerate(headers)]
-    pieces = await anyio.to_thread.run_sync(plan_pieces, leaves, saved, where.home, where.rank)
+    pieces, targets = await anyio.to_thread.run_sync(_plan_reads, leaves, saved, where)
     datas = await _map_needed(where, headers, pieces, verify)
     source = functools.partial(_record_tensor, datas, headers)
-    targets = [leaf.data for leaf in leaves]
-    await anyio.to_thread.run_sync(copy_pieces, pieces, targets, source)
+    await run_whole(copy_pieces, pieces, targets, source)
     return await anyio.to_thread.run_sync(into_result, root, paths, into)
+
+
+def _plan_reads(
+    leaves: Sequence[TensorLeaf], saved: list[Saved], where: _Where
+) -> tuple[list[Piece], list[torch.Tensor]]:
+    """``plan_pieces``, and the tensors the pieces fill (worker thread)."""
+    with gc_pause.paused():
+        pieces = plan_pieces(leaves, saved, where.home, where.rank)
+        return pieces, [leaf.data for leaf in leaves]
 
 
 async def _read_headers(
@@ -368,13 +428,19 @@ async def _map_needed(
     where: _Where, headers: _Headers, pieces: Sequence[Piece], verify: bool
 ) -> dict[int, memoryview]:
     """Map the files the pieces read from; verify the entries they read (when ``verify``)."""
-    needed: dict[int, set[int]] = {}
-    for p in pieces:  # a piece has elements, so its record has an entry
-        needed.setdefault(p.file, set()).add(headers[p.file][0].records[p.record].entry)
+    needed = await anyio.to_thread.run_sync(_needed, headers, pieces)
     out: dict[int, memoryview] = {}
     for f, entries in sorted(needed.items()):
         out[f] = await _verified_data(where.storage, *where.file(f), *headers[f], verify, entries)
     return out
+
+
+def _needed(headers: _Headers, pieces: Sequence[Piece]) -> dict[int, set[int]]:
+    """The entries the pieces read, by file (worker thread)."""
+    needed: dict[int, set[int]] = {}
+    for p in pieces:  # a piece has elements, so its record has an entry
+        needed.setdefault(p.file, set()).add(headers[p.file][0].records[p.record].entry)
+    return needed
 
 
 def _record_tensor(datas: dict[int, memoryview], headers: _Headers, f: int, i: int) -> torch.Tensor:

@@ -9,7 +9,6 @@ succeeded, rank 0 writes the manifest and commits, and a broadcast tells every r
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import time
 import uuid
@@ -31,6 +30,7 @@ from .._format.codec import (
     rank_file,
 )
 from .._staging import AsyncStager
+from .._train_state import as_state_dict
 from ..errors import CheckpointWriteError
 from .backend import Storage
 from .commit import attempt, check_target, failure, write_checkpoint
@@ -100,6 +100,7 @@ async def save(
     storage, target = locate(path)
     meta = check_metadata(metadata)
     request = _Request(DurableWriter(storage, write_options), target, overwrite, meta, stager)
+    state_dict = await as_state_dict(state_dict)
     if pg is None:
         return await _save_alone(request, state_dict)
     return await _save_together(request, state_dict, pg, limit)
@@ -130,6 +131,7 @@ async def _save_alone(request: _Request, state_dict: Any) -> SaveReport:
         )
     finally:
         prep.release()
+    await prep.free()
     return _report(target, prep, written, committing, began, manifest_bytes)
 
 
@@ -167,16 +169,17 @@ async def _save_together(
     tmp = storage.staging(target, token)
     prep: Prepared | None = None
     try:
-        prep = await prepare(state_dict, request.stager)
+        prep = await prepare(state_dict, request.stager, rank, world)
         await storage.begin(target, token)
-        header = dataclasses.replace(prep.header, rank=rank, world_size=world)
-        written = await writer.write_file(tmp / rank_file(rank), header, prep.sources)
+        written = await writer.write_file(tmp / rank_file(rank), prep.header, prep.sources)
         mine, error = [0, written.info.size, as_int64(written.info.header_xxh3)], None
     except Exception as exc:
         mine, error = [1, 0, 0], exc
     finally:
         if prep is not None:
             prep.release()
+    if prep is not None:
+        await prep.free()
     committing = time.perf_counter()
     rows = await _collective(dist.all_gather_ints, pg, mine, pg_timeout, "gather", target)
     manifest_bytes = await _finish(request, pg, rows, tmp, error, pg_timeout)

@@ -9,25 +9,26 @@ durable. Which files make a checkpoint visible, and when, is ``commit``'s busine
 
 from __future__ import annotations
 
+import ctypes
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any
 
 import anyio
 import anyio.to_thread
-import torch
 import xxhash
 
-from .._core.buffers import copy_bytes
+from .._core import gc_pause
 from .._format.codec import (
     MANIFEST,
+    EncodedHeader,
     FileInfo,
     Header,
     Manifest,
     Source,
-    encode_header,
+    encode_layout,
     encode_manifest,
 )
 from ..errors import CheckpointCorrupt
@@ -37,8 +38,6 @@ from .pipeline import cut, pipeline, ring
 __all__ = ["DurableWriter", "WriteOptions", "WrittenFile"]
 
 _MiB = 1 << 20
-#: a chunk to write: its file offset and its pieces (segment, start in the segment, bytes)
-_Job = tuple[int, list[tuple[int, int, int]]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,37 +93,31 @@ class DurableWriter:
 
         ``expected``: the entries' digests as their producer computed them (a received replica);
         the bytes are checked against them as they are written, and ``CheckpointCorrupt`` naming
-        the entry is raised before the header goes out.
+        the entry is raised before the header goes out. Whatever scales with the number of
+        entries (the header, the chunk plan, the checksums) runs in worker threads.
         """
         began = time.perf_counter()
         o = self.options
-        hashes = [xxhash.xxh3_64() for _ in sources]
-        start = len(await anyio.to_thread.run_sync(encode_header, header))  # same with sums
-        segments = [n for data, pad in sources for n in (data.numel(), pad)]
-        jobs = [(start + k * o.chunk_bytes, p) for k, p in enumerate(cut(segments, o.chunk_bytes))]
+        filler = await anyio.to_thread.run_sync(_Filler, header, sources, o.chunk_bytes)
         async with (
             ring(o.buffers, o.chunk_bytes) as bufs,
             self.storage.create(path, direct=o.direct_io) as sink,
         ):
 
             async def fill(slot: int, job: _Job) -> None:
-                await anyio.to_thread.run_sync(_fill, bufs[slot], job[1], sources, hashes)
+                await anyio.to_thread.run_sync(filler.fill, bufs[slot], job)
 
             async def write(slot: int, job: _Job) -> None:
-                await sink.write_at(job[0], bufs[slot], sum(n for _, _, n in job[1]))
+                await sink.write_at(job.offset, bufs[slot], job.nbytes)
 
-            await pipeline(len(bufs), jobs, fill, write)
-            digests = tuple(h.intdigest() for h in hashes)
-            if expected is not None:
-                _compare(path, header, digests, expected)
-            blob = await anyio.to_thread.run_sync(encode_header, replace(header, checksums=digests))
-            for begin in range(0, len(blob), o.chunk_bytes):
-                piece = blob[begin : begin + o.chunk_bytes]
-                bufs[0][: len(piece)] = piece
-                await sink.write_at(begin, bufs[0], len(piece))
+            await pipeline(len(bufs), filler.jobs, fill, write)
+            size, digest = await anyio.to_thread.run_sync(filler.finish, path, expected)
+            for begin in range(0, size, o.chunk_bytes):
+                n = await anyio.to_thread.run_sync(filler.put, bufs[0], begin)
+                await sink.write_at(begin, bufs[0], n)
             wrote = time.perf_counter()
-            await sink.finish(len(blob) + header.data_bytes)
-        info = FileInfo(path.name, len(blob) + header.data_bytes, xxhash.xxh3_64_intdigest(blob))
+            await sink.finish(size + header.data_bytes)
+        info = FileInfo(path.name, size + header.data_bytes, digest)
         return WrittenFile(info, wrote - began, time.perf_counter() - wrote)
 
     async def write_manifest(self, directory: PurePath, manifest: Manifest) -> int:
@@ -137,6 +130,94 @@ class DurableWriter:
         return len(data)
 
 
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """A chunk to write: its file offset, its bytes, and its pieces (segment, start, bytes)."""
+
+    offset: int
+    nbytes: int
+    pieces: list[tuple[int, int, int]]
+
+
+#: the xxh3_64 of no bytes: the checksum of an empty entry, which no piece feeds
+_EMPTY = xxhash.xxh3_64_intdigest(b"")
+_NO_HEADER = EncodedHeader(b"", 0, 0)
+
+
+class _Filler:
+    """One file's bytes on their way out: its header (encoded once, checksums filled in last),
+    the chunks to write, and each entry's checksum as the chunks are filled.
+
+    Segment ``2k`` is the bytes of entry ``k``, segment ``2k + 1`` its zero padding. An entry
+    whose bytes land whole in one chunk is hashed in one call; one cut by a chunk boundary (or
+    padded) is hashed piece by piece. Built and used in worker threads, one chunk at a time.
+    """
+
+    def __init__(self, header: Header, sources: Sequence[Source], chunk: int) -> None:
+        with gc_pause.paused():
+            if not all(data.is_cpu and data.is_contiguous() for data, _ in sources):
+                raise ValueError("the writer takes contiguous CPU tensors only")
+            self.header, self.sources = header, sources
+            self.encoded = encode_layout(header)
+            self.lengths = [n for data, pad in sources for n in (data.nbytes, pad)]
+            start = len(self.encoded.blob)
+            self.jobs = [
+                _Job(start + k * chunk, sum(n for _, _, n in p), p)
+                for k, p in enumerate(cut(self.lengths, chunk))
+            ]
+            self.digests = [_EMPTY] * len(sources)
+            self.partial: dict[int, Any] = {}
+            self.blob = b""
+
+    def fill(self, buf: memoryview, job: _Job) -> None:
+        """Copy ``job``'s pieces into ``buf`` and hash them (worker thread).
+
+        ``ctypes.memmove`` releases the GIL and, unlike a torch copy, never waits for torch's
+        intra-op threads (which a busy host leaves waiting for a core).
+        """
+        base = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        lengths, sources, digests, partial = self.lengths, self.sources, self.digests, self.partial
+        pos = 0
+        for segment, at, n in job.pieces:
+            entry, is_pad = divmod(segment, 2)
+            if is_pad:
+                ctypes.memset(base + pos, 0, n)
+            else:
+                ctypes.memmove(base + pos, sources[entry][0].data_ptr() + at, n)
+            if n == lengths[segment] and not lengths[segment ^ 1]:  # the whole entry
+                digests[entry] = xxhash.xxh3_64_intdigest(buf[pos : pos + n])
+            else:
+                partial.setdefault(entry, xxhash.xxh3_64()).update(buf[pos : pos + n])
+            pos += n
+
+    def finish(self, path: PurePath, expected: Sequence[int] | None) -> tuple[int, int]:
+        """Put the checksums into the header (``put`` then copies it out); its length and its
+        own xxh3_64 (worker thread).
+
+        Raises ``CheckpointCorrupt`` naming the entry whose bytes differ from ``expected``.
+        Drops the per-entry state here, so that the loop thread never spends time freeing it.
+        """
+        digests, self.digests, self.jobs, self.lengths = self.digests, [], [], []
+        for entry, h in self.partial.items():
+            digests[entry] = h.intdigest()
+        self.partial.clear()
+        if expected is not None:
+            _compare(path, self.header, digests, expected)
+        self.blob = self.encoded.with_checksums(digests)
+        return len(self.blob), xxhash.xxh3_64_intdigest(self.blob)
+
+    def put(self, buf: memoryview, begin: int) -> int:
+        """Copy what fits of the header from byte ``begin`` into ``buf``; how many bytes (worker
+        thread). After the last piece the header bytes are dropped, here rather than on the loop."""
+        piece = memoryview(self.blob)[begin : begin + len(buf)]
+        buf[: len(piece)] = piece
+        n = len(piece)
+        piece.release()
+        if begin + n >= len(self.blob):
+            self.blob, self.encoded = b"", _NO_HEADER
+        return n
+
+
 def _compare(path: PurePath, header: Header, got: Sequence[int], expected: Sequence[int]) -> None:
     for e, mine, theirs in zip(header.entries, got, expected, strict=True):
         if mine != theirs:
@@ -146,25 +227,3 @@ def _compare(path: PurePath, header: Header, got: Sequence[int], expected: Seque
                 path=path,
                 key=e.name,
             )
-
-
-def _fill(
-    buf: memoryview,
-    pieces: list[tuple[int, int, int]],
-    sources: Sequence[Source],
-    hashes: list[Any],
-) -> None:
-    """Copy ``pieces`` into ``buf`` and feed each to its entry's hash (worker thread).
-
-    Segment ``2k`` is the bytes of entry ``k``, segment ``2k + 1`` its zero padding.
-    """
-    dst = torch.frombuffer(buf, dtype=torch.uint8)
-    pos = 0
-    for segment, at, n in pieces:
-        entry, is_pad = divmod(segment, 2)
-        if is_pad:
-            dst[pos : pos + n].zero_()
-        else:
-            copy_bytes(sources[entry][0][at : at + n], dst[pos : pos + n])
-        hashes[entry].update(buf[pos : pos + n])
-        pos += n

@@ -20,11 +20,14 @@ class LoopLag:
 
     def __init__(self, interval: float = 0.001) -> None:
         self.interval = interval
+        self.at: list[float] = []  # seconds since entry, of each wake-up
         self.lateness: list[float] = []  # seconds each wake-up came after it was due
         self._tg: anyio.abc.TaskGroup | None = None
         self._stop = anyio.Event()
+        self._began = 0.0
 
     async def __aenter__(self) -> LoopLag:
+        self._began = time.perf_counter()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._tg.start_soon(self._beat)
@@ -42,7 +45,9 @@ class LoopLag:
         while not self._stop.is_set():
             due = time.perf_counter() + self.interval
             await anyio.sleep(self.interval)
-            self.lateness.append(max(0.0, time.perf_counter() - due))
+            now = time.perf_counter()
+            self.at.append(now - self._began)
+            self.lateness.append(max(0.0, now - due))
 
     @property
     def beats(self) -> int:
@@ -61,3 +66,10 @@ class LoopLag:
             return 0.0
         ordered = sorted(self.lateness)
         return 1e3 * ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
+
+    def trace(self) -> list[list[float]]:
+        """``[[ms since entry, lateness ms], ...]``: the lateness over time, for a timeline."""
+        return [
+            [round(1e3 * a, 3), round(1e3 * b, 3)]
+            for a, b in zip(self.at, self.lateness, strict=True)
+        ]

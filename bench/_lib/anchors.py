@@ -177,16 +177,21 @@ class Checkpoints:
         """Set-up before the clock starts (what a user would do once)."""
 
     async def save(self, step: int, sd: Any) -> None:
-        """Checkpoint ``sd`` as ``step``; return when training may take its next step."""
+        """Checkpoint ``sd`` as ``step``; return when training may go on (forward, backward)."""
+
+    async def before_step(self) -> None:
+        """Wait until ``optimizer.step()`` may change the state (an overlapped copy is done)."""
 
 
 class DcpAsyncSave(Checkpoints):
     """``dcp.async_save``: its default, or with ``DefaultStager`` staging asynchronously on its
-    cached buffers (PyTorch's best configuration: wait for ``staging_completion`` only)."""
+    cached buffers (PyTorch's best configuration, its async checkpoint recipe: the copy overlaps
+    the next forward and backward; ``staging_completion`` is awaited before ``optimizer.step()``)."""
 
     def __init__(self, root: Path, async_staging: bool) -> None:
         self.root = root
         self.pending: Any = None
+        self.staging: Any = None
         self.stager = staging.DefaultStager(DCP_ASYNC) if async_staging else None
         self.name = (
             "DCP async_save + DefaultStager(async staging)"
@@ -204,12 +209,18 @@ class DcpAsyncSave(Checkpoints):
             await asyncio.wrap_future(self.pending)
         out = async_save(sd, checkpoint_id=self.root / f"dcp_{step}", async_stager=self.stager)
         if isinstance(out, AsyncSaveResponse):  # with a stager that stages asynchronously
-            await asyncio.wrap_future(out.staging_completion)  # before the next step
+            self.staging = out.staging_completion  # awaited before the next optimizer.step()
             self.pending = out.upload_completion
         else:
             self.pending = out
 
+    async def before_step(self) -> None:
+        if self.staging is not None:
+            staging, self.staging = self.staging, None
+            await asyncio.wrap_future(staging)
+
     async def __aexit__(self, *exc: object) -> None:
+        await self.before_step()
         if self.pending is not None:
             await asyncio.wrap_future(self.pending)
         if self.stager is not None:

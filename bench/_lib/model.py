@@ -100,9 +100,14 @@ def build(shape: Shape) -> tuple[Toy, torch.optim.Optimizer]:
 
 def train_step(model: Toy, opt: torch.optim.Optimizer, step: int) -> None:
     """One step: forward, backward, ``optimizer.step()``."""
+    forward_backward(model, opt, step)
+    opt.step()
+
+
+def forward_backward(model: Toy, opt: torch.optim.Optimizer, step: int) -> None:
+    """A step up to ``optimizer.step()``: nothing of the train state changes in it."""
     opt.zero_grad()
     model.loss(step).backward()  # type: ignore[no-untyped-call]
-    opt.step()
 
 
 def train_state(model: Toy, opt: torch.optim.Optimizer) -> dict[str, Any]:

@@ -7,60 +7,14 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
-import anyio
-import anyio.abc
+from aiostage.testing import LoopLag
 
 
-class Heartbeat:
-    """``async with Heartbeat() as beat: await work()``: a task sleeps ``interval`` seconds in a
-    loop and records when each wake-up came and how late it was; work that blocks the loop
-    thread shows up as lateness of about its blocking time."""
-
-    def __init__(self, interval: float = 0.001) -> None:
-        self.interval = interval
-        self.at: list[float] = []  # seconds since entry, of each wake-up
-        self.lateness: list[float] = []  # seconds each wake-up came after it was due
-        self._tg: anyio.abc.TaskGroup | None = None
-        self._stop = anyio.Event()
-        self._began = 0.0
-
-    async def __aenter__(self) -> Heartbeat:
-        self._began = time.perf_counter()
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        self._tg.start_soon(self._beat)
-        await anyio.lowlevel.checkpoint()  # the heartbeat sleeps before the measured work starts
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> bool | None:
-        assert self._tg is not None
-        self._stop.set()  # its last beat still counts: a blocked loop delays it
-        return await self._tg.__aexit__(et, e, tb)
-
-    async def _beat(self) -> None:
-        while not self._stop.is_set():
-            due = time.perf_counter() + self.interval
-            await anyio.sleep(self.interval)
-            now = time.perf_counter()
-            self.at.append(now - self._began)
-            self.lateness.append(max(0.0, now - due))
-
-    @property
-    def max_ms(self) -> float:
-        """The largest lateness, in ms."""
-        return 1e3 * max(self.lateness, default=0.0)
-
-    def trace(self) -> list[list[float]]:
-        """``[[ms since entry, lateness ms], ...]``, for a timeline picture."""
-        return [
-            [round(1e3 * a, 3), round(1e3 * b, 3)]
-            for a, b in zip(self.at, self.lateness, strict=True)
-        ]
+class Heartbeat(LoopLag):
+    """``async with Heartbeat() as beat: await work()``: aiostage's own ``LoopLag`` (a task
+    that sleeps 1 ms in a loop and records how late each wake-up came), with its timeline."""
 
 
 def percentile_ms(samples: Sequence[float], q: float) -> float:

@@ -11,9 +11,16 @@ from typing import Any
 import anyio
 import torch
 import torch.distributed as dist
-from _seen import differs
+from _seen import differs, raised
 
 import aiostage
+from aiostage.errors import (
+    CheckpointWriteError,
+    PersistenceError,
+    UnsupportedValueError,
+    UsageError,
+)
+from aiostage.testing import FaultyWrites
 
 
 def rank_state(rank: int, step: int) -> dict[str, Any]:
@@ -80,4 +87,30 @@ async def async_save_with_replication(rank: int, world: int, root: str) -> dict[
     seen["loaded"] = differs(loaded, rank_state(rank, 7))
     if rank == 0:  # it lost its state: how what came back differs from it
         seen["recovered"] = differs(back, rank_state(rank, 7))
+    return seen
+
+
+async def saves_are_agreed(rank: int, world: int, root: str) -> dict[str, Any]:
+    """Every way a save can be refused, with ranks that differ: all ranks raise at the same
+    save (no rank is left waiting in a collective), and the next save works on all."""
+    seen: dict[str, Any] = {}
+    async with aiostage.Checkpointer(root, pg=dist.group.WORLD, timeout=30) as ckpt:
+        await (await ckpt.save(1, rank_state(rank, 1))).committed
+        seen["again"] = await raised(ckpt.save(1, rank_state(rank, 1)), UsageError)
+        seen["older"] = await raised(ckpt.save(0, rank_state(rank, 0)), UsageError)
+        seen["split"] = await raised(ckpt.save(2 + rank, rank_state(rank, 2)), UsageError)
+        odd = {**rank_state(rank, 2), "opaque": object()} if rank == 1 else rank_state(rank, 2)
+        seen["opaque"] = await raised(ckpt.save(2, odd), UnsupportedValueError)
+        with FaultyWrites() as faults:
+            if rank == 0:
+                faults.fail(1, match="*.safetensors")  # step 2 fails (on every rank)
+            failed = await ckpt.save(2, rank_state(rank, 2))
+            await failed.wait()
+        if rank == 0:  # rank 0 receives its failure; rank 1's is raised by its next save
+            seen["received"] = await raised(failed.committed, CheckpointWriteError)
+        seen["after"] = await raised(ckpt.save(2, rank_state(rank, 2)), PersistenceError)
+        await (await ckpt.save(2, rank_state(rank, 2))).committed
+        await (await ckpt.save(2, rank_state(rank, 20), overwrite=True)).committed
+        seen["steps"] = ckpt.steps()
+        seen["loaded"] = differs(await ckpt.load(2), rank_state(rank, 20))
     return seen

@@ -23,6 +23,7 @@ from _seen import differs, raised
 
 import aiostage
 from aiostage._replication import transport
+from aiostage._replication.wire import MAGIC, limits_of
 from aiostage.errors import ReplicationError
 
 
@@ -218,7 +219,7 @@ def _send_header_then_die() -> None:
 
     header = plan_cpu_frame(make_state(1)).header
     raw = bytearray(encode_header(header))
-    head = [transport.MAGIC, 1, len(raw), header.data_bytes, len(header.entries)]
+    head = [MAGIC, 1, len(raw), header.data_bytes, len(header.entries)]
     for t in (torch.tensor(head), torch.frombuffer(raw, dtype=torch.uint8)):
         dist.send(t, 0, tag=transport.TAG)
     os.kill(os.getpid(), signal.SIGKILL)
@@ -239,14 +240,18 @@ async def never_calls(rank: int, world: int) -> dict[str, Any]:
     return {"timeout": first, "seconds": seconds, "again": again}
 
 
+#: what ``malformed``'s receiver takes: 1 GiB of data, a header of the format's longest
+LIMITS = limits_of(1 << 30)
+
+
 async def malformed(rank: int, world: int) -> dict[str, Any]:
     """Rank 1 sends frames that lie; rank 0's receive names rank 1 and phase "header".
 
     ``errors``: what each receive raised; ``allocations``: buffers asked for (none allowed)."""
     frames = [
         [0x1234, 1, 4096, 0, 0],  # not aiostage
-        [transport.MAGIC, 1, 1 << 40, 0, 0],  # a 1 TB header: refused before allocating
-        [transport.MAGIC, 1, 4096, 16, 1],  # then 4,096 bytes of pickle
+        [MAGIC, 1, 1 << 40, 0, 0],  # a 1 TB header: refused before allocating
+        [MAGIC, 1, 4096, 16, 1],  # then 4,096 bytes of pickle
     ]
     if rank == 1:
         for head in frames:
@@ -264,7 +269,7 @@ async def malformed(rank: int, world: int) -> dict[str, Any]:
         raise AssertionError(f"allocated {n} bytes for a malformed frame")
 
     errors = [
-        await raised(transport.recv_frame(link, 1, no_buffer, max_data=1 << 30), ReplicationError)
+        await raised(transport.recv_frame(link, 1, no_buffer, limits=LIMITS), ReplicationError)
         for _ in frames
     ]
     await anyio.to_thread.run_sync(dist.barrier)
@@ -339,7 +344,7 @@ async def damaged_replica(rank: int, world: int, tmp: str) -> dict[str, Any]:
     Rank 0: ``persist`` (what ``persisted()`` raised), ``kept`` (the file on disk against rank
     1's state), ``recover_kept`` (the type ``recover(lost=False)`` returned); rank 1: ``recover``
     (what a restarted stager's ``recover(lost=True)`` raised)."""
-    sd, seen = make_state(rank), {}
+    sd, seen = make_state(rank), dict[str, Any]()
     async with aiostage.ReplicationStager(storage_dir=tmp, timeout=30) as stager:
         stager.release(await stager.stage(sd))
         await stager.persisted()  # an intact replica on disk first
@@ -347,7 +352,9 @@ async def damaged_replica(rank: int, world: int, tmp: str) -> dict[str, Any]:
         if rank == 0:  # before the background write has started (no await in between)
             replica["model"]["ints"].add_(1)
             seen["persist"] = await raised(stager.persisted(), ReplicationError)
-            kept = await aiostage.load(stager.storage_path(1))  # the previous replica stands
+            path = stager.storage_path(1)
+            assert path is not None
+            kept = await aiostage.load(path)  # the previous replica stands
             seen["kept"] = differs(kept, make_state(1))
             seen["recover_kept"] = type(await stager.recover(lost=False)).__qualname__
         else:

@@ -82,15 +82,14 @@ async def save_train_resume(rank: int, world: int, root: str) -> dict[str, Any]:
     model, opt = sharded(hsdp_mesh())
     for step in range(STEPS):
         train(model, opt, step, rank)
-    state = aiostage.train_state(model, opt)
+    state = await aiostage.train_state(model, opt).state_dict()
     saved = full(state)
     path = Path(root) / "hsdp"
     await aiostage.save(state, path, pg=dist.group.WORLD)
     after = [train(model, opt, STEPS + s, rank) for s in range(STEPS)]
-    moved = full(aiostage.train_state(model, opt))["model"]["0.weight"]
-    out = await aiostage.load(path, into=aiostage.train_state(model, opt), pg=dist.group.WORLD)
-    aiostage.apply_train_state(model, out, opt)
-    resumed = differs(full(aiostage.train_state(model, opt)), saved)
+    moved = full(await aiostage.train_state(model, opt).state_dict())["model"]["0.weight"]
+    await aiostage.load(path, into=aiostage.train_state(model, opt), pg=dist.group.WORLD)
+    resumed = differs(full(await aiostage.train_state(model, opt).state_dict()), saved)
     again = [train(model, opt, STEPS + s, rank) for s in range(STEPS)]
     seen = {
         "moved": not torch.equal(moved, saved["model"]["0.weight"]),
@@ -102,17 +101,16 @@ async def save_train_resume(rank: int, world: int, root: str) -> dict[str, Any]:
 
 
 async def load_into(rank: int, world: int, path: str, layout: str, clean: str) -> dict[str, Any]:
-    """A fresh model (other weights) in ``layout`` loads the checkpoint at ``path`` and applies
-    it; then DTensors sharded by columns load the (intact) checkpoint at ``clean``.
+    """A fresh model (other weights) in ``layout`` loads the checkpoint at ``path`` (which applies
+    it); then DTensors sharded by columns load the (intact) checkpoint at ``clean``.
 
     Rank 0 returns both states with every tensor whole and each rank's shard of the 7-feature
     weight's shape.
     """
     mesh = hsdp_mesh() if layout == "hsdp" else init_device_mesh("cpu", (world,))
     model, opt = sharded(mesh, seed=1)
-    out = await aiostage.load(path, into=aiostage.train_state(model, opt), pg=dist.group.WORLD)
-    aiostage.apply_train_state(model, out, opt)
-    state = full(aiostage.train_state(model, opt))
+    await aiostage.load(path, into=aiostage.train_state(model, opt), pg=dist.group.WORLD)
+    state = full(await aiostage.train_state(model, opt).state_dict())
     columns = await _load_by_columns(clean, state, init_device_mesh("cpu", (world,)))
     weight: Any = model.get_submodule("2").weight
     local = tuple(weight.to_local().shape)

@@ -43,3 +43,26 @@ def test_async_save_with_a_group_and_replication(tmp_path: Path) -> None:
         assert r["loaded"] is None, f"rank {rank}: the loaded checkpoint differs: {r['loaded']}"
     recovered = results[0]["recovered"]
     assert recovered is None, f"rank 0's recovered state differs: {recovered}"
+
+
+@pytest.mark.timeout(120)
+def test_every_rank_refuses_the_same_save_and_none_hangs(tmp_path: Path) -> None:
+    a, b = run_world(workers.saves_are_agreed, 2, str(tmp_path), timeout=90)
+    for key in ("again", "older", "split"):
+        assert a[key]["type"] == b[key]["type"] == "UsageError", (key, a[key], b[key])
+        assert a[key]["message"] == b[key]["message"], key
+    assert "step_000000001 exists" in a["again"]["message"]
+    assert "step 0 is older than step 1" in a["older"]["message"]
+    assert "rank 0: 2, rank 1: 3" in a["split"]["message"]
+    # rank 1 holds the value: its own error names the key; rank 0's names rank 1
+    assert b["opaque"]["key"] == "opaque", b["opaque"]
+    assert "rank(s) [1]" in a["opaque"]["message"], a["opaque"]
+    # step 2 failed on both; rank 0 received it, rank 1 did not: its next save raises it, and
+    # rank 0's names rank 1 instead of saving alone
+    assert a["received"]["type"] == "CheckpointWriteError", a["received"]
+    assert b["after"]["type"] == "CheckpointWriteError", b["after"]
+    assert a["after"]["type"] == "PersistenceError", a["after"]
+    assert "rank(s) [1]" in a["after"]["message"]
+    for rank, r in enumerate((a, b)):
+        assert r["steps"] == [1, 2], f"rank {rank} kept {r['steps']}"
+        assert r["loaded"] is None, f"rank {rank}: the overwritten step 2 differs: {r['loaded']}"

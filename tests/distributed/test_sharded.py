@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import _sharded_workers as workers
-import anyio.to_thread
 import pytest
 import torch
 import xxhash
@@ -86,15 +85,10 @@ def test_loading_into_another_layout_gives_the_saved_state(
 
 
 async def _load_plain(path: str | Path, seed: int = 2) -> Any:
-    """Load ``path`` into a plain model's full tensors and apply it; the state, in full.
-
-    ``train_state`` and ``apply_train_state`` are synchronous CPU work: worker threads.
-    """
+    """Load ``path`` into a plain model's full tensors (which applies it); the state, in full."""
     model, opt = workers.model_and_optimizer(seed)
-    into = await anyio.to_thread.run_sync(aiostage.train_state, model, opt)
-    out = await aiostage.load(path, into=into)
-    await anyio.to_thread.run_sync(aiostage.apply_train_state, model, out, opt)
-    return workers.full(await anyio.to_thread.run_sync(aiostage.train_state, model, opt))
+    await aiostage.load(path, into=aiostage.train_state(model, opt))
+    return workers.full(await aiostage.train_state(model, opt).state_dict())
 
 
 async def test_a_plain_process_assembles_the_full_tensors(hsdp: dict[str, Any]) -> None:
@@ -126,7 +120,7 @@ async def test_only_the_overlapping_shards_are_read(hsdp: dict[str, Any], tmp_pa
 
 
 async def test_a_global_shape_mismatch_names_the_key(hsdp: dict[str, Any]) -> None:
-    state = await anyio.to_thread.run_sync(aiostage.train_state, *workers.model_and_optimizer())
+    state = await aiostage.train_state(*workers.model_and_optimizer()).state_dict()
     state["model"]["2.weight"] = torch.zeros(8, 10)
     with pytest.raises(StateDictMismatch, match=r"shape mismatch at model\.2\.weight"):
         await aiostage.load(hsdp["path"], into=state)
