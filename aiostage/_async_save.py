@@ -28,7 +28,7 @@ from ._staging import AsyncStager, DefaultStager, StagingOptions
 from ._storage.locate import PathLike
 from ._storage.save import SaveReport, save
 from ._train_state import as_state_dict
-from .errors import PersistenceError
+from .errors import PersistenceError, UnsupportedValueError
 
 __all__ = [
     "CheckpointReport",
@@ -39,6 +39,7 @@ __all__ = [
     "persist_job",
     "settled_handle",
     "stage_job",
+    "unstorable",
 ]
 
 
@@ -135,13 +136,14 @@ async def async_save(
 
     Blocks on staging. Raises ``UnsupportedValueError`` naming the key of a value the format
     cannot store (before anything is staged), what staging raises (``StagingError``,
-    ``LeaseTimeout``), and
-    ``ValueError`` (bad ``timeout``) or ``RuntimeError`` (``task_group`` not active) first.
+    ``LeaseTimeout``), and ``ValueError`` (bad ``timeout``) or ``RuntimeError`` (``task_group``
+    not active) first.
     """
     limit, own = seconds(timeout), stager is None
     state_dict = await as_state_dict(state_dict)
-    check_metadata(metadata)
-    await anyio.to_thread.run_sync(check_storable, state_dict)  # refused now, not when written
+    refused = await unstorable(state_dict, metadata)  # refused now, not when written
+    if refused is not None:
+        raise refused
     use = stager or DefaultStager(StagingOptions(pool_size=1))
     job = Job(Settler(None, Path(path)), None, use, metadata, time.perf_counter())
     try:
@@ -156,6 +158,18 @@ async def async_save(
                 await use.aclose()
         raise
     return job.handle
+
+
+async def unstorable(state_dict: Any, metadata: dict[str, Any] | None) -> Exception | None:
+    """What ``aiostage.save`` would refuse in ``metadata`` or ``state_dict`` (the
+    ``UnsupportedValueError``), or ``None``: asked before staging, so a save staged now and
+    written later is refused while its caller still waits (the walk runs in a worker thread)."""
+    try:
+        check_metadata(metadata)
+        await anyio.to_thread.run_sync(check_storable, state_dict)
+    except UnsupportedValueError as exc:
+        return exc
+    return None
 
 
 async def _background(

@@ -31,11 +31,11 @@ from ._async_save import (
     persist_job,
     settled_handle,
     stage_job,
+    unstorable,
 )
 from ._core import dist
 from ._core.timeouts import DEFAULT_TIMEOUT, seconds
-from ._format.codec import STEP_NAME, check_metadata, step_name
-from ._format.storable import check_storable
+from ._format.codec import STEP_NAME, step_name
 from ._replication.stager import ReplicationStager
 from ._staging import AsyncStager, DefaultStager, StagingOptions
 from ._storage.locate import PathLike, locate
@@ -209,8 +209,8 @@ class Checkpointer:
         path = self.root / step_name(step)
         meta = {**(metadata or {}), "step": step}
         state_dict = await as_state_dict(state_dict)
-        unstorable = await _unstorable(state_dict, meta)
-        if await self._agree(step, overwrite, unstorable):
+        refused = await unstorable(state_dict, meta)
+        if await self._agree(step, overwrite, refused):
             return _skipped(step, path, began)
         job = Job(Settler(step, path), None, self._stager, meta, began)
         self._pending.append(step)
@@ -455,14 +455,4 @@ def _refusal(rows: list[list[int]], root: Path, keep_last: int | None) -> Except
             f"{root / step_name(step)} exists (step {step} is committed or being saved); save "
             "a newer step, or pass overwrite=True to replace it"
         )
-    return None
-
-
-async def _unstorable(state_dict: Any, metadata: dict[str, Any]) -> Exception | None:
-    """What ``aiostage.save`` would refuse in ``metadata`` or ``state_dict``, or ``None``."""
-    try:
-        check_metadata(metadata)
-        await anyio.to_thread.run_sync(check_storable, state_dict)
-    except UnsupportedValueError as exc:
-        return exc
     return None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 import time
 import warnings
 from collections.abc import Callable
@@ -28,15 +27,12 @@ import torch
 from ._core import cuda
 from ._core.buffers import Buffers, allocate, free, touch
 from ._core.completion import Backoff, wait_until
-from ._core.fill import Fill, Planner, Prepared, prime
+from ._core.fill import Fill, Planner, Prepared, prime, versions
 from ._core.storages import Layout
 from ._core.tree import TensorLeaf, key_str
 from .errors import AiostageWarning, ClosedError, LeaseTimeout, StagingError, UsageError
 
 __all__ = ["AsyncStager", "DefaultStager", "StagerStatistics", "StagingOptions"]
-
-#: a tensor's in-place change counter (shared by its views), read for many tensors at C speed
-_version = operator.attrgetter("_version")
 
 _T = TypeVar("_T")
 _MiB = 1 << 20
@@ -234,7 +230,7 @@ class DefaultStager:
         if not note:
             return prepared, None
         datas = list(prepared.datas)
-        return prepared, (datas, _versions(datas), prepared.recipe.leaves)
+        return prepared, (datas, versions(datas), prepared.recipe.leaves)
 
     async def reserve(self, state_dict: Any, copies: int = 1) -> None:
         """Allocate and fault in pooled buffers for ``copies`` staged copies laid out like
@@ -403,20 +399,16 @@ class DefaultStager:
         return staged
 
 
-def _versions(datas: list[torch.Tensor]) -> list[int]:
-    return list(map(_version, datas))
-
-
 _Noted = tuple[list[torch.Tensor], list[int], tuple[TensorLeaf, ...]]
 
 
 def _check_unchanged(noted: _Noted) -> None:
     """Raise ``StagingError`` naming the first tensor changed in place since it was noted."""
-    datas, versions, leaves = noted
-    now = _versions(datas)
-    if now == versions:
+    datas, then, leaves = noted
+    now = versions(datas)
+    if now == then:
         return
-    i = next(i for i, (a, b) in enumerate(zip(now, versions, strict=True)) if a != b)
+    i = next(i for i, (a, b) in enumerate(zip(now, then, strict=True)) if a != b)
     raise StagingError(
         "changed in place while it was being staged (before `await handle.staged`, e.g. by "
         "optimizer.step() or a forward pass updating BatchNorm statistics): the copy may be "

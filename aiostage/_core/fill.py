@@ -259,7 +259,12 @@ def _seal(made: _Made) -> tuple[Any, ...]:
 
 
 def _versions(made: _Made) -> list[int]:
-    return read_all((_VERSIONS,), _data_of(made.recipe.local, made.outs))[0]
+    return versions(_data_of(made.recipe.local, made.outs))
+
+
+def versions(datas: list[torch.Tensor]) -> list[int]:
+    """Each tensor's in-place change counter (shared by its views), read in bulk."""
+    return read_all((_VERSIONS,), datas)[0]
 
 
 def _intact(made: _Made) -> bool:
