@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 import xxhash
+from test_reader import flip
 
 import aiostage
 import aiostage._format.codec as codec_module
@@ -41,14 +42,6 @@ def file_entries(file: Path) -> tuple[int, dict[str, Any], list[str], list[str]]
     top = json.loads(raw[8 : 8 + n])
     meta = json.loads(top["__metadata__"]["aiostage"])
     return 8 + n, top, meta["entries"], meta["xxh3"]
-
-
-def flip(file: Path, offset: int) -> None:
-    with file.open("r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x01]))
 
 
 # ---------------------------------------------------------------- checksums
