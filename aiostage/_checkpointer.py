@@ -263,15 +263,14 @@ class Checkpointer:
         except BaseException as exc:
             if not issued:
                 raise
-            self._slots.release()
-            if job.handle.step is not None:
-                self._pending.remove(job.handle.step)
+            try:
+                if isinstance(exc, Exception):
+                    job.settler.staged.fail(exc)
+                    self._failed_job(job, exc)
+            finally:
+                self._end_job(job)
             if not isinstance(exc, Exception):
-                job.settler.abandon()
                 raise
-            job.settler.staged.fail(exc)
-            job.settler.finish(exc)
-            self._failed.append(job.settler)
 
     async def reserve(self, state_dict: Any) -> None:
         """Prepare the staging buffers for state dicts laid out like ``state_dict`` now (e.g.
@@ -320,17 +319,26 @@ class Checkpointer:
                         job, pg=self._bg, replication=self._repl, pg_timeout=self._timeout
                     )
                 except Exception as exc:
-                    self._failed.append(job.settler)
-                    job.settler.finish(exc)
+                    self._failed_job(job, exc)
                 else:
                     self._committed(job.handle.step)
                     await self._retain()
                     job.settler.finish(report)  # committed, whether retention worked or not
                 finally:
-                    self._slots.release()
-                    if job.handle.step is not None:
-                        self._pending.remove(job.handle.step)
-                    job.settler.abandon()  # cancelled: settle the handle for its other waiters
+                    self._end_job(job)
+
+    def _failed_job(self, job: Job, error: Exception) -> None:
+        """Settle ``job`` with ``error``; the next ``save`` raises it unless its handle did."""
+        self._failed.append(job.settler)
+        job.settler.finish(error)
+
+    def _end_job(self, job: Job) -> None:
+        """``job`` is over (committed, failed or cancelled): its slot and step come back, and a
+        cancelled job's handle is settled for its other waiters."""
+        self._slots.release()
+        if job.handle.step is not None:
+            self._pending.remove(job.handle.step)
+        job.settler.abandon()
 
     def _raise_failure(self) -> None:
         """Raise the first background failure that no ``await handle.committed`` delivered."""
