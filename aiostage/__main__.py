@@ -1,12 +1,14 @@
 """The ``aiostage`` command line (``python -m aiostage``): parse, run a command, print, exit.
 
 Exit status: 0 success, 1 ``verify`` found the checkpoint corrupt, 2 any other error (a bad
-path, not a checkpoint, a corrupt file), printed as one line without a traceback.
+path, not a checkpoint, a corrupt file; an unexpected exception, a bug, as an "internal error"),
+printed as one line without a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -41,10 +43,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``aiostage`` command line with ``argv`` (default: ``sys.argv[1:]``).
 
     Blocks the calling thread for the whole command. Returns the exit status (0 success, 1
-    ``verify`` found corruption, 2 an error, 130 interrupted); raises only ``SystemExit``, from
-    argparse, for a bad command line.
+    ``verify`` found corruption, 2 an error, whatever its class, 130 interrupted); raises only
+    ``SystemExit``, from argparse, for a bad command line.
     """
     args = _parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # a name the terminal cannot show is escaped
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     try:
         status: int = anyio.run(args.run, args)
     except BrokenPipeError:  # the reader went away (``aiostage ls | head``): stop quietly
@@ -56,6 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"aiostage {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not the input's fault: still one line, never a traceback
+        why = f"{type(exc).__name__}: {_one_line(exc)}"
+        print(f"aiostage {args.command}: internal error: {why} (please report it)", file=sys.stderr)
+        return 2
     return status
 
 

@@ -67,8 +67,11 @@ async def scan(root: Path) -> list[Found]:
     kind = await storage.kind(where)
     if kind == "absent":
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(root))
-    found = [await _describe(storage, where, where.resolve().name)] if kind == "checkpoint" else []
-    for name, kind in await storage.scan(where, leftovers=True):
+    entries = await storage.scan(where, leftovers=True)
+    # a checkpoint, or a link the user made to one (the links inside are never followed)
+    is_one = kind == "checkpoint" or (kind == "file" and any(n == MANIFEST for n, _ in entries))
+    found = [await _describe(storage, where, where.resolve().name)] if is_one else []
+    for name, kind in entries:
         left = storage.leftover(name)
         if kind == "file" or not (left or STEP_NAME.match(name) or kind == "checkpoint"):
             continue
@@ -90,13 +93,14 @@ async def _describe(storage: Storage, path: Path, name: str, left: Leftover | No
         note = f"left by {why} of {name}; aiostage.sweep removes it"
         return Found(path, step, "incomplete", size, mtime, note)
     status, note = await _manifest_status(storage, path)
-    if status != "incomplete":
+    if status == "committed":  # a sound manifest, read as a regular file: the commit's time
         mtime = (await storage.usage(path / MANIFEST))[1]
     return Found(path, step, status, size, mtime, note)
 
 
 async def _manifest_status(storage: Storage, path: Path) -> tuple[str, str]:
-    """("committed" | "incomplete" | "corrupt", why) from the manifest and the file sizes."""
+    """("committed" | "incomplete" | "corrupt", why) from the manifest and the file sizes; a
+    file that is not a regular one (a link, a FIFO, a directory) is corrupt, never opened."""
     try:
         manifest = await read_manifest(storage, path)
     except CheckpointNotFound:
@@ -109,6 +113,8 @@ async def _manifest_status(storage: Storage, path: Path) -> tuple[str, str]:
             size = await storage.size(file)
         except FileNotFoundError:
             return "corrupt", f"{file}: listed in the manifest but missing"
+        except CheckpointCorrupt as exc:
+            return "corrupt", str(exc)
         if size != info.size:
             return "corrupt", f"{file}: {size} bytes on disk, the manifest says {info.size}"
     return "committed", ""

@@ -125,6 +125,7 @@ class ReplicationError(AiostageError):
     def __init__(self, message: str, *, peer: int | None = None, phase: str = "") -> None:
         where = f"peer rank {peer}" if peer is not None else "replication"
         super().__init__(f"{where}, {phase}: {message}" if phase else f"{where}: {message}")
+        self.message = message  # without the peer and phase: what a wrapper passes on
         self.peer = peer
         self.phase = phase
 

@@ -20,6 +20,7 @@ import torch
 from .._format.codec import Header
 from .._replication.receive import ReceiveBuffers
 from .._replication.transport import Link, recv_frame
+from .._replication.wire import RefusedAfterLanding
 from ..errors import ReplicationError, ReplicationTimeout
 from .gate import Gate
 from .install import Received
@@ -119,8 +120,8 @@ class Receiver:
                 peer=self.pub,
                 phase="receive",
             ) from exc
-        except ReplicationError as exc:  # damaged bytes: the whole frame is in, the stream too
-            if exc.phase != "verify":
+        except ReplicationError as exc:  # damaged bytes or records: the whole frame is in
+            if exc.phase != "verify" and not isinstance(exc, RefusedAfterLanding):
                 raise
             self._refuse(exc)
             return True

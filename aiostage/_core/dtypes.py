@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["ST_DTYPES", "ST_ITEMSIZE", "dtype_from_name", "dtype_name"]
+__all__ = [
+    "STORABLE_DTYPES",
+    "ST_DTYPES",
+    "ST_ITEMSIZE",
+    "dtype_from_name",
+    "dtype_name",
+]
 
 #: torch dtypes that safetensors knows, by their safetensors code
 ST_DTYPES: dict[torch.dtype, str] = {
@@ -16,6 +22,13 @@ ST_DTYPES: dict[torch.dtype, str] = {
 }  # fmt: skip
 #: bytes per element, by safetensors code
 ST_ITEMSIZE: dict[str, int] = {code: dt.itemsize for dt, code in ST_DTYPES.items()}
+
+#: quantized dtypes: their tensors carry a quantizer besides their bytes, which no file holds
+_QUANTIZED = {"qint8", "quint8", "qint32", "quint4x2", "quint2x4"}
+#: the dtypes of tensors ``save`` writes and a reader accepts: every torch dtype but the quantized
+STORABLE_DTYPES: frozenset[torch.dtype] = frozenset(
+    v for k, v in vars(torch).items() if isinstance(v, torch.dtype) and k not in _QUANTIZED
+)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

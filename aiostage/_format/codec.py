@@ -14,11 +14,10 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
 
-from .._core.dtypes import ST_ITEMSIZE, dtype_from_name, dtype_name
+from .._core.dtypes import ST_ITEMSIZE, dtype_name
 from ..errors import CheckpointCorrupt
 from .checks import Json, json_int, json_list, json_object
 
@@ -35,6 +34,9 @@ from .manifest import (
     rank_file,
     step_name,
 )
+
+# one record decoder for every reader and receiver; its types are part of the format too
+from .records import Entry, Record, check_elements, decode_dims, decode_record
 
 __all__ = [
     "DATA_ALIGN",
@@ -53,6 +55,7 @@ __all__ = [
     "as_uint64",
     "check_metadata",
     "decode_header",
+    "decode_layout",
     "decode_manifest",
     "encode_header",
     "encode_layout",
@@ -95,39 +98,6 @@ def as_uint64(value: int) -> int:
 
 
 # ---------------------------------------------------------------- what a file holds
-
-
-class Entry(NamedTuple):
-    """One safetensors entry: a tensor stored as itself, or an aliased storage as uint8.
-
-    A named tuple, not a dataclass: files hold tens of thousands of entries and records, and a
-    frozen dataclass costs four times as much to build.
-    """
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int  # byte offsets relative to the start of the data
-    end: int
-
-
-class Record(NamedTuple):
-    """One tensor of the state dict: a view (element offset, shape, stride) into an entry."""
-
-    entry: int  # -1: an empty tensor with no bytes
-    offset: int
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    dtype: torch.dtype
-    wrap: str = "tensor"
-    requires_grad: bool = False
-    attrs: Json = None  # the tensor's Python attributes, as a ``structure`` value
-    dtensor: Json = None  # mesh, placements and global shape of a DTensor
-
-    @property
-    def numel(self) -> int:
-        """Elements of the tensor."""
-        return math.prod(self.shape)
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,9 +230,11 @@ def header_length(first: bytes, file_size: int, where: str) -> int:
     if len(first) < 8:
         raise CheckpointCorrupt(f"{where}: {file_size} bytes is too short for a header", path=where)
     (n,) = struct.unpack("<Q", first[:8])
-    if not 2 <= n <= min(MAX_HEADER, file_size - 8):
+    if not 2 <= n <= min(MAX_HEADER, file_size - 8):  # never echo foreign bytes as a number
         raise CheckpointCorrupt(
-            f"{where}: header length {n} does not fit the file ({file_size} bytes)", path=where
+            f"{where}: the header length its first 8 bytes give does not fit the file "
+            f"({file_size} bytes) or {MAX_HEADER} bytes; it is not an aiostage data file",
+            path=where,
         )
     if (8 + n) % DATA_ALIGN:
         raise CheckpointCorrupt(
@@ -284,7 +256,16 @@ def decode_header(body: bytes, data_len: int, where: str) -> Header:
         raise CheckpointCorrupt(f"{where}: bad header: {exc}", path=where) from exc
 
 
-def _decode_header(body: bytes, data_len: int) -> Header:
+def decode_layout(body: bytes, data_len: int, where: str) -> Header:
+    """The entries and checksums of a header whose records may not decode (no records, no
+    tree): enough to know how its data is laid out. Raises ``CheckpointCorrupt``."""
+    try:
+        return _decode_header(body, data_len, records=False)
+    except (ValueError, TypeError, KeyError, RecursionError) as exc:
+        raise CheckpointCorrupt(f"{where}: bad header: {exc}", path=where) from exc
+
+
+def _decode_header(body: bytes, data_len: int, *, records: bool = True) -> Header:
     top = json_object(json.loads(body), "header")
     meta = json_object(top.get("__metadata__"), "__metadata__")
     if not isinstance(meta.get("aiostage"), str):
@@ -296,29 +277,24 @@ def _decode_header(body: bytes, data_len: int) -> Header:
     entries = tuple([_decode_entry(n, top.get(n), data_len) for n in names])
     _check_coverage(entries, data_len)
     sums = _checksums(json_list(m["xxh3"], "xxh3"), len(entries))
-    records = tuple([_decode_record(r, entries) for r in json_list(m["tensors"], "tensors")])
+    if not records:
+        return Header(entries, (), None, sums)
+    tensors = json_list(m["tensors"], "tensors")
+    decoded = []
+    for i, r in enumerate(tensors):  # a plain loop: tens of thousands of records
+        try:
+            decoded.append(decode_record(r, entries))
+        except (ValueError, TypeError, KeyError) as exc:  # noqa: PERF203 - free until raised
+            raise ValueError(f"tensor record {i}: {exc}") from exc
     world = json_int(m["world_size"], 1, 1 << 24, "world_size")
     rank = json_int(m["rank"], 0, world - 1, "rank")
-    return Header(entries, records, m["tree"], sums, rank, world)
+    return Header(entries, tuple(decoded), m["tree"], sums, rank, world)
 
 
 def _checksums(sums: list[Json], n: int) -> tuple[int, ...]:
     if len(sums) != n or not all(type(c) is str and len(c) == 16 for c in sums):
         raise ValueError("there must be one 16-digit xxh3 per entry")
     return tuple([int(c, 16) for c in sums])
-
-
-_DIM_MAX = 1 << 62
-
-
-def _dims(x: Json, what: str) -> tuple[int, ...]:
-    dims = json_list(x, what)
-    if len(dims) > 64:
-        raise ValueError(f"{what} has {len(dims)} dimensions")
-    for n in dims:  # a plain loop: this runs a few times per tensor of a file
-        if type(n) is not int or not 0 <= n <= _DIM_MAX:
-            raise ValueError(f"{what} {n!r:.40} is not an integer in [0, {_DIM_MAX}]")
-    return tuple(dims)
 
 
 def _decode_entry(name: Json, info: Json, data_len: int) -> Entry:
@@ -328,7 +304,8 @@ def _decode_entry(name: Json, info: Json, data_len: int) -> Entry:
     dtype = info["dtype"]
     if dtype not in ST_ITEMSIZE:
         raise ValueError(f"entry {name!r}: unknown dtype {dtype!r:.20}")
-    shape = _dims(info["shape"], f"entry {name!r} shape")
+    shape = decode_dims(info["shape"], f"entry {name!r} shape")
+    check_elements(shape, f"entry {name!r} shape")
     offsets = json_list(info["data_offsets"], f"entry {name!r} data_offsets")
     if len(offsets) != 2:
         raise ValueError(f"entry {name!r}: data_offsets must be [begin, end]")
@@ -356,38 +333,3 @@ def _check_coverage(entries: tuple[Entry, ...], data_len: int) -> None:
         raise ValueError(
             f"the entries cover {at} bytes but the file holds {data_len} bytes of data"
         )
-
-
-#: dtypes by the names records give them; only names that are dtypes get in, a bounded set
-_DTYPE_NAMES: dict[str, torch.dtype] = {}
-
-
-def _dtype(name: Json) -> torch.dtype:
-    found = _DTYPE_NAMES.get(name) if type(name) is str else None
-    if found is None:
-        found = dtype_from_name(name)
-        _DTYPE_NAMES[name] = found
-    return found
-
-
-def _decode_record(r: Json, entries: tuple[Entry, ...]) -> Record:
-    r = json_object(r, "tensor record")
-    dtype = _dtype(r["dtype"])
-    shape, stride = _dims(r["shape"], "shape"), _dims(r["stride"], "stride")
-    entry = json_int(r["entry"], -1, len(entries) - 1, "entry")
-    offset = json_int(r["offset"], 0, _DIM_MAX, "offset")
-    if len(shape) != len(stride):
-        raise ValueError(f"shape {shape} and stride {stride} differ in length")
-    if math.prod(shape) > 0:
-        e = entries[entry] if entry >= 0 else None
-        last = offset
-        for n, s in zip(shape, stride, strict=True):
-            last += (n - 1) * s
-        if e is None or (last + 1) * dtype.itemsize > e.end - e.begin or e.begin % dtype.itemsize:
-            raise ValueError(f"a {dtype} tensor of shape {shape} does not fit its entry")
-    wrap, grad = r.get("wrap", "tensor"), r.get("grad", False)
-    if wrap not in ("tensor", "parameter", "dtensor") or type(grad) is not bool:
-        raise ValueError(f"bad wrap {wrap!r:.20} or grad {grad!r:.20}")
-    if grad and not (dtype.is_floating_point or dtype.is_complex):
-        raise ValueError(f"a {dtype} tensor cannot require grad")
-    return Record(entry, offset, shape, stride, dtype, wrap, grad, r.get("attrs"), r.get("dtensor"))

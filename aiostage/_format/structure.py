@@ -111,13 +111,13 @@ def decode_value(j: Json, depth: int = 0) -> Any:
     if not (isinstance(j, dict) and len(j) == 1):
         raise ValueError(f"malformed value {j!r:.80}")
     [(tag, body)] = j.items()
-    if tag == "float" and body in _FLOATS:
+    if tag == "float" and type(body) is str and body in _FLOATS:
         return _FLOATS[body]
     if tag == "bytes" and isinstance(body, str):
         return base64.b64decode(body, validate=True)
     if tag == "dtype":
         return dtype_from_name(body)
-    if tag == "size" and isinstance(body, list) and all(type(n) is int for n in body):
+    if tag == "size" and isinstance(body, list) and all(_is_int64(n) for n in body):
         return torch.Size(body)
     if tag in ("list", "tuple", "dict") and depth >= MAX_DEPTH:
         raise ValueError(f"values nest deeper than {MAX_DEPTH} levels")
@@ -127,6 +127,11 @@ def decode_value(j: Json, depth: int = 0) -> Any:
     if tag == "dict" and isinstance(body, list):
         return {decode_key(_pair(p)[0]): decode_value(_pair(p)[1], depth + 1) for p in body}
     raise ValueError(f"malformed value {j!r:.80}")
+
+
+def _is_int64(n: Json) -> bool:
+    """Whether ``n`` is an integer a ``torch.Size`` holds (an int64)."""
+    return type(n) is int and -(1 << 63) <= n < 1 << 63
 
 
 def json_copy(obj: Any, what: str, path: KeyPath = ()) -> Json:

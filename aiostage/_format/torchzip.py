@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -97,14 +98,21 @@ def torch_layout(obj: Any, probes: Sequence[tuple[tuple[Hashable, ...], int]]) -
 
     ``probes`` names, per storage to be streamed in, the key path of a tensor on it and the
     storage's bytes; ``offsets`` follow their order. The tensors' memory is never read (it may
-    be uninitialised). Raises ``UsageError`` when this torch cannot say where storages go, and
-    what ``torch.save`` raises for an object it cannot pickle.
+    be uninitialised). Raises ``UsageError`` when this torch cannot say where storages go, or
+    when ``torch.save`` (or reading its output back) fails: the export's checks come first, this
+    one names torch's own complaint.
     """
     sink = _Sink()
-    with torch.serialization.skip_data():
-        torch.save(obj, sink)  # type: ignore[arg-type]
-    with io.BufferedReader(_Source(sink)) as source:
-        meta = torch.load(source, map_location="meta", weights_only=False)
+    try:
+        with torch.serialization.skip_data():
+            torch.save(obj, sink)  # type: ignore[arg-type]
+        with io.BufferedReader(_Source(sink)) as source:
+            meta = torch.load(source, map_location="meta", weights_only=False)
+    except (pickle.PicklingError, RuntimeError, TypeError, AttributeError, ValueError) as exc:
+        raise UsageError(
+            f"torch.save cannot write this state dict ({type(exc).__name__}: {exc}); "
+            "export --to safetensors"
+        ) from exc
     offsets = []
     for path, n in probes:
         found = getattr(_at(meta, path).untyped_storage(), "_checkpoint_offset", None)

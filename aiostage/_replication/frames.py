@@ -29,13 +29,13 @@ from .._core.tree import (
     Tree,
     Wrap,
     flatten,
-    key_str,
     unflatten,
     wrap_leaf,
 )
 from .._format.codec import Header, Source
 from .._format.plan import plan_file
-from .._format.structure import decode_skeleton, decode_value
+from .._format.records import check_attrs
+from .._format.structure import decode_skeleton
 from ..errors import CheckpointCorrupt, ReplicationError
 
 __all__ = [
@@ -220,9 +220,7 @@ def frame_leaves(header: Header, peer: int) -> tuple[Node, list[TensorLeaf]]:
         root, paths = decode_skeleton(header.skeleton, len(header.records), where)
         leaves = []
         for path, r in zip(paths, header.records, strict=True):
-            attrs = decode_value(r.attrs) if r.attrs is not None else {}
-            if not isinstance(attrs, dict) or not all(isinstance(k, str) for k in attrs):
-                raise ValueError(f"{key_str(path)}: tensor attributes must be a dict of str keys")
+            attrs = check_attrs(r.attrs) if r.attrs is not None else {}
             wrap: Wrap = "parameter" if r.wrap == "parameter" else "tensor"
             leaves.append(TensorLeaf(path, NO_DATA, wrap, r.requires_grad, attrs))
     except (CheckpointCorrupt, ValueError) as exc:

@@ -54,10 +54,9 @@ class Breaker:
                 ) from exc
             if first is exc and isinstance(exc, ReplicationError):
                 raise
-            p, ph = (
-                (first.peer, first.phase) if isinstance(first, ReplicationError) else (peer, phase)
-            )
-            raise ReplicationError(str(first), peer=p, phase=ph) from exc
+            if isinstance(first, ReplicationError):
+                raise ReplicationError(first.message, peer=first.peer, phase=first.phase) from exc
+            raise ReplicationError(str(first), peer=peer, phase=phase) from exc
 
 
 def _first_error(e: BaseException) -> BaseException:

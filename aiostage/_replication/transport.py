@@ -38,6 +38,7 @@ from .wire import (
     WIRE_VERSION,
     Hasher,
     Limits,
+    RefusedAfterLanding,
     check_head,
     decode_frame_header,
     messages,
@@ -189,13 +190,30 @@ async def recv_frame(
     caller). ``limits``: what this rank agreed to take. ``check`` (default ``link.verify``):
     hash the bytes as they land and compare them with the digests. Blocks on nothing. Raises
     ``ReplicationError`` naming ``peer`` and the phase: ``"header"`` for a malformed frame or one
-    over ``limits`` (checked before anything is allocated, never unpickled), ``"allocate"`` when
-    its buffer cannot be allocated, ``"data"`` when the backend fails, ``"verify"`` on a checksum
-    mismatch (the whole frame has landed then).
+    over ``limits`` (checked before anything is allocated, never unpickled; a frame whose
+    layout is sound but whose records are not lands first: ``RefusedAfterLanding``),
+    ``"allocate"`` when its buffer cannot be allocated, ``"data"`` when the backend fails,
+    ``"verify"`` on a checksum mismatch (the whole frame has landed then).
     """
-    header = await _recv_header(link, peer, limits)
+    try:
+        header = await _recv_header(link, peer, limits)
+    except RefusedAfterLanding as exc:  # take its data, within the limits, to stay in step
+        await _land(link, peer, exc.layout, buffer, False)
+        raise
     if header is None:
         return None
+    data, digests = await _land(link, peer, header, buffer, check)
+    return header, data, digests
+
+
+async def _land(
+    link: Link,
+    peer: int,
+    header: Header,
+    buffer: Callable[[int], Awaitable[torch.Tensor]],
+    check: bool | None,
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Receive the data and digests of a frame of ``header`` into ``buffer``; check them."""
     try:
         data = await buffer(header.data_bytes)
     except (OSError, MemoryError, RuntimeError) as exc:  # ENOMEM from mmap, a failed pin
@@ -222,7 +240,7 @@ async def recv_frame(
     digests = tuple(as_uint64(v) for v in sums.cpu().tolist())
     if landing.hasher is not None:
         landing.hasher.check(digests, peer)
-    return header, data, digests
+    return data, digests
 
 
 async def _recv_header(link: Link, peer: int, limits: Limits) -> Header | None:

@@ -16,7 +16,15 @@ import torch
 import xxhash
 
 from .._core.buffers import copy_bytes
-from .._format.codec import DATA_ALIGN, MAX_DATA, MAX_HEADER, Header, Source, decode_header
+from .._format.codec import (
+    DATA_ALIGN,
+    MAX_DATA,
+    MAX_HEADER,
+    Header,
+    Source,
+    decode_header,
+    decode_layout,
+)
 from ..errors import ReplicationError
 
 __all__ = [
@@ -25,6 +33,7 @@ __all__ = [
     "PARSE_BUDGET",
     "SMALL",
     "Limits",
+    "RefusedAfterLanding",
     "check_head",
     "check_lengths",
     "decode_frame_header",
@@ -240,15 +249,32 @@ def decode_frame_header(
             peer=peer,
             phase="header",
         )
+    where = f"frame from rank {peer}"
     try:
-        header = decode_header(raw[8:], data_len, f"frame from rank {peer}")
+        header = decode_header(raw[8:], data_len, where)
     except Exception as exc:  # CheckpointCorrupt, or anything a malformed header trips on
-        raise ReplicationError(str(exc), peer=peer, phase="header") from exc
+        try:
+            layout = decode_layout(raw[8:], data_len, where)
+        except Exception:
+            raise ReplicationError(str(exc), peer=peer, phase="header") from exc
+        if len(layout.entries) != n_entries:
+            raise ReplicationError(str(exc), peer=peer, phase="header") from exc
+        raise RefusedAfterLanding(str(exc), peer=peer, layout=layout) from exc
     if len(header.entries) != n_entries:
         raise ReplicationError(
             f"{len(header.entries)} entries, the frame said {n_entries}", peer=peer, phase="header"
         )
     return header
+
+
+class RefusedAfterLanding(ReplicationError):
+    """A frame whose records do not decode but whose data layout does (``layout``): the
+    receiver takes the data it announced (within the limits already checked) before this is
+    raised, so the next frame on the link starts in step, as after a checksum mismatch."""
+
+    def __init__(self, message: str, *, peer: int, layout: Header) -> None:
+        super().__init__(message, peer=peer, phase="header")
+        self.layout = layout
 
 
 class Hasher:

@@ -10,8 +10,11 @@ place once all are written: the output appears whole or not at all, with the uma
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
-import uuid
+import math
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +25,17 @@ import torch
 
 from .._core.dtypes import ST_DTYPES
 from .._core.storages import View, view_tensor
-from .._core.tree import KeyPath, Tree, Value, key_str, unflatten
+from .._core.tree import (
+    KeyPath,
+    MapNode,
+    Node,
+    SeqNode,
+    TensorLeaf,
+    Tree,
+    Value,
+    key_str,
+    unflatten,
+)
 from .._format.hf import (
     INDEX_NAME,
     TensorSpec,
@@ -33,7 +46,7 @@ from .._format.hf import (
 )
 from .._format.placements import global_shape
 from .._format.torchzip import torch_layout
-from ..errors import UsageError
+from ..errors import CheckpointCorrupt, UsageError
 from . import localfs
 from .consolidate import (
     Checkpoint,
@@ -108,6 +121,7 @@ async def plan_export(
         raise UsageError(f"{out} exists; remove it or choose another output path")
     ck = await open_checkpoint(path)
     sel = await anyio.to_thread.run_sync(select, ck, only)
+    _check_sizes(ck, sel, dense=fmt == "safetensors")
     pieces = await anyio.to_thread.run_sync(assembly, ck, sel.records)
     files: tuple[_File, ...]
     if fmt == "torch":
@@ -116,6 +130,33 @@ async def plan_export(
         make = _safetensors_files
         files = await anyio.to_thread.run_sync(make, ck, sel, pieces, out.name, max_shard_size)
     return ExportPlan(ck, out, max_shard_size is not None, files)
+
+
+def _check_sizes(ck: Checkpoint, sel: Selection, *, dense: bool) -> None:
+    """Refuse, before anything is allocated, a tensor that the export would hold whole in memory
+    (every tensor when ``dense``, else the DTensors) but that is larger than all the data of the
+    checkpoint: a view with stride 0 over a few stored bytes, or a DTensor whose stated global
+    shape its saved shards repeat to. ``UsageError`` naming the key and the sizes."""
+    budget = sum(h.data_bytes for h, _ in ck.headers)
+    header, paths = ck.headers[0]
+    where = ck.file(0)[0]
+    for i in sel.records:
+        r, key = header.records[i], key_str(paths[i])
+        if not dense and r.wrap != "dtensor":
+            continue  # --to torch writes a plain tensor's storage as it was stored
+        shape = global_shape(r, key, str(where))
+        if any(n < 0 for n in shape):
+            raise CheckpointCorrupt(
+                f"{where}: {key} has a negative size {list(shape)}", path=where, key=key
+            )
+        nbytes = math.prod(shape) * r.dtype.itemsize
+        if nbytes > budget:
+            hint = "; export --to torch keeps it a view" if r.wrap != "dtensor" else ""
+            raise UsageError(
+                f"{key}: whole, this {list(shape)} {r.dtype} tensor is {nbytes} bytes, more than "
+                f"the {budget} bytes of data in the checkpoint (its stored bytes are repeated, "
+                f"stride 0); export assembles no tensor larger than the checkpoint{hint}"
+            )
 
 
 def _safetensors_files(
@@ -201,18 +242,31 @@ def _torch_file(
 ) -> _File:
     """The ``torch.save`` file named ``name`` of the selection (worker thread): its structure
     with whole tensors, plain tensors sharing the storage they shared (as ``aiostage.load``
-    returns them); laid out around placeholders whose memory is never touched."""
+    returns them, namedtuples as plain tuples); laid out around placeholders whose memory is
+    never touched."""
     header, paths = ck.headers[0]
-    file = ck.file(0)[0]
     data, units, probes = _placeholders(ck, sel, dict(zip(sel.records, pieces, strict=True)))
-    leaves = tuple(_leaf(p, r, file) for p, r in zip(paths, header.records, strict=True))
-    obj = unflatten(Tree(sel.node, leaves), data, copy_values=False)
+    leaves = tuple(_leaf(p, r) for p, r in zip(paths, header.records, strict=True))
+    for i in sel.records:
+        _restorable(leaves[i])
+    obj = unflatten(Tree(_plain_tuples(sel.node), leaves), data, copy_values=False)
     zipped = torch_layout(obj, probes)
     parts: list[tuple[int, bytes | Unit]] = [
         *zipped.chunks,
         *zip(zipped.offsets, units, strict=True),
     ]
     return _File(name, zipped.size, tuple(sorted(parts, key=lambda part: part[0])))
+
+
+def _plain_tuples(node: Node) -> Node:
+    """``node`` with its namedtuples made plain tuples: their classes were made when the header
+    was decoded, so ``torch.save`` could not pickle them by reference, nor ``torch.load`` (with
+    ``weights_only=True``) rebuild them."""
+    if isinstance(node, SeqNode):
+        return SeqNode(tuple if node.named else node.cls, tuple(map(_plain_tuples, node.children)))
+    if isinstance(node, MapNode):
+        return dataclasses.replace(node, children=tuple(map(_plain_tuples, node.children)))
+    return node
 
 
 def _placeholders(
@@ -226,6 +280,7 @@ def _placeholders(
     units: list[Unit] = []
     probes: list[tuple[KeyPath, int]] = []
     shared: dict[int, torch.UntypedStorage] = {}
+    viewed_as: dict[int, tuple[KeyPath, torch.dtype]] = {}
     for i, (p, r) in enumerate(zip(paths, header.records, strict=True)):
         if i not in chosen:
             data.append(torch.empty(0))
@@ -240,11 +295,36 @@ def _placeholders(
                 units.append(Unit(torch.uint8, (e.end - e.begin,), entry=r.entry))
                 probes.append((p[len(sel.prefix) :], units[-1].nbytes))
                 shared[r.entry] = torch.empty(e.end - e.begin, dtype=torch.uint8).untyped_storage()
+            _one_dtype(viewed_as.setdefault(r.entry, (p, r.dtype)), p, r.dtype)
             view = View(0, r.offset, r.shape, r.stride, r.dtype)
             data.append(view_tensor(view, [shared[r.entry]]))
         else:
             data.append(torch.empty_strided(r.shape, r.stride, dtype=r.dtype))
     return data, units, probes
+
+
+def _one_dtype(first: tuple[KeyPath, torch.dtype], path: KeyPath, dtype: torch.dtype) -> None:
+    """``UsageError`` naming both keys when the tensor at ``path`` views a storage as another
+    dtype than the ``first`` tensor on it did: ``torch.save`` holds a storage as one dtype."""
+    if first[1] != dtype:
+        raise UsageError(
+            f"{key_str(path)}: it views the storage of {key_str(first[0])} as {dtype}, not "
+            f"{first[1]}, and torch.save holds a storage as one dtype; export --to safetensors "
+            "(which copies each tensor), or --only a sub-tree without one of them"
+        )
+
+
+def _restorable(leaf: TensorLeaf) -> None:
+    """``UsageError`` naming the key of a tensor with a Python attribute that torch's tensors
+    define themselves (``data``, ``grad``, ``shape``): ``torch.load`` sets the attributes of a
+    saved tensor one by one, and those cannot be set to a saved value."""
+    for name in leaf.attrs:
+        found = inspect.getattr_static(torch.nn.Parameter, name, None)
+        if found is not None and hasattr(type(found), "__set__"):
+            raise UsageError(
+                f"{leaf.key}: its attribute {name!r} is one torch tensors have themselves, "
+                "which torch.load cannot restore; export --to safetensors"
+            )
 
 
 # ---------------------------------------------------------------- writing
@@ -260,7 +340,7 @@ async def write_export(plan: ExportPlan, progress: Callable[[int], None]) -> lis
     that does not match its checksum, ``UsageError`` if ``plan.out`` appeared meanwhile (nothing
     is replaced), and ``OSError``.
     """
-    staging = Path(await LOCAL.begin(plan.out, uuid.uuid4().hex))
+    staging = await _staging(plan.out)
     try:
         for f in plan.files:
             await _write_file(plan.source, staging / f.name, f, progress)
@@ -278,6 +358,15 @@ async def write_export(plan: ExportPlan, progress: Callable[[int], None]) -> lis
     if not plan.directory:
         return [(plan.out, plan.files[0].size)]
     return [(plan.out / f.name, f.size) for f in plan.files]
+
+
+async def _staging(out: Path) -> Path:
+    """Create the hidden sibling ``out`` is written in (and ``out``'s missing parents): a random
+    name, made by ``mkdir``, which fails on anything already there (a planted symlink too)."""
+    await localfs.make_parents(out.parent)
+    staging = localfs.temp_path(out, secrets.token_hex(16))
+    await localfs.make_dir(staging)
+    return staging
 
 
 async def _write_file(

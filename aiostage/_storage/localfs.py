@@ -4,6 +4,8 @@ Open (O_DIRECT when possible), positioned writes, fsync, rename, remove, list, m
 blocking call runs in a worker thread (aiofiles or ``anyio.to_thread``); nothing here blocks the
 event loop. Checkpoint directories are committed by renaming a temporary sibling
 ``.{name}.aiostage-tmp-{token}`` into place; ``temp_path`` and ``TEMP_NAME`` define those names.
+A checkpoint's files are read only if they are regular files: a link inside a checkpoint is never
+followed and a FIFO never waited on (``CheckpointCorrupt`` instead).
 ``local.LocalStorage`` composes these into the storage seam's local backend.
 """
 
@@ -16,6 +18,7 @@ import mmap
 import os
 import re
 import shutil
+import stat
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,7 @@ import anyio
 import anyio.to_thread
 
 from .._core.buffers import run_whole
+from ..errors import CheckpointCorrupt
 from .backend import Kind
 
 __all__ = [
@@ -45,7 +49,6 @@ __all__ = [
     "make_parents",
     "map_private",
     "path_kind",
-    "publish_file",
     "read_at",
     "remove_tree",
     "rename_noreplace",
@@ -310,20 +313,86 @@ def sweep_now(
 
 
 async def read_at(path: Path, offset: int, n: int) -> bytes:
-    """Up to ``n`` bytes of ``path`` from ``offset`` (fewer at the end of the file): opened,
-    read and closed in one worker-thread call, so a cancellation never leaves it open."""
+    """Up to ``n`` bytes of ``path`` from ``offset`` (fewer at the end of the file, and never a
+    buffer larger than the file): opened, read and closed in one worker-thread call, so a
+    cancellation never leaves it open. ``CheckpointCorrupt`` if ``path`` is not a regular file."""
     return await anyio.to_thread.run_sync(_read_at, path, offset, n)
 
 
 def _read_at(path: Path, offset: int, n: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(n)
+    fd, size = _open_regular(path)
+    try:
+        left, chunks = max(0, min(n, size - offset)), []  # never a buffer past the file's end
+        while left > 0:
+            chunk = os.pread(fd, left, offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset, left = offset + len(chunk), left - len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+#: a checkpoint file is opened for reading so that a link planted in its place fails to open
+#: (``O_NOFOLLOW``, on the last component only: the directory may be a link the user made) and a
+#: FIFO opens at once instead of waiting for a writer (``O_NONBLOCK``), to be refused by ``fstat``
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+_NOT_REGULAR = (
+    (stat.S_ISLNK, "a symbolic link", "aiostage does not follow links inside a checkpoint"),
+    (stat.S_ISDIR, "a directory", ""),
+    (stat.S_ISFIFO, "a FIFO", ""),
+    (stat.S_ISSOCK, "a socket", ""),
+    (stat.S_ISCHR, "a character device", ""),
+    (stat.S_ISBLK, "a block device", ""),
+)
+
+
+def _not_regular(path: Path, mode: int) -> CheckpointCorrupt | None:
+    """The error naming ``path`` and what it is, unless ``mode`` is a regular file's."""
+    if stat.S_ISREG(mode):
+        return None
+    what, why = next(((w, y) for test, w, y in _NOT_REGULAR if test(mode)), ("not a file", ""))
+    why = why or "a checkpoint holds only regular files"
+    return CheckpointCorrupt(f"{path} is not a regular file ({what}); {why}", path=path)
+
+
+def _open_regular(path: Path) -> tuple[int, int]:
+    """A read-only descriptor of ``path`` and its size; ``CheckpointCorrupt`` if ``path`` is not
+    a regular file (a link, a FIFO, a directory, a device), which is never followed nor waited on.
+    """
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except OSError as exc:  # ELOOP for a link, ENXIO for a socket: say what it is
+        refused = None
+        with contextlib.suppress(OSError):
+            refused = _not_regular(path, os.lstat(path).st_mode)
+        if refused is not None:
+            raise refused from exc
+        raise
+    try:
+        st = os.fstat(fd)
+        refused = _not_regular(path, st.st_mode)
+        if refused is not None:
+            raise refused
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st.st_size
+
+
+def _regular_size(path: Path) -> int:
+    st = os.lstat(path)
+    refused = _not_regular(path, st.st_mode)
+    if refused is not None:
+        raise refused
+    return st.st_size
 
 
 async def file_size(path: Path) -> int:
-    """The size of ``path`` in bytes (``FileNotFoundError`` if it is missing)."""
-    return (await aiofiles.os.stat(path)).st_size
+    """The size of ``path`` in bytes (``FileNotFoundError`` if it is missing, ``CheckpointCorrupt``
+    if it is not a regular file: a link is not followed)."""
+    return await anyio.to_thread.run_sync(_regular_size, path)
 
 
 async def list_dir(path: Path) -> list[str]:
@@ -341,20 +410,25 @@ def _path_kind(path: Path, manifest: str) -> Kind:
         return "absent"
     if path.is_symlink() or not path.is_dir():
         return "file"
-    if (path / manifest).is_file():
+    if os.path.lexists(path / manifest):  # whatever it is: reading it says if it is sound
         return "checkpoint"
     return "other" if any(path.iterdir()) else "empty"
 
 
 async def path_kind(path: Path, manifest: str) -> Kind:
-    """What is at ``path``: "absent", "checkpoint" (a directory holding ``manifest``), "empty"
-    (an empty directory), "other" (another directory) or "file" (anything else)."""
+    """What is at ``path``: "absent", "checkpoint" (a directory holding an entry named
+    ``manifest``, not opened here), "empty" (an empty directory), "other" (another directory) or
+    "file" (anything else)."""
     return await anyio.to_thread.run_sync(_path_kind, path, manifest)
 
 
 def _map_private(path: Path, size: int) -> mmap.mmap:
-    fd = os.open(path, os.O_RDONLY)
+    fd, has = _open_regular(path)
     try:
+        if has < size:  # mmap would raise ValueError; the file was cut since its size was read
+            raise CheckpointCorrupt(
+                f"{path}: {has} bytes, fewer than the {size} expected (truncated)", path=path
+            )
         return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
@@ -364,6 +438,7 @@ async def map_private(path: Path, size: int) -> mmap.mmap:
     """A private, copy-on-write mapping of the first ``size`` bytes of ``path``.
 
     Pages come in from the page cache on first touch; writing one copies it, never the file.
+    Raises ``CheckpointCorrupt`` if ``path`` is not a regular file or is shorter than ``size``.
     """
     return await anyio.to_thread.run_sync(_map_private, path, size)
 
@@ -391,26 +466,3 @@ def _usage(path: Path) -> Usage:
 async def usage(path: Path) -> Usage:
     """The bytes of the files under directory ``path`` and their latest mtime (or the file's)."""
     return await anyio.to_thread.run_sync(_usage, path)
-
-
-def _publish_file(out: Path, produce: Callable[[Path], None]) -> int:
-    tmp = out.with_name(f".{out.name}.partial")
-    try:
-        produce(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        _rename_noreplace(tmp, out)
-        _fsync_dir(out.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return os.stat(out).st_size
-
-
-async def publish_file(out: Path, produce: Callable[[Path], None]) -> int:
-    """Create file ``out`` whole or not at all: ``produce(path)`` writes a temporary sibling (in
-    a worker thread), which is fsynced and renamed into place; returns its size. Raises
-    ``FileExistsError`` if ``out`` exists, and what ``produce`` raises."""
-    return await anyio.to_thread.run_sync(_publish_file, out, produce)

@@ -33,7 +33,6 @@ from .._core.tree import (
     Tree,
     Wrap,
     flatten,
-    key_str,
     unflatten,
 )
 from .._format.codec import (
@@ -46,7 +45,8 @@ from .._format.codec import (
     decode_manifest,
     header_length,
 )
-from .._format.structure import decode_skeleton, decode_value
+from .._format.records import check_attrs
+from .._format.structure import decode_skeleton
 from .._train_state import TrainState
 from ..errors import CheckpointCorrupt, CheckpointNotFound, PersistenceError, UsageError
 from .backend import Storage
@@ -124,10 +124,19 @@ async def load_metadata(path: PathLike) -> dict[str, Any]:
 
 
 async def read_manifest(storage: Storage, target: Path) -> Manifest:
-    """Read and validate ``target/manifest.json`` (``CheckpointNotFound`` if there is none)."""
+    """Read and validate ``target/manifest.json`` (``CheckpointNotFound`` if there is none).
+
+    Its size is asked first, so a huge (or sparse) manifest is refused before a byte is read;
+    one that is not a regular file (a link, a FIFO) is refused by the storage as corrupt."""
     file = target / MANIFEST
     try:
-        raw = await storage.read(file, 0, _MAX_MANIFEST + 1)
+        size = await storage.size(file)
+        if size > _MAX_MANIFEST:
+            raise CheckpointCorrupt(
+                f"{file}: {size} bytes, larger than a manifest may be ({_MAX_MANIFEST} bytes)",
+                path=file,
+            )
+        raw = await storage.read(file, 0, size)
     except (FileNotFoundError, NotADirectoryError) as exc:
         hint = await _recoverable(storage, target)
         raise CheckpointNotFound(
@@ -135,8 +144,6 @@ async def read_manifest(storage: Storage, target: Path) -> Manifest:
         ) from exc
     except OSError as exc:
         raise PersistenceError(f"cannot read {file}: {exc}", path=file) from exc
-    if len(raw) > _MAX_MANIFEST:
-        raise CheckpointCorrupt(f"{file}: larger than {_MAX_MANIFEST} bytes", path=file)
     return decode_manifest(raw, str(file))
 
 
@@ -306,21 +313,16 @@ def _build(data: memoryview, parts: list[Any], file: Path, device: torch.device)
     header, root, paths = parts
     parts.clear()
     with gc_pause.paused():
-        leaves = [_leaf(p, r, file) for p, r in zip(paths, header.records, strict=True)]
+        leaves = [_leaf(p, r) for p, r in zip(paths, header.records, strict=True)]
         tensors = _tensors(data, header, device)
         return unflatten(Tree(root, tuple(leaves)), tensors, copy_values=False)
 
 
-def _leaf(path: KeyPath, r: Record, file: Path) -> TensorLeaf:
+def _leaf(path: KeyPath, r: Record) -> TensorLeaf:
     """How to wrap record ``r``: a DTensor comes back as its local shard (a Parameter if it was)."""
     was_param = r.wrap == "dtensor" and isinstance(r.dtensor, dict) and r.dtensor.get("param")
     wrap: Wrap = "parameter" if r.wrap == "parameter" or was_param else "tensor"
-    try:
-        attrs = decode_value(r.attrs) if r.attrs is not None else {}
-        if not isinstance(attrs, dict) or not all(isinstance(k, str) for k in attrs):
-            raise ValueError("tensor attributes must be a dict with str keys")
-    except ValueError as exc:
-        raise CheckpointCorrupt(f"{file}: {exc}", path=file, key=key_str(path)) from exc
+    attrs = check_attrs(r.attrs) if r.attrs is not None else {}  # checked as it was decoded
     return TensorLeaf(path, NO_DATA, wrap, r.requires_grad, attrs)
 
 

@@ -208,6 +208,41 @@ async def payload_longer_than_announced(rank: int, world: int) -> dict[str, Any]
     return {"survived": True}
 
 
+#: records a hostile peer bends, each a class of issue 21 (items 2-4): malformed tensor
+#: attributes, a quantized dtype, an element count past int64 whose view fits its entry
+BENT_RECORDS: dict[str, dict[str, Any]] = {
+    "attrs": {"attrs": {"float": []}},
+    "qint8": {"dtype": torch.qint8},
+    "overflow": {"shape": (1 << 62, 8), "stride": (0, 1)},
+}
+
+
+async def bent_replicas(rank: int, world: int) -> dict[str, Any]:
+    """Rank 1 answers each of rank 0's ``stage`` calls with a frame of a real layout whose
+    first record is bent (``BENT_RECORDS``), each exchange in a group of its own. Rank 0 returns
+    what each ``stage`` raised, and the replica a good exchange after them staged."""
+    good = plan_cpu_frame(state_of(1)).header
+    seen: dict[str, Any] = {}
+    for name, changes in BENT_RECORDS.items():
+        group = dist.new_group(backend="gloo")
+        if rank == 1:
+            header, sources = bent(good, **changes), plan_cpu_frame(state_of(1)).sources
+            await transport.send_frame(
+                transport.Link(group, torch.device("cpu"), 20.0), 0, header, sources
+            )
+        else:
+            stager = aiostage.ReplicationStager(group, timeout=20)
+            seen[name] = await raised(stager.stage(state_of(0)), ReplicationError)
+            await stager.aclose()
+        await barrier()
+    group = dist.new_group(backend="gloo")
+    stager = aiostage.ReplicationStager(group, timeout=20)
+    seen["good"] = float((await stager.stage(state_of(rank)))["w"][0])
+    await stager.aclose()
+    await barrier()
+    return seen
+
+
 # ---------------------------------------------------------------- the weight channel
 
 

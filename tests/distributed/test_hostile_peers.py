@@ -79,6 +79,19 @@ def test_a_tebibyte_offer_ends_the_stream_and_the_subscriber_keeps_serving() -> 
 
 
 @pytest.mark.timeout(90)
+def test_a_bent_record_is_refused_as_a_header_naming_the_peer() -> None:
+    """Items 2-4: malformed attributes, a quantized dtype and an element count past int64 are
+    each a ``ReplicationError`` of phase "header" naming rank 1, never a bare ``TypeError`` or
+    ``RuntimeError``, and the next good exchange works."""
+    rank0, _ = run_world(workers.bent_replicas, 2, timeout=WORLD_TIMEOUT)
+    words = {"attrs": "tensor attributes", "qint8": "qint8", "overflow": "int64"}
+    for name, word in words.items():
+        error = refused_as(rank0[name], "header", word)
+        assert error["peer"] == 1, error
+    assert rank0["good"] == 1.0, rank0  # the partner's state, staged as its replica
+
+
+@pytest.mark.timeout(90)
 def test_a_payload_longer_than_announced_aborts_the_receiver_inside_gloo() -> None:
     """What docs/replication.md and docs/channel.md say a deployment must plan for: gloo aborts
     the process from its own thread (SIGABRT), which aiostage cannot catch."""

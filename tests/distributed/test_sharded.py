@@ -173,5 +173,7 @@ async def test_a_shard_outside_its_tensor_is_corrupt(hsdp: dict[str, Any], tmp_p
     path = tmp_path / "bad"
     shutil.copytree(hsdp["path"], path)
     _edit_layouts(path, move)
-    with pytest.raises(CheckpointCorrupt, match=rf"{rank_file(1)}: model\.2\.weight holds"):
+    with pytest.raises(
+        CheckpointCorrupt, match=rf"{rank_file(1)}: .* shard at \[5, 0\] is outside"
+    ):
         await _load_plain(path)
