@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -51,7 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
     try:
-        status: int = anyio.run(args.run, args)
+        with warnings.catch_warnings():
+            # torch warns that complex32 is experimental whenever one is made: noise beside the
+            # one line a command prints (a checkpoint may hold complex32 tensors)
+            warnings.filterwarnings("ignore", message="ComplexHalf support is experimental")
+            status: int = anyio.run(args.run, args)
     except BrokenPipeError:  # the reader went away (``aiostage ls | head``): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
