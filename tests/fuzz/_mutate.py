@@ -266,7 +266,10 @@ def mutate(bases: Bases, seed: str) -> tuple[Ckpt, str, str]:
     label = _apply(ck, rng, kind, bases)
     if rng.random() < 0.1:  # now and then a second mutation on top of the first
         second = rng.choices(KINDS, _WEIGHTS)[0]
-        label += "+" + _apply(ck, rng, second, bases)
+        try:
+            label += "+" + _apply(ck, rng, second, bases)
+        except (struct.error, ValueError, IndexError, KeyError, TypeError):
+            label += f"+{second}(not applicable)"  # e.g. a header edit on a file cut to 3 bytes
     return ck, kind, label
 
 
