@@ -12,10 +12,12 @@ A staged copy stays reserved until ``release(staged)``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -25,7 +27,7 @@ import anyio.lowlevel
 import torch
 
 from ._core import cuda
-from ._core.buffers import Buffers, allocate, free, touch
+from ._core.buffers import Buffers, allocate, free, retire, touch
 from ._core.completion import Backoff, wait_until
 from ._core.fill import Fill, Planner, Prepared, prime, versions
 from ._core.storages import Layout
@@ -40,6 +42,17 @@ _MiB = 1 << 20
 #: polling a CUDA event: one bare yield, then 0.2 ms doubling to 2 ms (a copy of a few MiB
 #: ends within milliseconds; a longer one costs at most 2 ms of latency)
 _CUDA_POLL = Backoff(0.0002, 0.002)
+#: how often ``stage`` looks again at a pooled set a cancelled stage retired
+_RETIRED_POLL = 0.002
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """What a stage notes on the caller's thread before its first await: the current CUDA
+    device and, by device, the streams its copies must wait for (both per thread)."""
+
+    device: torch.device | None
+    after: dict[torch.device, list[Any]]
 
 
 @runtime_checkable
@@ -186,8 +199,19 @@ class DefaultStager:
             last_stage_seconds=self._last_seconds,
         )
 
-    async def stage(self, state_dict: _T, *, issued: Callable[[], object] | None = None) -> _T:
+    async def stage(
+        self,
+        state_dict: _T,
+        *,
+        issued: Callable[[], object] | None = None,
+        streams: Iterable[Any] = (),
+    ) -> _T:
         """Copy ``state_dict`` to CPU and return the copy; see the class docstring.
+
+        CUDA copies wait for the work queued, when ``stage`` is called, on the calling thread's
+        current stream of every device, and on ``streams`` (other CUDA streams that
+        write the state: an optimizer's side stream, FSDP's); work queued later, or on any
+        other stream, is not waited for. Every copy is done when ``stage`` returns.
 
         ``issued`` (zero-stall saves): called once the state dict has been walked and the
         version counter of each of its tensors noted, before any byte is copied; the caller may
@@ -197,6 +221,7 @@ class DefaultStager:
         naming its key: the copy may be torn, and it is discarded.
         """
         self._check_open()
+        entry = self._note(streams)  # per thread: noted before any await
         self._enter()
         try:
             began = time.perf_counter()
@@ -206,12 +231,14 @@ class DefaultStager:
             if issued is not None:
                 issued()
             layout = prepared.recipe.layout
-            buffers = await self._acquire(layout)
+            buffers = await self._acquire(layout, entry.device)
             try:
-                staged: _T = await self._fill(prepared, buffers)
+                staged: _T = await self._fill(prepared, buffers, entry)
                 if noted is not None:
                     await anyio.to_thread.run_sync(_check_unchanged, noted)
             except BaseException:
+                if not buffers.ready() and not self.options.reuse_buffers:
+                    retire(buffers)  # kept until its copies are done, never freed before
                 self._give_back(buffers)
                 raise
             self._last_seconds = time.perf_counter() - began
@@ -222,6 +249,10 @@ class DefaultStager:
             return staged
         finally:
             self._exit()
+
+    def _note(self, streams: Iterable[Any]) -> _Entry:
+        """The caller's device and streams (``_Entry``), on the caller's thread."""
+        return _Entry(cuda.caller_device(), cuda.current_streams(streams))
 
     def _prepare(self, state_dict: Any, note: bool) -> tuple[Prepared, _Noted | None]:
         """The plan of ``state_dict`` and, with ``note``, its tensors and their version
@@ -245,12 +276,13 @@ class DefaultStager:
         if not self.options.reuse_buffers:
             await anyio.lowlevel.checkpoint()
             return
+        device = self._note(()).device
         recipe = (await anyio.to_thread.run_sync(self._planner.prepare, state_dict)).recipe
         have = sum(1 for b in self._pool if b.layout == recipe.layout)
         for _ in range(min(copies, self.options.pool_size) - have):
             if len(self._pool) >= self.options.pool_size:
                 break
-            buffers = await self._allocate(recipe.layout, pooled=True)
+            buffers = await self._allocate(recipe.layout, device, pooled=True)
             try:
                 await anyio.to_thread.run_sync(touch, buffers)
                 await anyio.to_thread.run_sync(prime, recipe, buffers)
@@ -315,11 +347,11 @@ class DefaultStager:
         buffers.busy = False
         self._notify()
 
-    async def _acquire(self, layout: Layout) -> Buffers:
+    async def _acquire(self, layout: Layout, device: torch.device | None) -> Buffers:
         """A free buffer set for ``layout``: reused, newly allocated, or waited for."""
         try:
             with anyio.fail_after(self.options.lease_timeout):
-                return await self._acquire_forever(layout)
+                return await self._acquire_forever(layout, device)
         except TimeoutError as exc:
             raise LeaseTimeout(self._all_leased(self.options.lease_timeout)) from exc
 
@@ -330,9 +362,14 @@ class DefaultStager:
         )
 
     async def _wait_for_release(self, warn_at: float) -> float:
-        """Wait for a release; at ``warn_at`` (loop time) warn once: return when to warn next."""
-        with anyio.CancelScope(deadline=warn_at):
+        """Wait for a release (or, while a retired set waits for its copies, a short while); at
+        ``warn_at`` (loop time) warn once: return when to warn next."""
+        retired = any(not b.busy and b.settled is not None for b in self._pool)
+        poll = anyio.current_time() + _RETIRED_POLL if retired else math.inf
+        with anyio.CancelScope(deadline=min(warn_at, poll)):
             await self._changed.wait()
+            return warn_at
+        if anyio.current_time() < warn_at:
             return warn_at
         warnings.warn(
             f"stage() is waiting for a free buffer: {self._all_leased(self.options.lease_warning)}"
@@ -342,14 +379,14 @@ class DefaultStager:
         )
         return math.inf
 
-    async def _acquire_forever(self, layout: Layout) -> Buffers:
+    async def _acquire_forever(self, layout: Layout, device: torch.device | None) -> Buffers:
         if not self.options.reuse_buffers:
-            return await self._allocate(layout)
+            return await self._allocate(layout, device)
         warning = self.options.lease_warning
         warn_at = math.inf if warning is None else anyio.current_time() + warning
         while True:
             self._check_open()
-            idle = [i for i, b in enumerate(self._pool) if not b.busy]
+            idle = [i for i, b in enumerate(self._pool) if not b.busy and b.ready()]
             match = next((self._pool[i] for i in idle if self._pool[i].layout == layout), None)
             if match is not None:
                 match.busy = True
@@ -359,17 +396,22 @@ class DefaultStager:
                 # an idle set of another layout makes room; freed off the loop thread
                 await anyio.to_thread.run_sync(free, [self._pool.pop(idle[0])])
             if len(self._pool) < self.options.pool_size:
-                return await self._allocate(layout, pooled=True)
+                return await self._allocate(layout, device, pooled=True)
             warn_at = await self._wait_for_release(warn_at)
 
-    async def _allocate(self, layout: Layout, *, pooled: bool = False) -> Buffers:
+    async def _allocate(
+        self, layout: Layout, device: torch.device | None, *, pooled: bool = False
+    ) -> Buffers:
+        """Fresh buffers for ``layout``, page-locked on ``device``'s context; shared memory is
+        page-locked only when pooled (``free`` unregisters it; nothing else would)."""
         o = self.options
+        pin = self._pin and (pooled or not o.share_memory)
         placeholder = Buffers(layout, (), ())
         if pooled:
             self._pool.append(placeholder)  # holds the slot while the thread allocates
         try:
             buffers = await anyio.to_thread.run_sync(
-                allocate, layout, o.share_memory, self._pin, o.huge_pages
+                allocate, layout, o.share_memory, pin, o.huge_pages, device
             )
         finally:
             if pooled:
@@ -379,24 +421,51 @@ class DefaultStager:
             self._pool.append(buffers)
         return buffers
 
-    async def _fill(self, prepared: Prepared, buffers: Buffers) -> Any:
+    async def _fill(self, prepared: Prepared, buffers: Buffers, entry: _Entry) -> Any:
         """Fill ``buffers`` from a worker thread and build the staged copy over them.
 
-        CUDA copies the thread queued are always awaited (shielded) before returning or raising,
-        so a cancelled stage never hands back buffers a copy may still write.
+        CUDA copies wait for the caller's streams (``entry``): queued on side streams into
+        page-locked buffers and awaited by polling their events, else blocking copies in the
+        worker on side streams. A stage that fails or is cancelled while copies may still run
+        does not wait for them: it marks ``buffers`` unsettled (never reused nor freed before
+        they are done, ``Buffers.ready``) and returns at once, even behind a hung kernel.
         """
-        streams = self._streams if self._pin and self.options.non_blocking else None
+        devices = prepared.recipe.devices
         job = Fill(prepared, buffers, self.options.chunk_bytes)
-        if streams is not None:
-            job.cuda = (streams, cuda.current_streams(prepared.recipe.devices))
+        run: Callable[[], Any] = job.run
+        if devices and self._streams is not None:
+            if buffers.pinned and self.options.non_blocking:
+                job.cuda = (self._streams, entry.after)
+            else:
+                run = functools.partial(self._streams.ordered, devices, entry.after, job.run)
+        finished = threading.Event()
+
+        def settled() -> bool:
+            return finished.is_set() and all(e.query() for e in job.events)
+
         try:
-            staged = await anyio.to_thread.run_sync(job.run, abandon_on_cancel=False)
-        finally:
-            with anyio.CancelScope(shield=True):
-                for event in job.events:
-                    await wait_until(event.query, _CUDA_POLL)
-        await anyio.lowlevel.checkpoint_if_cancelled()
+            staged = await anyio.to_thread.run_sync(
+                cuda.bound(entry.device, _flagged(run, finished)),
+                abandon_on_cancel=bool(devices),  # a CUDA call may block behind a hung kernel
+            )
+            await wait_until(settled, _CUDA_POLL)
+        except BaseException:
+            if not settled():
+                buffers.settled = settled
+            raise
         return staged
+
+
+def _flagged(func: Callable[[], _T], done: threading.Event) -> Callable[[], _T]:
+    """``func`` that sets ``done`` when it returns or raises (worker thread)."""
+
+    def run() -> _T:
+        try:
+            return func()
+        finally:
+            done.set()
+
+    return run
 
 
 _Noted = tuple[list[torch.Tensor], list[int], tuple[TensorLeaf, ...]]

@@ -10,7 +10,7 @@ transfer, install) and the serving latency p50/p99 (queueing included) while an 
 or being installed, against the idle requests.
 
     python examples/rl_weight_sync.py [--hidden 2048] [--steps 40] [--every 8] [--interval-ms 5]
-        [--shared-memory] [--swap]
+        [--shared-memory] [--copy]
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ async def server(args: argparse.Namespace) -> dict[str, Any]:
     installs: dict[int, float] = {}
     interval = args.interval_ms / 1e3
     async with aiostage.WeightSubscriber(
-        publisher=0, target=model, timeout=60, swap=args.swap
+        publisher=0, target=model, timeout=60, swap=not args.copy
     ) as sub:
         due = time.perf_counter()
         # serve until the trainer closed its publisher and its last version is installed
@@ -151,7 +151,11 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=8)
     parser.add_argument("--interval-ms", type=float, default=5.0)
     parser.add_argument("--shared-memory", action="store_true", help="the same-host fast path")
-    parser.add_argument("--swap", action="store_true", help="install by re-pointing, not copying")
+    parser.add_argument(
+        "--copy",
+        action="store_true",
+        help="install by copying into the model (not double-buffered)",
+    )
     args = parser.parse_args()
     show(run_world(rank_main, 3, args, timeout=600))
 

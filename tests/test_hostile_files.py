@@ -274,3 +274,22 @@ async def test_ls_of_a_link_to_a_checkpoint_lists_it(tmp_path: Path) -> None:
     out = run_cli("ls", link)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[1].split()[:2] == ["10", "committed"]
+
+
+async def test_a_linked_save_directory_inside_a_checkpoint_is_refused(tmp_path: Path) -> None:
+    """An object store's layout copied to a disk (``TOKEN/rank_00000.safetensors``) loads; with
+    the token directory replaced by a link to a directory elsewhere, it is refused, not read."""
+    path, token = tmp_path / "ckpt", "0123456789abcdef0123456789abcdef"
+    await aiostage.save(sd(), path)
+    (path / token).mkdir()
+    (path / "rank_00000.safetensors").rename(path / token / "rank_00000.safetensors")
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["files"][0]["name"] = f"{token}/rank_00000.safetensors"
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    assert_state_dict_equal(await aiostage.load(path), sd())
+    elsewhere = tmp_path / "elsewhere"
+    (path / token).rename(elsewhere)
+    (path / token).symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(CheckpointCorrupt, match="symbolic link") as caught:
+        await aiostage.load(path)
+    assert token in str(caught.value)

@@ -1,18 +1,33 @@
-"""Installing a received weight version: match its tensors to the target's by key path."""
+"""Installing a received weight version into the caller's target, double-buffered or by copy,
+and the reading sections a swap waits for.
+
+Double-buffered (``swap``, the default): the target's tensors are re-pointed (``tensor.data =``)
+at the version's tensors: on the CPU, views of the buffer it landed in (no copy); on a GPU, a
+second device tensor per target tensor, filled first while requests keep reading the first, then
+exchanged with it. By copy: the version is copied into the target's own memory. Either way the
+change itself runs while no reading section is open and none can open, so every reading section
+sees one version; CUDA copies are ordered after the caller's current streams.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import torch
 
+from .._core.cuda import SideStreams
 from .._core.tree import KeyPath, flatten, key_str
 from .._format.codec import Header
 from ..errors import StateDictMismatch
 
-__all__ = ["Received", "copy_targets", "install", "match", "swap_targets"]
+__all__ = ["Installer", "Received", "copy_targets", "match", "swap_targets"]
+
+Pairs = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(eq=False)
@@ -29,7 +44,7 @@ class Received:
 
 
 def copy_targets(target: Any) -> list[tuple[KeyPath, torch.Tensor]]:
-    """The tensors ``apply`` copies into, by key path: those of ``target``'s state dict."""
+    """The tensors a copy-install writes into, by key path: those of ``target``'s state dict."""
     state = target.state_dict() if isinstance(target, torch.nn.Module) else target
     return [(leaf.path, leaf.data) for leaf in flatten(state).leaves]
 
@@ -58,19 +73,7 @@ def _walk(obj: Any, path: KeyPath) -> Iterator[tuple[KeyPath, torch.Tensor]]:
             yield from _walk(v, (*path, i))
 
 
-def install(pairs: list[tuple[torch.Tensor, torch.Tensor]], swap: bool) -> None:
-    """Copy each received tensor into its target, or re-point the target at it (``swap``)."""
-    with torch.no_grad():
-        for dst, src in pairs:
-            if swap:
-                dst.data = src
-            else:
-                dst.copy_(src)
-
-
-def match(
-    target: list[tuple[KeyPath, torch.Tensor]], received: Received
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def match(target: list[tuple[KeyPath, torch.Tensor]], received: Received) -> Pairs:
     """``(target tensor, received tensor)`` for every tensor of the target, matched by key path.
 
     Raises ``StateDictMismatch`` listing every key, shape or dtype that differs.
@@ -95,3 +98,128 @@ def match(
             problems=problems,
         )
     return pairs
+
+
+@dataclass(eq=False)
+class _Plan:
+    """How one received buffer goes into the target: the matched pairs, split by where the
+    target tensor lives (swap: CPU ones are re-pointed at the buffer, others through a spare)."""
+
+    header: Header
+    here: Pairs  # CPU target tensors (swap) or every pair (copy)
+    devices: Pairs  # swap only: target tensors on a GPU
+
+
+class Installer:
+    """Install versions into ``target`` (an ``nn.Module`` or a nested state dict of tensors)
+    by swap (double-buffered) or by copy, and keep the reading sections a change waits for.
+
+    A change (``install``) waits until no reading section is open, lets none open meanwhile,
+    then re-points or copies every target tensor in a worker thread: so no reading section ever
+    sees two versions, and a buffer a target stops viewing is read by no open section.
+    """
+
+    def __init__(self, target: Any, *, swap: bool) -> None:
+        self.target = target
+        self.swap = swap
+        self.readers = 0
+        self._changing = False
+        self._changed = anyio.Event()
+        self._plans: dict[int, _Plan] = {}
+        self._spares: dict[int, torch.Tensor] = {}  # id(target tensor) -> its second device tensor
+        self._streams = SideStreams()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    @contextlib.asynccontextmanager
+    async def reading(self) -> AsyncIterator[None]:
+        """A section in which the target does not change (waits while a change is due)."""
+        while self._changing:
+            await self._changed.wait()
+        self.readers += 1
+        try:
+            yield
+        finally:
+            self.readers -= 1
+            if not self.readers:
+                self._notify()
+
+    async def install(self, received: Received, streams: Mapping[torch.device, list[Any]]) -> bool:
+        """Put ``received`` into the target; ``streams``: the caller's current CUDA streams
+        (taken on its thread), which every copy into a tensor a request may read follows.
+
+        Blocks on the copies to the spares (no reader waits for them), then on the open reading
+        sections, then on the change, shielded from cancellation. Returns whether the target now
+        views ``received.data`` (keep that buffer until the next version is installed). Raises
+        ``StateDictMismatch`` when the version does not fit the target.
+        """
+        plan = await anyio.to_thread.run_sync(self._plan, received)
+        if plan.devices:  # filled while requests read the installed version
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._fill_spares, plan.devices, streams)
+        self._changing = True
+        try:
+            while self.readers:
+                await self._changed.wait()
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._change, plan, streams)
+        finally:
+            self._changing = False
+            self._notify()
+        return self.swap and bool(plan.here)
+
+    def _plan(self, received: Received) -> _Plan:
+        """The matched pairs for ``received``'s buffer, reused while its header is the same
+        (worker thread)."""
+        cached = self._plans.get(received.data.data_ptr())
+        if cached is not None and cached.header is received.header and not self.swap:
+            return cached
+        found = swap_targets(self.target) if self.swap else copy_targets(self.target)
+        pairs, seen = [], set()
+        for dst, src in match(found, received):
+            if id(dst) not in seen:  # a tied parameter is changed once
+                seen.add(id(dst))
+                pairs.append((dst, src))
+        if not self.swap:
+            plan = _Plan(received.header, pairs, [])
+        else:
+            cpu = [(d, s) for d, s in pairs if d.device.type == "cpu"]
+            plan = _Plan(received.header, cpu, [(d, s) for d, s in pairs if d.device.type != "cpu"])
+        if len(self._plans) >= 4:
+            self._plans.clear()
+        self._plans[received.data.data_ptr()] = plan
+        return plan
+
+    def _fill_spares(self, pairs: Pairs, streams: Mapping[torch.device, list[Any]]) -> None:
+        """Copy each version tensor into its target's spare (allocated on first use), after the
+        caller's queued work, which may still read a spare as the version before (worker)."""
+
+        def fill() -> None:
+            for dst, src in pairs:
+                spare = self._spares.get(id(dst))
+                if spare is None:
+                    spare = self._spares[id(dst)] = torch.empty_like(dst)
+                spare.copy_(src)
+
+        self._streams.ordered({d.device for d, _ in pairs}, streams, fill)
+
+    def _change(self, plan: _Plan, streams: Mapping[torch.device, list[Any]]) -> None:
+        """Re-point (swap) or copy every target tensor (worker thread, no reader open)."""
+        with torch.no_grad():
+            if not self.swap:
+                devices = {d.device for d, _ in plan.here if d.device.type != "cpu"}
+                self._streams.ordered(devices, streams, lambda: _copy(plan.here))
+                return
+            for dst, src in plan.here:
+                dst.data = src
+            for dst, _ in plan.devices:
+                spare = self._spares[id(dst)]
+                self._spares[id(dst)] = dst.data
+                dst.data = spare
+
+
+def _copy(pairs: Pairs) -> None:
+    for dst, src in pairs:
+        dst.copy_(src)

@@ -4,11 +4,13 @@ A background task (owned by the subscriber's task group) runs its ``Receiver``: 
 publisher how large a version it takes, says ``READY`` (with the publish sequence number it
 holds) and lands the frame that follows in a reused receive buffer, so serving never waits on
 the network; what lands passes the ``gate`` or is refused. The newest received version is kept;
-``WeightUpdate.apply`` copies it into the target tensors in place from a worker thread.
+``WeightUpdate.apply`` installs it (``install``: double-buffered by default, or by copy) while
+no ``reading()`` section is open.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from types import TracebackType
@@ -19,12 +21,12 @@ import anyio.abc
 import anyio.lowlevel
 import torch
 
+from .._core.cuda import current_streams
 from .._core.timeouts import DEFAULT_TIMEOUT, seconds
-from .._format.codec import Header
 from .._replication.receive import ReceiveBuffers
 from ..errors import ClosedError, ReplicationError, UsageError
 from .gate import Gate, target_limits
-from .install import Received, copy_targets, install, match, swap_targets
+from .install import Installer, Received
 from .notes import BYE, BYE_ACK, CLOSED, READY_TAG, Note, cpu_group, send_note
 from .receiver import Receiver
 
@@ -45,13 +47,17 @@ class WeightUpdate:
         self.nbytes = received.header.data_bytes
 
     async def apply(self) -> int:
-        """Copy the newest received version into the subscriber's target, in place, from a
-        worker thread (``swap=True``: re-point its tensors instead); call it where no request
-        reads the target (between requests).
+        """Install the newest received version into the subscriber's target: re-point its
+        tensors at the version (``swap=True``, the default) or copy it into them in place
+        (``swap=False``). The change happens once no ``sub.reading()`` section is open (new ones
+        wait for it), so a request inside one sees one version; call it outside any such section
+        (between requests). CUDA copies follow the caller's current streams' queued work.
 
-        Blocks on the copy only (shielded from cancellation so the target is never left half
-        copied). Raises ``UsageError`` without a target and ``StateDictMismatch`` when the
-        published state differs from the target in keys, shapes or dtypes.
+        Blocks on GPU targets' copies into their second buffers (requests go on meanwhile), on
+        the open reading sections, then on the change (shielded from cancellation so the target
+        is never left half changed; by copy, that is a copy of the whole state). Raises
+        ``UsageError`` without a target and ``StateDictMismatch`` when the published state
+        differs from the target in keys, shapes or dtypes.
         """
         return await self._subscriber._apply()
 
@@ -67,10 +73,13 @@ class WeightSubscriber:
     while the loop was busy are skipped and counted in ``skipped``; a version is yielded once,
     and never one ``wait_for`` returned or ``apply`` installed), ``await sub.wait_for(version)``,
     or poll ``sub.pending`` between requests. ``target``: an ``nn.Module`` or a state dict whose
-    tensors ``apply`` overwrites in place. ``swap=True`` (CPU targets): ``apply`` re-points the
-    target's tensors at the received buffer instead of copying (microseconds, not a copy of the
-    whole state; the buffer then stays with the target until the next version is installed).
-    ``version`` is the installed version. Iteration ends when the publisher closes; a polling
+    tensors ``apply`` changes. Install is double-buffered by default (``swap=True``): requests
+    read the installed version while the next one lands in a second buffer, and ``apply``
+    re-points the target's tensors at it (CPU tensors: at the buffer it landed in, no copy; GPU
+    tensors: at a second device tensor each, filled first); ``swap=False`` copies into the
+    target's own memory instead (no second copy of the state; requests wait for the whole copy).
+    Requests that run while ``apply`` may (other tasks, worker threads) read the target inside
+    ``async with sub.reading():``. ``version`` is the installed version. Iteration ends when the publisher closes; a polling
     loop sees the end in ``ended`` (and what broke the stream, if anything, in ``error``).
     ``timeout`` (seconds or ``timedelta``, default 600) is the longest any one wait for another
     rank may take once a transfer has begun (a send or a receive; waiting for the next version
@@ -98,7 +107,7 @@ class WeightSubscriber:
         target: Any = None,
         timeout: float | timedelta = DEFAULT_TIMEOUT,
         verify: bool = True,
-        swap: bool = False,
+        swap: bool = True,
         max_bytes: int | None = None,
     ) -> None:
         self._timeout = seconds(timeout)
@@ -112,13 +121,12 @@ class WeightSubscriber:
             )
         self._pub = publisher
         self._target = target
-        self._swap = swap
+        self._installer = Installer(target, swap=swap)
         self._installed: torch.Tensor | None = None
         self._verify = verify
         self._arenas = ReceiveBuffers()
         self._rx: Receiver | None = None  # made on entry, once the target's size is known
         self._latest: Received | None = None
-        self._plans: dict[int, tuple[Header, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
         self._applied = self._yielded = self._skipped = self._received = 0
         self._version: int | None = None
         self._changed = anyio.Event()
@@ -140,6 +148,18 @@ class WeightSubscriber:
         if latest is None or latest.seq == self._applied:
             return None
         return WeightUpdate(self, latest)
+
+    @contextlib.asynccontextmanager
+    async def reading(self) -> AsyncIterator[int | None]:
+        """``async with sub.reading() as version:`` a section (a request) in which the target
+        does not change: ``apply`` waits for open sections to end before it changes the target,
+        and new sections wait while it does (the change itself: microseconds per tensor by swap,
+        the whole copy with ``swap=False``). Yields the installed version (``None`` before the
+        first). The section may hand the target to worker threads; do not call ``apply`` inside
+        one (it would wait for itself). Blocks only while a change is due or under way.
+        """
+        async with self._installer.reading():
+            yield self._version
 
     @property
     def received_version(self) -> int | None:
@@ -213,7 +233,6 @@ class WeightSubscriber:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(self._timeout):
                     await self._goodbye(self._rx)
         self._latest = None
-        self._plans.clear()
         if self._rx is not None:
             self._rx.close()
         self._arenas.clear()
@@ -297,6 +316,7 @@ class WeightSubscriber:
     async def _apply(self) -> int:
         if self._target is None:
             raise UsageError("this WeightSubscriber has no target= to apply updates to")
+        streams = current_streams()  # the caller's, on its own thread, before any await
         async with self._apply_lock:
             received = self._latest
             if received is None:
@@ -306,30 +326,15 @@ class WeightSubscriber:
                 return received.version
             self._arenas.hold(received.data, "applying")
             try:
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(self._install, received)
+                viewed = await self._installer.install(received, streams)
             finally:
                 self._arenas.drop(received.data, "applying")
-            if self._swap:  # the target now lives in this buffer: keep it until the next one
+            if self._installed is not None:  # no reading section views it any more
+                self._arenas.drop(self._installed, "installed")
+                self._installed = None
+            if viewed:  # the target now lives in this buffer: keep it until the next one
                 self._arenas.hold(received.data, "installed")
-                if self._installed is not None:
-                    self._arenas.drop(self._installed, "installed")
                 self._installed = received.data
             self._skipped += max(0, received.seq - self._applied - 1)
             self._applied, self._version = received.seq, received.version
             return received.version
-
-    def _install(self, received: Received) -> None:
-        """Copy ``received`` into the target, or re-point the target at it (worker thread)."""
-        cached = self._plans.get(received.data.data_ptr())
-        if cached is not None and cached[0] is received.header and not self._swap:
-            pairs = cached[1]
-        else:
-            found = swap_targets(self._target) if self._swap else copy_targets(self._target)
-            if self._swap and any(t.device.type != "cpu" for _, t in found):
-                raise UsageError("swap=True needs a target on the CPU; use the default copy")
-            pairs = match(found, received)
-            if len(self._plans) >= 4:
-                self._plans.clear()
-            self._plans[received.data.data_ptr()] = (received.header, pairs)
-        install(pairs, self._swap)

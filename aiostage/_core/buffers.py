@@ -4,12 +4,19 @@ A buffer set holds one uint8 tensor (its own storage) per storage span of a layo
 one private anonymous mapping (transparent huge pages when asked), or one ``/dev/shm`` storage
 each when it must be shared with other processes. Allocation and freeing block (page faults,
 ``cudaHostRegister``, unmapping), so callers run them in worker threads.
+
+A page-locked range is unregistered exactly once (``cuda.REGISTERED``): by ``free``, or, for a
+set nobody frees (``reuse_buffers=False``: the caller owns the staged copy), when the last
+tensor over its mapping is gone, before the mapping is unmapped, so the next mapping at the same
+address can be registered again. A set whose copies a GPU may still be writing (a cancelled
+stage) is retired: kept, never reused nor freed, until its copies are done.
 """
 
 from __future__ import annotations
 
 import mmap
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -42,17 +49,29 @@ class Buffers:
     pinned: tuple[torch.Tensor, ...]
     busy: bool = True
     made: Any = None  # the staged tensors last built over these buffers (reused by ``fill``)
+    #: ``None``, or whether the copies a cancelled stage queued into these buffers are done
+    settled: Callable[[], bool] | None = None
 
     @property
     def nbytes(self) -> int:
         return self.layout.nbytes
 
+    def ready(self) -> bool:
+        """Whether no copy may still write into these buffers (polls; never blocks)."""
+        if self.settled is not None and self.settled():
+            self.settled = None
+        return self.settled is None
+
     def storages(self) -> list[torch.UntypedStorage]:
         return [f.untyped_storage() for f in self.flats]
 
 
-def allocate(layout: Sequence[tuple[str, int]], share: bool, pin: bool, huge: bool) -> Buffers:
-    """Allocate buffers for ``layout`` (blocking: run it in a worker thread)."""
+def allocate(
+    layout: Sequence[tuple[str, int]], share: bool, pin: bool, huge: bool, device: Any = None
+) -> Buffers:
+    """Allocate buffers for ``layout`` (blocking: run it in a worker thread); with ``pin``,
+    page-locked on ``device``'s context (the caller's CUDA device)."""
+    _bury()
     layout = layout if isinstance(layout, Layout) else Layout(layout)
     sizes = [n for _, n in layout]
     if share:
@@ -62,27 +81,67 @@ def allocate(layout: Sequence[tuple[str, int]], share: bool, pin: bool, huge: bo
         )
         pinned = flats
     else:
-        offsets, total = [], 0
-        for n in sizes:
-            align = _PAGE if n >= _SMALL else 64  # 4,096 tiny tensors must not cost 4,096 pages
-            total = -(-total // align) * align
-            offsets.append(total)
-            total += n
-        # private, not mmap's default MAP_SHARED: shmem gets no huge pages and unmaps slowly
-        arena = mmap.mmap(-1, max(total, _PAGE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if huge and total >= 2 * _MiB and hasattr(mmap, "MADV_HUGEPAGE"):
-            arena.madvise(mmap.MADV_HUGEPAGE)
-        view = memoryview(arena)
-        flats = tuple(
-            torch.frombuffer(view[o : o + n], dtype=torch.uint8)
-            for o, n in zip(offsets, sizes, strict=True)
-        )
-        pinned = (torch.frombuffer(view, dtype=torch.uint8),)
+        flats, whole = _arena(sizes, huge, pin, device)
+        pinned = (whole,) if pin else ()
     if not pin:
         return Buffers(layout, flats, ())
-    for t in pinned:
-        cuda.host_register(t)
+    if share:
+        for t in pinned:
+            cuda.REGISTERED.add(t.data_ptr(), t.nbytes, device)
     return Buffers(layout, flats, pinned)
+
+
+def _arena(
+    sizes: list[int], huge: bool, pin: bool, device: Any
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """One private mapping holding every span (page-aligned where large): a tensor per span and
+    one over the whole, page-locked with ``pin`` until the last of them is gone."""
+    offsets, total = [], 0
+    for n in sizes:
+        align = _PAGE if n >= _SMALL else 64  # 4,096 tiny tensors must not cost 4,096 pages
+        total = -(-total // align) * align
+        offsets.append(total)
+        total += n
+    # private, not mmap's default MAP_SHARED: shmem gets no huge pages and unmaps slowly
+    arena = mmap.mmap(-1, max(total, _PAGE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if huge and total >= 2 * _MiB and hasattr(mmap, "MADV_HUGEPAGE"):
+        arena.madvise(mmap.MADV_HUGEPAGE)
+    if pin and hasattr(mmap, "MADV_DONTFORK"):  # a fork()ed child's copy-on-write must never
+        arena.madvise(mmap.MADV_DONTFORK)  # move a page the GPU writes to
+    view = memoryview(arena)
+    views = [view[o : o + n] for o, n in zip(offsets, sizes, strict=True)] + [view]
+    tensors = [torch.frombuffer(v, dtype=torch.uint8) for v in views]
+    if pin:
+        whole = tensors[-1]
+        cuda.REGISTERED.add(whole.data_ptr(), whole.nbytes, device)
+        _Unpin(arena, whole.data_ptr(), views)
+    return tuple(tensors[:-1]), tensors[-1]
+
+
+class _Unpin:
+    """Unregisters a page-locked mapping once every view of it is gone, then lets it go.
+
+    Each tensor over the mapping keeps its memoryview alive; when the last view dies its
+    finalizer unregisters the range while this object still holds the mapping, so the unmapping
+    (when the mapping's last reference goes) always comes after the unregistering.
+    """
+
+    def __init__(self, arena: mmap.mmap, ptr: int, views: list[memoryview]) -> None:
+        self._arena: mmap.mmap | None = arena
+        self._ptr, self._left = ptr, len(views)
+        self._lock = threading.Lock()
+        for v in views:
+            weakref.finalize(v, self._gone).atexit = False  # exiting needs no unregister
+
+    def _gone(self) -> None:
+        with self._lock:
+            self._left -= 1
+            if self._left:
+                return
+        try:
+            cuda.REGISTERED.remove(self._ptr)  # a no-op when ``free`` did it first
+        finally:
+            self._arena = None  # now the mapping may go
 
 
 def touch(buffers: Buffers) -> None:
@@ -93,15 +152,46 @@ def touch(buffers: Buffers) -> None:
 
 
 def free(doomed: list[Buffers]) -> None:
-    """Unpin and drop ``doomed`` (a worker thread: unmapping a GiB takes ~0.1-0.2 s).
+    """Unpin and drop ``doomed`` (a worker thread: unmapping a GiB takes ~0.1-0.2 s); a set that
+    is not ``ready`` is retired instead, and freed by a later call once it is.
 
     The caller passes its only references, so the memory is returned here, not on the loop;
     staged copies a caller still holds keep theirs alive.
     """
+    _bury()
     for buffers in doomed:
+        if not buffers.ready():
+            retire(buffers)
+            continue
         for t in buffers.pinned:
-            cuda.host_unregister(t)
+            cuda.REGISTERED.remove(t.data_ptr())
     doomed.clear()
+
+
+def retire(buffers: Buffers) -> None:
+    """Keep ``buffers``, whose copies may still be running, until they are ``ready``."""
+    with _RETIRED_LOCK:
+        _RETIRED.append(buffers)
+
+
+def retired() -> int:
+    """How many retired sets are still waiting for their copies."""
+    return len(_RETIRED)
+
+
+def _bury() -> None:
+    """Free the retired sets whose copies are done (a worker thread)."""
+    with _RETIRED_LOCK:
+        done = [b for b in _RETIRED if b.ready()]
+        _RETIRED[:] = [b for b in _RETIRED if b not in done]
+    for buffers in done:
+        for t in buffers.pinned:
+            cuda.REGISTERED.remove(t.data_ptr())
+
+
+#: sets a cancelled stage left with copies in flight (a GPU may still write into them)
+_RETIRED: list[Buffers] = []
+_RETIRED_LOCK = threading.Lock()
 
 
 def copy_chunks(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], chunk: int) -> None:

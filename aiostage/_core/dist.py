@@ -18,8 +18,11 @@ from typing import Any
 
 import anyio
 import anyio.from_thread
+import anyio.lowlevel
+import anyio.to_thread
 import torch
 
+from . import cuda
 from .completion import Backoff, wait_until
 
 __all__ = [
@@ -29,10 +32,13 @@ __all__ = [
     "default_group",
     "foreign_sharded_tensor",
     "global_rank",
+    "grouped_exchange",
+    "own_group",
     "post_recv",
     "post_send",
     "private_group",
     "rank_and_size",
+    "uses_nccl",
     "wait_work",
 ]
 
@@ -55,27 +61,49 @@ def rank_and_size(pg: Any) -> tuple[int, int]:
 
 
 async def broadcast_bytes(pg: Any, data: bytes, *, pg_timeout: float, what: str) -> bytes:
-    """Group rank 0's ``data`` on every rank (all pass the same length)."""
+    """Group rank 0's ``data`` on every rank (all pass the same length), moved through the
+    device ``pg``'s backend takes (``backend_device``)."""
     import torch.distributed as dist
 
+    device = backend_device(pg)
     buf = bytearray(data)
     t = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
-    work = dist.broadcast(t, group=pg, group_src=0, async_op=True)
+    moved = await _to_device(t, device)
+    work = dist.broadcast(moved, group=pg, group_src=0, async_op=True)
     await _wait(work, pg, pg_timeout, what)
-    return bytes(buf)
+    return (await _to_cpu(moved, device)).numpy().tobytes()
 
 
 async def all_gather_ints(
     pg: Any, values: Sequence[int], *, pg_timeout: float, what: str
 ) -> list[list[int]]:
-    """Every rank's ``values`` (int64, same length everywhere), indexed by group rank."""
+    """Every rank's ``values`` (int64, same length everywhere), indexed by group rank; moved
+    through the device ``pg``'s backend takes (an NCCL group takes no CPU tensor)."""
     import torch.distributed as dist
 
-    mine = torch.tensor(list(values), dtype=torch.int64)
+    device = backend_device(pg)
+    mine = await _to_device(torch.tensor(list(values), dtype=torch.int64), device)
     out = [torch.empty_like(mine) for _ in range(dist.get_world_size(pg))]
     work = dist.all_gather(out, mine, group=pg, async_op=True)
     await _wait(work, pg, pg_timeout, what)
-    return [[int(v) for v in t.tolist()] for t in out]
+    rows = [await _to_cpu(t, device) for t in out]
+    return [[int(v) for v in t.tolist()] for t in rows]
+
+
+async def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``: the CPU tensor itself, else copied in a worker thread on it."""
+    if device.type == "cpu":
+        await anyio.lowlevel.checkpoint()
+        return t
+    return await anyio.to_thread.run_sync(cuda.bound(device, t.to), device)
+
+
+async def _to_cpu(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on the CPU: a copy made in a worker thread (it waits for the GPU), never here."""
+    if t.device.type == "cpu":
+        await anyio.lowlevel.checkpoint()
+        return t
+    return await anyio.to_thread.run_sync(cuda.bound(device, t.cpu))
 
 
 async def _wait(work: Any, pg: Any, pg_timeout: float, what: str) -> None:
@@ -110,13 +138,65 @@ def default_group() -> Any:
     return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
 
 
-def backend_device(pg: Any) -> torch.device:
-    """Where ``pg`` moves tensors from: ``cuda`` for NCCL, the CPU for gloo (and others)."""
+def uses_nccl(pg: Any) -> bool:
+    """Whether ``pg`` moves CPU tensors with nothing but NCCL (no gloo backend beside it)."""
     import torch.distributed as dist
 
-    if "nccl" in str(dist.get_backend(pg)).lower():
-        return torch.device("cuda")  # the current device
-    return torch.device("cpu")
+    backend = str(dist.get_backend(pg)).lower()
+    return "nccl" in backend and "gloo" not in backend
+
+
+def backend_device(pg: Any) -> torch.device:
+    """Where ``pg`` moves tensors from: the calling thread's current CUDA device, with its index,
+    for an NCCL-only group (call it on the caller's thread: in a worker it would be device 0),
+    the CPU for gloo, a group with gloo beside NCCL, and others."""
+    return cuda.resolve(torch.device("cuda")) if uses_nccl(pg) else torch.device("cpu")
+
+
+async def own_group(pg: Any, pg_timeout: float) -> Any:
+    """A new group over the ranks of ``pg`` with ``pg``'s backend, for replication: a timed-out
+    wait that aborts an NCCL communicator aborts only it, and NCCL (which ignores tags) never
+    matches its messages with the caller's own point-to-point traffic on ``pg``.
+
+    Collective over the ranks of ``pg`` only; its first operation (an all-gather every rank
+    joins) sets up its communicator at once.
+    """
+    import torch.distributed as dist
+
+    ranks = dist.get_process_group_ranks(pg)
+    backend = dist.get_backend(pg)
+    group = await anyio.to_thread.run_sync(
+        lambda: dist.new_group(ranks=ranks, backend=backend, use_local_synchronization=True)
+    )
+    await all_gather_ints(
+        group, [0], pg_timeout=pg_timeout, what="setting up the replication group"
+    )
+    return group
+
+
+def grouped_exchange(
+    pg: Any,
+    send: tuple[torch.Tensor, int] | None,
+    recv: tuple[torch.Tensor, int] | None,
+    tag: int,
+    backstop: float,
+) -> None:
+    """Send ``send[0]`` to group rank ``send[1]`` and receive into ``recv[0]`` from group rank
+    ``recv[1]`` as one group of operations (``batch_isend_irecv``), then wait for both.
+
+    NCCL queues a rank pair's traffic on one stream: a send and a receive posted apart, both
+    ranks sending first, would wait for each other; grouped they run together. Blocking: a
+    worker thread, on the device the tensors are on (``cuda.bound``).
+    """
+    import torch.distributed as dist
+
+    ops = []
+    if send is not None:
+        ops.append(dist.P2POp(dist.isend, send[0], group=pg, tag=tag, group_peer=send[1]))
+    if recv is not None:
+        ops.append(dist.P2POp(dist.irecv, recv[0], group=pg, tag=tag, group_peer=recv[1]))
+    for work in dist.batch_isend_irecv(ops) if ops else ():
+        wait_work(work, backstop)
 
 
 def global_rank(pg: Any, group_rank: int) -> int:

@@ -33,6 +33,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 #: the checkpoint names a ``Checkpointer`` gives its steps: ``step_`` and at least nine digits
 STEP_NAME = re.compile(r"^step_(?P<step>\d{9,})$")
+#: what may precede a data file's name: nothing, or (object stores) the prefix of the save that
+#: wrote it, its token: ``0123...cdef/rank_00000.safetensors``
+_SAVE_PREFIX = re.compile(r"(?:[0-9a-f]{32}/)?")
 
 
 def step_name(step: int) -> str:
@@ -106,8 +109,11 @@ def decode_manifest(raw: bytes, where: str) -> Manifest:
 
 def _decode_file(f: Json, rank: int) -> FileInfo:
     f = json_object(f, "file")
-    if f.get("name") != rank_file(rank):
-        raise ValueError(f"file {rank} must be named {rank_file(rank)}")
+    name, want = f.get("name"), rank_file(rank)
+    if not (
+        isinstance(name, str) and name.endswith(want) and _SAVE_PREFIX.fullmatch(name[: -len(want)])
+    ):
+        raise ValueError(f"file {rank} must be named {want} (or TOKEN/{want})")
     digest = f["header_xxh3"]
     if not isinstance(digest, str) or len(digest) != 16:
         raise ValueError(f"bad header_xxh3 {digest!r:.40}")

@@ -29,9 +29,10 @@ from .._core.timeouts import DEFAULT_TIMEOUT, seconds
 from .._core.tree import Tree, flatten
 from .._format.codec import Header, Source, encode_header
 from .._staging import DefaultStager, StagingOptions
-from .._storage.locate import locate
+from .._storage.locate import local_dir
 from ..errors import ReplicationError, UsageError
 from .frames import Frame, Planned, expected_header, plan_cpu_frame, plan_frame, rebuild
+from .grouped import exchange_grouped
 from .guard import Breaker
 from .held import HeldReplicas
 from .recovery import agree, swap
@@ -97,7 +98,7 @@ class ReplicationStager:
     ``ReplicationTimeout`` after ``timeout`` (the stager is then broken: recreate the process
     group and the stager), ``UnsupportedValueError`` for a leaf that is not JSON,
     ``UsageError`` when the ranks' ``partner=`` choices do not pair up (checked once) or for a
-    ``storage_dir`` URL no storage backend serves, and
+    ``storage_dir`` that is a URL (replicas stay on a local disk), and
     ``ValueError`` for a bad ``timeout`` or ``max_bytes``.
     """
 
@@ -122,7 +123,7 @@ class ReplicationStager:
         self._rank, self._world = dist.rank_and_size(self._pg) if self._pg is not None else (0, 1)
         self._send_to, self._recv_from = partners(self._rank, self._world, partner)
         self._paired = partner is None  # a chosen partner is checked against the others' once
-        self._dir = locate(storage_dir)[1] if storage_dir is not None else None  # URLs refused
+        self._dir = local_dir(storage_dir, "storage_dir") if storage_dir is not None else None
         self._copy_cpu, self._verify = copy_cpu, verify
         self._on_arrival = verify and verify_on_arrival
         self._link_: Link | None = None
@@ -147,9 +148,22 @@ class ReplicationStager:
         return self._recv_from
 
     def _link(self) -> Link:
+        assert self._link_ is not None, "stage() and recover() make the link first"
+        return self._link_
+
+    async def _make_link(self) -> Link:
+        """The link, made by the first ``stage`` or ``recover`` (every rank calls it). On an
+        NCCL group it runs over a dedicated group of the same ranks (``dist.own_group``): a
+        timed-out wait aborts only that group, and the caller's own point-to-point messages on
+        ``pg`` (NCCL ignores tags) never meet the frames; frames move as grouped steps
+        (``grouped``), on the caller's current device, noted here on the caller's thread."""
         if self._link_ is None:
-            device = dist.backend_device(self._pg)
-            self._link_ = Link(self._pg, device, 2 * self._timeout + 10, verify=self._verify)
+            pg = self._pg
+            if dist.uses_nccl(pg):
+                async with self._breaker.guard(self._recv_from, "setup"):
+                    pg = await dist.own_group(pg, self._timeout)
+            device = dist.backend_device(pg)
+            self._link_ = Link(pg, device, 2 * self._timeout + 10, verify=self._verify)
         return self._link_
 
     def storage_path(self, peer: int) -> Path | None:
@@ -208,6 +222,7 @@ class ReplicationStager:
         async with self._lock:
             if self._writes is not None:  # one replica write in flight (backpressure)
                 await self._writes.wait()
+            await self._make_link()
             if not self._paired:
                 await self._check_pairs()
             began = time.perf_counter()
@@ -288,12 +303,18 @@ class ReplicationStager:
             )
             got.append(frame)
 
-        async with (
-            self._breaker.guard(self._recv_from, "exchange"),
-            anyio.create_task_group() as tg,
-        ):
-            tg.start_soon(send_frame, link, self._send_to, header, sources)
-            tg.start_soon(receive)
+        async with self._breaker.guard(self._recv_from, "exchange"):
+            if dist.uses_nccl(link.pg):  # one thread of grouped steps (see ``grouped``)
+                got.append(
+                    await exchange_grouped(
+                        link, self._send_to, header, sources, self._recv_from,
+                        self._held.receive_into, limits=limits, check=self._on_arrival,
+                    )
+                )  # fmt: skip
+            else:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(send_frame, link, self._send_to, header, sources)
+                    tg.start_soon(receive)
         if got[0] is None:
             raise ReplicationError("sent no state", peer=self._recv_from, phase="header")
         received, data, digests = got[0]
@@ -365,6 +386,7 @@ class ReplicationStager:
                 raise ReplicationError("no peer holds this rank's state", phase="recover")
             return None
         async with self._lock:
+            await self._make_link()
             async with self._breaker.guard(self._recv_from, "recover"):
                 flags = await agree(self._pg, lost, self._timeout)
             template = await anyio.to_thread.run_sync(flatten, like) if like is not None else None

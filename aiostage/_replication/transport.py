@@ -30,7 +30,7 @@ from typing import Any
 import anyio.to_thread
 import torch
 
-from .._core import dist
+from .._core import cuda, dist
 from .._format.codec import Header, Source, as_int64, as_uint64, encode_header
 from ..errors import ReplicationError
 from .wire import (
@@ -105,8 +105,9 @@ async def send_frame(
     """
     try:
         return await anyio.to_thread.run_sync(
-            _send, link, peer, header, sources, digests, abandon_on_cancel=True
-        )
+            cuda.bound(link.device, _send), link, peer, header, sources, digests,
+            abandon_on_cancel=True,
+        )  # fmt: skip
     except RuntimeError as exc:
         raise ReplicationError(f"sending failed: {exc}", peer=peer, phase="send") from exc
 
@@ -116,17 +117,20 @@ async def send_nothing(link: Link, peer: int) -> None:
     head = torch.tensor([MAGIC, WIRE_VERSION, 0, 0, 0], dtype=torch.int64)
     try:
         await anyio.to_thread.run_sync(
-            _exchange_one, link, peer, head, True, abandon_on_cancel=True
-        )
+            cuda.bound(link.device, _exchange_one), link, peer, head, True,
+            abandon_on_cancel=True,
+        )  # fmt: skip
     except RuntimeError as exc:
         raise ReplicationError(f"sending failed: {exc}", peer=peer, phase="send") from exc
 
 
-def _exchange_one(link: Link, peer: int, t: torch.Tensor, send: bool) -> None:
-    """Send or receive one message and wait for it (worker thread)."""
+def _exchange_one(link: Link, peer: int, t: torch.Tensor, send: bool) -> torch.Tensor:
+    """Send or receive one message and wait for it; return it on the CPU (worker thread, on
+    ``link.device``: copies to and from the GPU never run on the loop)."""
     t = t.to(link.device)
     post = dist.post_send if send else dist.post_recv
     dist.wait_work(post(t, peer, link.pg, link.tag), link.backstop)
+    return t.cpu()
 
 
 def _send(
@@ -232,29 +236,28 @@ async def _land(
     check = link.verify if check is None else check
     landing = _Landing(Hasher(header, ranges) if check else None, data, ranges, on_cpu)
     try:
-        await anyio.to_thread.run_sync(
-            _receive, link, peer, targets, sums, landing, abandon_on_cancel=True
-        )
+        sums = await anyio.to_thread.run_sync(
+            cuda.bound(link.device, _receive), link, peer, targets, sums, landing,
+            abandon_on_cancel=True,
+        )  # fmt: skip
     except RuntimeError as exc:
         raise ReplicationError(f"receiving failed: {exc}", peer=peer, phase="data") from exc
-    digests = tuple(as_uint64(v) for v in sums.cpu().tolist())
+    digests = tuple(as_uint64(v) for v in sums.tolist())
     if landing.hasher is not None:
         landing.hasher.check(digests, peer)
     return data, digests
 
 
 async def _recv_header(link: Link, peer: int, limits: Limits) -> Header | None:
-    head = torch.zeros(5, dtype=torch.int64, device=link.device)
-    await _recv_one(link, peer, head)
-    magic, version, header_len, data_len, n_entries = (int(v) for v in head.cpu().tolist())
+    head = await _recv_one(link, peer, torch.zeros(5, dtype=torch.int64))
+    magic, version, header_len, data_len, n_entries = (int(v) for v in head.tolist())
     if (magic, version, header_len, data_len, n_entries) == (MAGIC, WIRE_VERSION, 0, 0, 0):
         return None
     problem = check_head(magic, version, header_len, data_len, n_entries, limits)
     if problem:
         raise ReplicationError(problem, peer=peer, phase="header")
-    raw = torch.empty(header_len, dtype=torch.uint8, device=link.device)
-    await _recv_one(link, peer, raw)
-    body = raw.cpu().numpy().tobytes()
+    raw = await _recv_one(link, peer, torch.empty(header_len, dtype=torch.uint8))
+    body = raw.numpy().tobytes()
     known = link.known.get(peer)
     if known is not None and known[:2] == (body, data_len):
         return known[2]
@@ -267,19 +270,25 @@ async def _recv_header(link: Link, peer: int, limits: Limits) -> Header | None:
 
 def _receive(
     link: Link, peer: int, targets: list[torch.Tensor], sums: torch.Tensor, landing: _Landing
-) -> None:
-    """Post every receive, then wait for each and hash it while the next lands (worker)."""
+) -> torch.Tensor:
+    """Post every receive, then wait for each and hash it while the next lands; the digests
+    on the CPU (worker thread, on ``link.device``)."""
     works = [dist.post_recv(t, peer, link.pg, link.tag) for t in targets]
     works.append(dist.post_recv(sums, peer, link.pg, link.tag))
     for i, work in enumerate(works):
         dist.wait_work(work, link.backstop)
         if i < len(targets):
             landing.take(i, targets[i])
+    return sums.cpu()
 
 
-async def _recv_one(link: Link, peer: int, t: torch.Tensor) -> None:
+async def _recv_one(link: Link, peer: int, t: torch.Tensor) -> torch.Tensor:
+    """Receive one message into (a copy on ``link.device`` of) ``t``; it on the CPU."""
     try:
-        await anyio.to_thread.run_sync(_exchange_one, link, peer, t, False, abandon_on_cancel=True)
+        return await anyio.to_thread.run_sync(
+            cuda.bound(link.device, _exchange_one), link, peer, t, False,
+            abandon_on_cancel=True,
+        )  # fmt: skip
     except RuntimeError as exc:
         raise ReplicationError(f"receiving failed: {exc}", peer=peer, phase="header") from exc
 

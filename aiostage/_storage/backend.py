@@ -8,13 +8,15 @@ nothing half-written is ever visible under the target's name. Files are created 
 
 The local POSIX backend (``local.LocalStorage``: temp directory, fsync, rename, directory fsync)
 is the first implementation. An object store fits the same calls: ``begin`` picks a private
-prefix, ``create`` starts a multipart upload whose parts are the positioned writes, ``commit``
-writes the manifest last with a conditional create, ``kind`` asks for the manifest.
+prefix of its own under the target's, ``create`` starts a multipart upload whose parts are the
+writes (in order: such a storage says ``ordered = True``), ``commit`` puts the manifest (which
+names the staged objects) with a conditional create, ``kind`` asks for the manifest, and
+``map`` with ``ranges`` fetches only the byte ranges a resharding load reads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import PurePath
@@ -73,8 +75,14 @@ class Storage(Protocol):
     async def read(self, file: PurePath, offset: int, n: int) -> bytes:
         """Up to ``n`` bytes of ``file`` from ``offset``."""
 
-    async def map(self, file: PurePath, size: int) -> memoryview:
-        """The first ``size`` bytes of ``file`` as writable memory private to this process."""
+    async def map(
+        self, file: PurePath, size: int, ranges: Sequence[tuple[int, int]] | None = None
+    ) -> memoryview:
+        """The first ``size`` bytes of ``file`` as writable memory private to this process.
+
+        ``ranges``: only the bytes in these ``(begin, end)`` ranges will be read, so only they
+        need to hold the file's (an object store fetches just those; a mapping pages in what
+        is touched either way)."""
 
     # ------------------------------------------------------------ writing a checkpoint
     async def begin(self, target: PurePath, token: str) -> PurePath:

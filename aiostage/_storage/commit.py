@@ -108,4 +108,4 @@ async def sweep(root: PathLike) -> list[Path]:
     ``root`` cannot be listed, ``UsageError`` for a location no backend serves.
     """
     storage, where = locate(root)
-    return [Path(p) for p in await storage.sweep(where)]
+    return [p if isinstance(p, Path) else Path(p) for p in await storage.sweep(where)]  # URLs stay

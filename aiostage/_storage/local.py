@@ -8,7 +8,7 @@ parent, so a checkpoint directory is visible only once complete. All I/O goes th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path, PurePath
 
@@ -54,8 +54,11 @@ class LocalStorage:
         """Up to ``n`` bytes of ``file`` from ``offset``."""
         return await localfs.read_at(Path(file), offset, n)
 
-    async def map(self, file: PurePath, size: int) -> memoryview:
-        """A private copy-on-write mapping: pages come in from the page cache on first touch."""
+    async def map(
+        self, file: PurePath, size: int, ranges: Sequence[tuple[int, int]] | None = None
+    ) -> memoryview:
+        """A private copy-on-write mapping: pages come in from the page cache on first touch
+        (so ``ranges``, the bytes that will be read, need no special care)."""
         return memoryview(await localfs.map_private(Path(file), size))
 
     def staging(self, target: PurePath, token: str) -> PurePath:

@@ -357,10 +357,17 @@ def _not_regular(path: Path, mode: int) -> CheckpointCorrupt | None:
     return CheckpointCorrupt(f"{path} is not a regular file ({what}); {why}", path=path)
 
 
+#: a save's own directory inside a checkpoint (an object store's layout copied to a disk): a
+#: link there is refused too, as the files in it are
+_SAVE_DIR = re.compile(r"[0-9a-f]{32}")
+
+
 def _open_regular(path: Path) -> tuple[int, int]:
     """A read-only descriptor of ``path`` and its size; ``CheckpointCorrupt`` if ``path`` is not
     a regular file (a link, a FIFO, a directory, a device), which is never followed nor waited on.
     """
+    if _SAVE_DIR.fullmatch(path.parent.name):
+        _regular_dir(path.parent)
     try:
         fd = os.open(path, _READ_FLAGS)
     except OSError as exc:  # ELOOP for a link, ENXIO for a socket: say what it is
@@ -381,7 +388,16 @@ def _open_regular(path: Path) -> tuple[int, int]:
     return fd, st.st_size
 
 
+def _regular_dir(path: Path) -> None:
+    """``CheckpointCorrupt`` unless ``path`` is a directory itself, not a link to one."""
+    mode = os.lstat(path).st_mode
+    if not stat.S_ISDIR(mode):
+        raise _not_regular(path, mode) or CheckpointCorrupt(f"{path} is not a directory", path=path)
+
+
 def _regular_size(path: Path) -> int:
+    if _SAVE_DIR.fullmatch(path.parent.name):
+        _regular_dir(path.parent)
     st = os.lstat(path)
     refused = _not_regular(path, st.st_mode)
     if refused is not None:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -57,6 +57,7 @@ from .reshard import Piece, Saved, check_local, copy_pieces, into_result, needs_
 __all__ = ["load", "load_metadata", "read_header", "read_manifest"]
 
 _MAX_MANIFEST = 64 << 20
+_T = TypeVar("_T")
 
 
 async def load(
@@ -93,9 +94,11 @@ async def load(
         )
         await into.load_state_dict(loaded)
         return loaded
-    device = torch.device(map_location)
+    after = cuda.current_streams()  # what copies into ``into`` wait for: noted before any await
+    asked = torch.device(map_location)
+    device = cuda.resolve(asked)  # a bare "cuda": this thread's device, noted before any await
     if into is None and device.type == "cuda":  # asking the driver may take a while
-        await anyio.to_thread.run_sync(cuda.check_device, device, "map_location")
+        await anyio.to_thread.run_sync(cuda.check_device, asked, "map_location")
     storage, target = locate(path)
     manifest = await read_manifest(storage, target)
     rank, world = dist.rank_and_size(pg) if pg is not None else (0, 1)
@@ -104,14 +107,16 @@ async def load(
             f"{target} was saved by {manifest.world_size} rank(s); load it from a process group "
             f"of that size (pg=...), not from {world}, or pass into=... to reshard it"
         )
-    where = _Where(storage, target, manifest, rank if rank < manifest.world_size else 0, rank)
+    where = _Where(
+        storage, target, manifest, rank if rank < manifest.world_size else 0, rank, after
+    )
     file, info = where.file(where.home)
     header, root, paths = await read_header(storage, file, info, verify, where.home)
     if into is None:
         data = await _verified_data(storage, file, info, header, paths, verify)
         parts: list[Any] = [header, root, paths]
         del header, root, paths  # freed by _build's worker thread, not on the loop
-        return await anyio.to_thread.run_sync(_build, data, parts, file, device)
+        return await anyio.to_thread.run_sync(cuda.bound(device, _build), data, parts, file, device)
     return await _load_into(where, (header, root, paths), verify, into, world)
 
 
@@ -217,8 +222,11 @@ async def _map_data(
     entries whose bytes do not match their checksums (none unless ``verify``). With ``only`` and
     not ``verify`` nothing is touched: only the pages a copy later reads come in.
     """
+    ranges = None
+    if only is not None:  # the bytes of these entries only (an object store fetches just those)
+        ranges = [(start + header.entries[e].begin, start + header.entries[e].end) for e in only]
     try:
-        data = (await storage.map(file, start + header.data_bytes))[start:]
+        data = (await storage.map(file, start + header.data_bytes, ranges))[start:]
     except OSError as exc:
         raise PersistenceError(f"cannot map {file}: {exc}", path=file) from exc
     if only is not None and not verify:
@@ -329,6 +337,19 @@ def _leaf(path: KeyPath, r: Record) -> TensorLeaf:
 # ---------------------------------------------------------------- loading in place
 
 
+def _after_caller(
+    after: dict[torch.device, list[Any]], targets: Sequence[torch.Tensor], copy: Callable[[], _T]
+) -> _T:
+    """``copy()`` (copies into ``targets``, worker thread), on side streams that first wait for
+    the caller's streams ``after`` on every CUDA device a target is on, and done when it
+    returns: a caller's kernels still queued on a target are never overtaken, and nothing is
+    left queued behind ``load``."""
+    devices = {t.device for t in targets if t.is_cuda}
+    if not devices:
+        return copy()
+    return cuda.SideStreams().ordered(devices, after, copy)
+
+
 def _fill_into(
     data: memoryview,
     header: Header,
@@ -355,7 +376,8 @@ async def _load_into(
     file, info = where.file(where.home)
     targets = await anyio.to_thread.run_sync(check_local, leaves, paths, header.records, str(file))
     data = await _verified_data(where.storage, file, info, header, paths, verify)
-    return await run_whole(_fill_into, data, header, targets, root, paths, into)
+    fill = functools.partial(_fill_into, data, header, targets, root, paths, into)
+    return await run_whole(_after_caller, where.after, targets, fill)
 
 
 # ---------------------------------------------------------------- loading into another layout
@@ -370,6 +392,8 @@ class _Where:
     manifest: Manifest
     home: int
     rank: int
+    #: the caller's CUDA streams by device, noted at ``load``'s entry (empty without CUDA)
+    after: dict[torch.device, list[Any]]
 
     def file(self, rank: int) -> tuple[Path, FileInfo]:
         """The path and manifest entry of the file ``rank`` saved."""
@@ -399,7 +423,9 @@ async def _load_resharded(
     pieces, targets = await anyio.to_thread.run_sync(_plan_reads, leaves, saved, where)
     datas = await _map_needed(where, headers, pieces, verify)
     source = functools.partial(_record_tensor, datas, headers)
-    await run_whole(copy_pieces, pieces, targets, source)
+    await run_whole(
+        _after_caller, where.after, targets, functools.partial(copy_pieces, pieces, targets, source)
+    )
     return await anyio.to_thread.run_sync(into_result, root, paths, into)
 
 

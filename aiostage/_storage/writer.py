@@ -99,6 +99,7 @@ class DurableWriter:
         began = time.perf_counter()
         o = self.options
         filler = await anyio.to_thread.run_sync(_Filler, header, sources, o.chunk_bytes)
+        ordered = getattr(self.storage, "ordered", False)
         async with (
             ring(o.buffers, o.chunk_bytes) as bufs,
             self.storage.create(path, direct=o.direct_io) as sink,
@@ -110,11 +111,19 @@ class DurableWriter:
             async def write(slot: int, job: _Job) -> None:
                 await sink.write_at(job.offset, bufs[slot], job.nbytes)
 
-            await pipeline(len(bufs), filler.jobs, fill, write)
-            size, digest = await anyio.to_thread.run_sync(filler.finish, path, expected)
-            for begin in range(0, size, o.chunk_bytes):
-                n = await anyio.to_thread.run_sync(filler.put, bufs[0], begin)
-                await sink.write_at(begin, bufs[0], n)
+            async def put_header(size: int) -> None:
+                for begin in range(0, size, o.chunk_bytes):
+                    n = await anyio.to_thread.run_sync(filler.put, bufs[0], begin)
+                    await sink.write_at(begin, bufs[0], n)
+
+            jobs = filler.jobs
+            if ordered:  # the storage takes bytes in order (an object store): the header first
+                size, digest = await anyio.to_thread.run_sync(filler.hash_first, path, expected)
+                await put_header(size)
+            await pipeline(len(bufs), jobs, fill, write)
+            if not ordered:
+                size, digest = await anyio.to_thread.run_sync(filler.finish, path, expected)
+                await put_header(size)
             wrote = time.perf_counter()
             await sink.finish(size + header.data_bytes)
         info = FileInfo(path.name, size + header.data_bytes, digest)
@@ -168,6 +177,7 @@ class _Filler:
             self.digests = [_EMPTY] * len(sources)
             self.partial: dict[int, Any] = {}
             self.blob = b""
+            self.hashed = False
 
     def fill(self, buf: memoryview, job: _Job) -> None:
         """Copy ``job``'s pieces into ``buf`` and hash them (worker thread).
@@ -184,7 +194,9 @@ class _Filler:
                 ctypes.memset(base + pos, 0, n)
             else:
                 ctypes.memmove(base + pos, sources[entry][0].data_ptr() + at, n)
-            if n == lengths[segment] and not lengths[segment ^ 1]:  # the whole entry
+            if self.hashed:  # hash_first has every checksum already
+                pass
+            elif n == lengths[segment] and not lengths[segment ^ 1]:  # the whole entry
                 digests[entry] = xxhash.xxh3_64_intdigest(buf[pos : pos + n])
             else:
                 partial.setdefault(entry, xxhash.xxh3_64()).update(buf[pos : pos + n])
@@ -205,6 +217,18 @@ class _Filler:
             _compare(path, self.header, digests, expected)
         self.blob = self.encoded.with_checksums(digests)
         return len(self.blob), xxhash.xxh3_64_intdigest(self.blob)
+
+    def hash_first(self, path: PurePath, expected: Sequence[int] | None) -> tuple[int, int]:
+        """Hash every entry straight from its source, then ``finish``: the header is complete
+        before any byte is written, for storages that take a file in order (worker thread)."""
+        for k, (data, pad) in enumerate(self.sources):
+            h = xxhash.xxh3_64()
+            if data.nbytes:
+                h.update((ctypes.c_char * data.nbytes).from_address(data.data_ptr()))
+            h.update(bytes(pad))
+            self.digests[k] = h.intdigest()
+        self.hashed = True
+        return self.finish(path, expected)
 
     def put(self, buf: memoryview, begin: int) -> int:
         """Copy what fits of the header from byte ``begin`` into ``buf``; how many bytes (worker

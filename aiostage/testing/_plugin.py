@@ -13,8 +13,15 @@ import pytest
 
 from ._faults import FaultyWrites
 from ._runner import WorldRunner
+from ._s3 import S3Server
 
-__all__ = ["aiostage_faults", "aiostage_world", "pytest_addoption"]
+__all__ = [
+    "aiostage_faults",
+    "aiostage_s3_bucket",
+    "aiostage_s3_server",
+    "aiostage_world",
+    "pytest_addoption",
+]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -44,3 +51,22 @@ def aiostage_faults() -> Iterator[FaultyWrites]:
     """
     with FaultyWrites() as faults:
         yield faults
+
+
+@pytest.fixture(scope="session")
+def aiostage_s3_server() -> Iterator[S3Server]:
+    """An ``S3Server``: moto's S3 server on 127.0.0.1, started once per session (skips the test
+    without ``moto[server]``). Blocks while it starts and stops."""
+    pytest.importorskip("moto.server")
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def aiostage_s3_bucket(aiostage_s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket's name, with the environment (``AWS_ENDPOINT_URL``, ``AWS_ALLOW_HTTP``,
+    test credentials) pointing at ``aiostage_s3_server`` for this test."""
+    for name, value in aiostage_s3_server.environ().items():
+        monkeypatch.setenv(name, value)
+    return aiostage_s3_server.bucket()
