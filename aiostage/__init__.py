@@ -24,11 +24,15 @@ from ._staging import DefaultStager as DefaultStager
 from ._staging import StagerStatistics as StagerStatistics
 from ._staging import StagingOptions as StagingOptions
 from ._storage.commit import sweep as sweep
+from ._storage.locate import use_store as use_store
 from ._storage.reader import load as load
 from ._storage.reader import load_metadata as load_metadata
 from ._storage.save import SaveReport as SaveReport
 from ._storage.save import save as save
 from ._storage.writer import WriteOptions as WriteOptions
+from ._tiers.report import RestoredRank as RestoredRank
+from ._tiers.report import RestoreReport as RestoreReport
+from ._tiers.report import SkippedSource as SkippedSource
 from ._train_state import TrainState as TrainState
 from ._train_state import train_state as train_state
 
@@ -44,8 +48,11 @@ __all__ = [
     "Publication",
     "PublishReport",
     "ReplicationStager",
+    "RestoreReport",
+    "RestoredRank",
     "SaveHandle",
     "SaveReport",
+    "SkippedSource",
     "StagerStatistics",
     "StagingOptions",
     "TrainState",
@@ -61,6 +68,7 @@ __all__ = [
     "save",
     "sweep",
     "train_state",
+    "use_store",
 ]
 
 for _name in __all__:

@@ -28,12 +28,13 @@ from ._cli import (
     plan,
     read_checkpoint,
     scan,
+    scan_local,
     verify,
 )
 from ._core.dtypes import dtype_name
 from ._core.tree import Leaf, MapNode, Node, SeqNode, Value, key_str
 from ._format.hf import INDEX_NAME, parse_size
-from .errors import AiostageError, CheckpointCorrupt
+from .errors import AiostageError, CheckpointCorrupt, UsageError
 
 __all__ = ["main"]
 
@@ -79,7 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     ls = sub.add_parser("ls", help="list the checkpoints in a directory")
-    ls.add_argument("root", type=Path, metavar="ROOT")
+    ls.add_argument("root", type=Path, metavar="ROOT", nargs="?")
+    ls.add_argument(
+        "--local", type=Path, metavar="DIR", help="also list a node's local tier (local_dir=)"
+    )
     ls.set_defaults(run=_ls)
     inspect = sub.add_parser("inspect", help="show a checkpoint's keys, metadata and files")
     inspect.add_argument("path", type=Path, metavar="PATH")
@@ -130,23 +134,34 @@ def _one_line(exc: BaseException) -> str:
 
 
 async def _ls(args: argparse.Namespace) -> int:
-    found = await scan(args.root)
+    if args.root is None and args.local is None:
+        raise UsageError("give ROOT (a checkpoint root), --local DIR (a local tier) or both")
+    found = [("durable", f) for f in await scan(args.root)] if args.root is not None else []
+    if args.local is not None:
+        found += await scan_local(args.local)
+        order = {"durable": 0, "local": 1, "replica": 2}
+        found.sort(key=lambda t: (t[1].step is None, t[1].step or 0, order[t[0]], t[1].path))
     now = time.time()
-    rows = [("STEP", "STATUS", "SIZE", "AGE", "PATH")]
-    rows += [_ls_row(f, args.root, now) for f in found]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    head = ("STEP", "STATUS", "SIZE", "AGE", *(("TIER",) if args.local else ()), "PATH")
+    rows = [head, *(_ls_row(f, tier, args, now) for tier, f in found)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
     for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
     if not found:
-        print(f"(no checkpoints in {args.root})")
+        where = " or ".join(str(p) for p in (args.root, args.local) if p is not None)
+        print(f"(no checkpoints in {where})")
     return 0
 
 
-def _ls_row(f: Found, root: Path, now: float) -> tuple[str, str, str, str, str]:
-    name = "." if f.path == root else f.path.name
+def _ls_row(f: Found, tier: str, args: argparse.Namespace, now: float) -> tuple[str, ...]:
+    """One line of ``ls``; with ``--local``, its tier, and a local copy's rank directory."""
+    name = "." if f.path == args.root and tier == "durable" else f.path.name
+    if tier != "durable":
+        name = f"{f.path.parent.name}/{name}"
     where = f"{name}  ({f.note})" if f.note else name
     step = "-" if f.step is None else str(f.step)
-    return step, f.status, human_bytes(f.size), human_age(now - f.mtime), where
+    cells = (step, f.status, human_bytes(f.size), human_age(now - f.mtime))
+    return (*cells, tier, where) if args.local is not None else (*cells, where)
 
 
 async def _inspect(args: argparse.Namespace) -> int:

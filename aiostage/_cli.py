@@ -13,13 +13,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio.to_thread
+
 from ._core.tree import KeyPath, Node
 from ._format.codec import MANIFEST, STEP_NAME, FileInfo, Header, Manifest
 from ._storage.backend import Leftover, Storage
 from ._storage.digests import entry_keys, hash_entries
 from ._storage.export import ExportPlan, plan_export, write_export
+from ._storage.local import LOCAL
 from ._storage.locate import locate
 from ._storage.reader import read_header, read_manifest
+from ._tiers.policy import local_holder
 from .errors import CheckpointCorrupt, CheckpointNotFound
 
 __all__ = [
@@ -31,6 +35,7 @@ __all__ = [
     "plan",
     "read_checkpoint",
     "scan",
+    "scan_local",
     "verify",
 ]
 
@@ -70,7 +75,10 @@ async def scan(root: Path) -> list[Found]:
     entries = await storage.scan(where, leftovers=True)
     # a checkpoint, or a link the user made to one (the links inside are never followed)
     is_one = kind == "checkpoint" or (kind == "file" and any(n == MANIFEST for n, _ in entries))
-    found = [await _describe(storage, where, where.resolve().name)] if is_one else []
+    # a link's target's name (asked of the file system in a worker); a URL's own
+    local = storage is LOCAL
+    name = (await anyio.to_thread.run_sync(where.resolve)).name if local else where.name
+    found = [await _describe(storage, where, name)] if is_one else []
     for name, kind in entries:
         left = storage.leftover(name)
         if kind == "file" or not (left or STEP_NAME.match(name) or kind == "checkpoint"):
@@ -80,6 +88,26 @@ async def scan(root: Path) -> list[Found]:
         except FileNotFoundError:
             continue  # it went while we looked: a save committed or a sweep removed it
     return sorted(found, key=lambda f: (f.step is None, f.step or 0, f.path.name))
+
+
+async def scan_local(local_dir: Path) -> list[tuple[str, Found]]:
+    """A node's local tier (a ``Checkpointer``'s ``local_dir``): ``("local", found)`` for each
+    rank's own copies (``rank_NNNNN/``), ``("replica", found)`` for the replicas it received
+    (``replica_of_rank_NNNNN/``), each directory listed as ``scan`` lists a root. Raises
+    ``OSError`` for a missing or unreadable ``local_dir``."""
+    storage, where = locate(local_dir)
+    if await storage.kind(where) == "absent":
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(local_dir))
+    out: list[tuple[str, Found]] = []
+    for name, kind in await storage.scan(where):
+        holder = local_holder(name)
+        if holder is None or kind == "file":
+            continue
+        try:
+            out += [(holder[0], found) for found in await scan(where / name)]
+        except FileNotFoundError:
+            continue  # it went while we looked
+    return out
 
 
 async def _describe(storage: Storage, path: Path, name: str, left: Leftover | None = None) -> Found:

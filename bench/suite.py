@@ -23,7 +23,7 @@ from typing import Any, TextIO
 from _lib import machine, plots
 from _lib.report import Ratio, table
 
-BENCHES = ("stage", "persist", "train_stall", "replicate", "weight_sync")
+BENCHES = ("stage", "persist", "train_stall", "replicate", "weight_sync", "restore", "object_store")
 SHAPES = ("flat", "small", "transformer", "moe")
 Run = tuple[str, list[str]]
 
@@ -40,6 +40,8 @@ def plan(mode: str) -> list[Run]:
             ("train_stall", [*bg, "--tensors", "8", "--tensor-kib", "4", "--every", "1", "--checkpoints", "1"]),
             ("replicate", [*bg, "--gib", "0.002", "--reps", "1"]),
             ("weight_sync", [*bg, "--gib", "0.002", "--reps", "1", "--idle-s", "0.2"]),
+            ("restore", ["--gib", "0.002", "--reps", "1", "--no-s3"]),
+            ("object_store", ["--gib", "0.002", "--reps", "1"]),
         ]  # fmt: skip
     quick = mode == "quick"
 
@@ -55,6 +57,7 @@ def plan(mode: str) -> list[Run]:
     runs += [("persist", sized(s, *persist)) for s in SHAPES]
     runs += [("train_stall", sized(s, *train)) for s in ("flat", "transformer", "moe")[quick:]]
     runs += [("replicate", rest), ("weight_sync", [*rest, "--idle-s", "1"] if quick else [])]
+    runs += [("restore", rest), ("object_store", ["--gib", "0.05", "--reps", "2"] if quick else [])]
     return runs
 
 

@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "_replication": 4,  # persists the replicas it receives through _storage
     "_async_save": 5,
     "_channel": 5,
+    "_tiers": 5,  # the tiers the Checkpointer composes: local disk, memory, restore
     "_checkpointer": 6,
     "_cli": 6,
     "testing": 7,
@@ -113,7 +114,12 @@ WORLDS = {
 #: state-dict helpers (train state), the CLI's stdout redirect (__main__), shared-memory regions
 #: (the channel's own transport), and the test kit (spawned worlds, fault injection)
 NOT_USERS = {
-    "torch.distributed": {"_core/tree.py", "_train_state.py", "testing/_world.py"},
+    "torch.distributed": {
+        "_core/tree.py",
+        "_train_state.py",
+        "testing/_world.py",
+        "testing/_restart.py",
+    },
     "the file system": {
         "__main__.py",
         "_channel/shm.py",

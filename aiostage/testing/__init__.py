@@ -1,5 +1,6 @@
 """Helpers for testing code built on aiostage: spawned gloo worlds (``run_world``,
-``arun_world``, ``WorldRunner``), an event-loop lag meter (``LoopLag``), write-fault injection
+``arun_world``, ``WorldRunner``; ``run_restarting_world``, whose ranks can be SIGKILLed and
+come back as fresh processes), an event-loop lag meter (``LoopLag``), write-fault injection
 (``FaultyWrites``) and ``assert_state_dict_equal``. The pytest plugin in ``_plugin`` (registered
 as the ``pytest11`` entry point ``aiostage``) offers the fixtures ``aiostage_world`` and
 ``aiostage_faults``.
@@ -13,6 +14,8 @@ from __future__ import annotations
 from ._assert import assert_state_dict_equal as assert_state_dict_equal
 from ._faults import FaultyWrites as FaultyWrites
 from ._lag import LoopLag as LoopLag
+from ._restart import Life as Life
+from ._restart import run_restarting_world as run_restarting_world
 from ._runner import WorldRunner as WorldRunner
 from ._world import RankFailure as RankFailure
 from ._world import WorldError as WorldError
@@ -22,6 +25,7 @@ from ._world import run_world as run_world
 
 __all__ = [
     "FaultyWrites",
+    "Life",
     "LoopLag",
     "RankFailure",
     "WorldError",
@@ -29,6 +33,7 @@ __all__ = [
     "WorldTimeout",
     "arun_world",
     "assert_state_dict_equal",
+    "run_restarting_world",
     "run_world",
 ]
 

@@ -359,11 +359,12 @@ def _rank_main(setup: _Setup, conn: Connection) -> None:
         os._exit(0)
 
 
-def _attempt(setup: _Setup) -> bytes:
-    """The pickled message for the parent: ``("ok", result)`` or ``("error", ...)``."""
+def _attempt(setup: Any, run: Callable[[Any], Any] | None = None) -> bytes:
+    """The pickled message for the parent: ``("ok", result)`` or ``("error", ...)``;
+    ``run(setup)`` (default ``_run_rank``) runs the call."""
     message: tuple[Any, ...]
     try:
-        message = ("ok", _run_rank(setup))
+        message = ("ok", (run or _run_rank)(setup))
     except BaseException as exc:  # reported to the parent, which raises WorldError for it
         summary = f"raised {type(exc).__qualname__}: {exc}"
         message = ("error", summary, traceback.format_exc(), time.monotonic())

@@ -1,0 +1,275 @@
+"""Restore benchmark: two gloo ranks on loopback bring a ~1 GiB state dict per rank back from each
+tier of a tiered ``Checkpointer`` (docs/tiers.md), against ``dcp.load`` of the same state.
+
+Run: ``.venv/bin/python bench/restore.py [--gib 1] [--reps 3] [--no-s3] [--json PATH]``. Each rank
+saves its state (``flat``: ~200 tensors) to every tier: the partner's memory, the node-local
+directory, the durable root on local disk, and (with ``obstore`` and ``moto``) a durable root on
+moto's S3 server in a child process on 127.0.0.1; and once with ``dcp.save``. Then, per rep,
+``Checkpointer.restore`` into the same preallocated state dict, each source forced the way a
+failure forces it: the partner's memory (rank 1 a new Checkpointer with an empty local directory,
+rank 0 keeping its memory through ``rejoin``), the local directory (both new, their local
+directories kept: a whole-job restart), the durable root (both new, local directories empty), and
+``dcp.load`` from local disk. The page cache of every file read is dropped first (cold reads, as
+on a fresh node). Times are the whole ``restore`` call, the max over both ranks per rep, after a
+barrier; GB/s is one rank's unique tensor bytes per second. Also the training-visible stall of
+a fast-tier save (memory + local, ``durable=False``) against a plain ``Checkpointer.save`` to the
+durable root, both reserved first, the first two saves of each dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from _lib import anchors, shapes
+from _lib.machine import run_spawned
+from _lib.report import GB, Ratio, Report, add_report_arguments, start
+
+import aiostage
+from aiostage.testing import assert_state_dict_equal
+
+Results = dict[str, list[float]]
+MEMORY, LOCAL, DURABLE, S3, DCP = (
+    "the partner's memory",
+    "the local directory",
+    "the durable root on local disk",
+    "the durable root on S3 (moto, loopback)",
+    "dcp.load from local disk",
+)
+FAST_STALL, PLAIN_STALL = "stall: fast-tier save (memory + local)", "stall: plain Checkpointer.save"
+TIMEOUT = 600.0
+
+
+def _tiered(root: str | Path, local: Path, replicate: bool = True) -> aiostage.Checkpointer:
+    return aiostage.Checkpointer(
+        root, pg=dist.group.WORLD, replicate=replicate, local_dir=local, durable_every=1,
+        keep_local=1, keep_last=1, timeout=TIMEOUT,
+    )  # fmt: skip
+
+
+async def _barrier() -> None:
+    await anyio.to_thread.run_sync(dist.barrier)
+
+
+class _Rank:
+    """One rank's run: its state, the state dict it restores into, and its Checkpointer."""
+
+    def __init__(self, rank: int, gib: float, base: Path) -> None:
+        self.rank, self.base = rank, base
+        self.sd = shapes.flat(gib).state_dict(seed=rank)
+        self.into = shapes.tree_map(torch.zeros_like, self.sd)  # allocated and faulted in once
+        self.out: Results = {"bytes": [float(shapes.unique_bytes(self.sd))]}
+        self.ckpt: aiostage.Checkpointer | None = None
+        self._fresh: Iterator[int] = itertools.count()
+        self.step = 0
+        self.checked: set[str] = set()
+
+    def empty(self) -> Path:
+        """A local directory nothing was written to (a fresh node's)."""
+        return self.base / f"empty_{self.rank}_{next(self._fresh)}"
+
+    async def enter(self, ckpt: aiostage.Checkpointer) -> None:
+        """Close this rank's Checkpointer (its memory goes) and enter ``ckpt``."""
+        if self.ckpt is not None:
+            await self.ckpt.aclose()
+        self.ckpt = ckpt
+        await ckpt.__aenter__()
+
+    async def stalls(
+        self, tiered: aiostage.Checkpointer, plain: aiostage.Checkpointer, reps: int
+    ) -> None:
+        """``reps`` stalls of a fast-tier save and of a plain one, in turns (after two of each
+        dropped), each committed before the next."""
+        for ckpt in (tiered, plain):
+            await ckpt.reserve(self.sd)
+        for i in range(reps + 2):
+            self.step += 1
+            for ckpt, name, durable in ((tiered, FAST_STALL, False), (plain, PLAIN_STALL, None)):
+                await _barrier()
+                handle = await ckpt.save(self.step, self.sd, durable=durable)
+                stall = (await handle.report).stall_seconds
+                if i >= 2:
+                    self.out.setdefault(name, []).append(stall)
+
+    async def restore(self, name: str) -> None:
+        """One timed restore under ``name``: its seconds and every rank's source (as digits of
+        a number: the figures are floats); its bytes checked once per ``name``."""
+        assert self.ckpt is not None
+        await _barrier()
+        report = await self.ckpt.restore(into=self.into)
+        self.out.setdefault(name, []).append(report.seconds)
+        self.out.setdefault(f"{name}: sources", []).append(
+            float(sum(10**r.rank * _SOURCE_CODE[r.source] for r in report.ranks))
+        )
+        if name not in self.checked:  # once per source: the bytes came back
+            self.checked.add(name)
+            await anyio.to_thread.run_sync(assert_state_dict_equal, report.state, self.sd)
+
+    async def dcp_load(self, where: Path) -> None:
+        """One timed ``dcp.load`` into the same state dict, its files' pages dropped first."""
+        await anyio.to_thread.run_sync(anchors.evict, where)
+        await _barrier()
+        began = time.perf_counter()
+        await anyio.to_thread.run_sync(lambda: dcp.load(self.into, checkpoint_id=str(where)))
+        self.out.setdefault(DCP, []).append(time.perf_counter() - began)
+
+
+_SOURCE_CODE = {"memory": 1, "local": 2, "peer_memory": 3, "peer_local": 4, "durable": 5}
+_SOURCE_NAME = {v: k for k, v in _SOURCE_CODE.items()}
+
+
+async def _rank(rank: int, world: int, gib: float, reps: int, bucket: str, tmp: str) -> Results:
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=UserWarning)  # DCP's notes on the process group
+    me = _Rank(rank, gib, Path(tmp))
+    durable, node = me.base / "durable", me.base / f"node{rank}"
+    kept = _tiered(durable, node)
+    await me.enter(kept)
+    async with aiostage.Checkpointer(me.base / "plain", pg=dist.group.WORLD, keep_last=1) as plain:
+        await me.stalls(kept, plain, reps)
+    me.step += 1
+    await (await kept.save(me.step, me.sd, durable=True)).committed  # every tier has it
+    for _ in range(reps):  # rank 1 comes back with nothing, rank 0 keeps its memory
+        if rank == 0:
+            await kept.rejoin(dist.group.WORLD)
+        else:
+            await me.enter(_tiered(durable, me.empty()))
+        await me.restore(MEMORY)
+    for _ in range(reps):  # a whole-job restart, the nodes' local directories kept
+        await anyio.to_thread.run_sync(anchors.evict, node)
+        await me.enter(_tiered(durable, node))
+        await me.restore(LOCAL)
+    for _ in range(reps):  # fresh nodes
+        await anyio.to_thread.run_sync(anchors.evict, durable)
+        await me.enter(_tiered(durable, me.empty()))
+        await me.restore(DURABLE)
+    where = me.base / "dcp"
+    await anyio.to_thread.run_sync(lambda: dcp.save(me.sd, checkpoint_id=str(where)))
+    for _ in range(reps):
+        await me.dcp_load(where)
+    if bucket:
+        await _from_s3(me, f"s3://{bucket}/restore", reps)
+    assert me.ckpt is not None
+    await me.ckpt.aclose()
+    return me.out
+
+
+async def _from_s3(me: _Rank, root: str, reps: int) -> None:
+    """Save once to a durable root on S3, then restore from it on empty local directories."""
+    ckpt = _tiered(root, me.empty(), replicate=False)
+    await me.enter(ckpt)
+    await (await ckpt.save(1, me.sd)).committed
+    for _ in range(reps):
+        await me.enter(_tiered(root, me.empty(), replicate=False))
+        await me.restore(S3)
+
+
+def _worst(results: list[Results]) -> dict[str, list[float]]:
+    """Per figure and rep, the max over the ranks (a restore ends when the last rank has)."""
+    names = [k for k in results[0] if k != "bytes" and not k.endswith(": sources")]
+    return {k: [max(r[k][i] for r in results) for i in range(len(results[0][k]))] for k in names}
+
+
+def _sources(results: list[Results], name: str) -> str:
+    """The source each rank restored from (the same in every rep, as every rank reported)."""
+    codes = {int(c) for r in results for c in r[f"{name}: sources"]}
+    assert len(codes) == 1, f"{name}: the sources changed between reps or ranks: {codes}"
+    code = codes.pop()
+    return " / ".join(_SOURCE_NAME[code // 10**r % 10] for r in range(len(results)))
+
+
+def _report(results: list[Results], report: Report) -> None:
+    n = results[0]["bytes"][0]
+    worst = _worst(results)
+    med = {k: statistics.median(v) for k, v in worst.items()}
+    restores = [k for k in (MEMORY, LOCAL, DURABLE, S3, DCP) if k in med]
+    rows = []
+    for k in restores:
+        used = "-" if k == DCP else _sources(results, k)
+        rows.append([
+            k, used, f"{min(worst[k]):.3f}", f"{med[k]:.3f}", f"{n / med[k] / GB:.2f}",
+            f"{med[DCP] / med[k]:.2f}x",
+        ])  # fmt: skip
+    report.add(
+        f"restore of {n / GB:.3f} GB per rank, 2 ranks, max over the ranks per rep",
+        ["from", "source (rank 0 / rank 1)", "min s", "median s", "GB/s", "speed-up vs dcp.load"],
+        rows,
+    )
+    stalls = [
+        [k, f"{1e3 * min(worst[k]):.1f}", f"{1e3 * med[k]:.1f}"] for k in (FAST_STALL, PLAIN_STALL)
+    ]
+    report.add(
+        "training-visible stall of a save (staging)", ["save", "min ms", "median ms"], stalls
+    )
+    report.figures["restore"] = {
+        k: {"seconds": worst[k], "median_s": med[k], "bytes": n} for k in worst
+    }
+    report.ratios += _ratios(med)
+
+
+def _ratios(med: dict[str, float]) -> list[Ratio]:
+    """The tiered-checkpoint issue's targets."""
+    out = []
+    if S3 in med:
+        out.append(Ratio(f"restore from {MEMORY}: speed-up vs {S3}", med[S3] / med[MEMORY], 5.0))
+    out += [
+        Ratio(f"restore from {MEMORY}: speed-up vs {DCP}", med[DCP] / med[MEMORY], 1.5),
+        Ratio(f"restore from {LOCAL}: speed-up vs {DCP}", med[DCP] / med[LOCAL]),
+        Ratio(f"restore from {DURABLE}: speed-up vs {DCP}", med[DCP] / med[DURABLE]),
+        Ratio(f"{FAST_STALL} / {PLAIN_STALL}", med[FAST_STALL] / med[PLAIN_STALL], 1.0, False),
+    ]
+    return out
+
+
+def _s3_bucket(report: Report) -> tuple[str, Any]:
+    """A bucket on moto's S3 server in a child process (the environment the ranks inherit set
+    here), and the server's context to leave; none without obstore and moto."""
+    try:
+        import boto3  # type: ignore[import-untyped]
+        import obstore  # noqa: F401
+        from object_store import s3_server
+    except ImportError as exc:
+        report.notes.append(f"no S3 row: {exc}")
+        return "", None
+    server = s3_server()
+    env = server.__enter__()
+    name = "restore-bench"
+    boto3.client(
+        "s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_REGION"],
+    ).create_bucket(Bucket=name)  # fmt: skip
+    return name, server
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--gib", type=float, default=1.0, help="state per rank, GiB (1)")
+    parser.add_argument("--reps", type=int, default=3, help="restores per source (3)")
+    parser.add_argument("--no-s3", action="store_true", help="leave out the S3 durable root")
+    add_report_arguments(parser)
+    args = parser.parse_args()
+    report = start("restore", args)
+    report.children = True
+    report.shape = shapes.flat(args.gib).describe()
+    bucket, server = ("", None) if args.no_s3 else _s3_bucket(report)
+    try:
+        results, report.background = run_spawned("restore_", 2, _rank, args.gib, args.reps, bucket)
+    finally:
+        if server is not None:
+            server.__exit__(None, None, None)
+    _report(results, report)
+    report.finish(args.json)
+
+
+if __name__ == "__main__":
+    main()
