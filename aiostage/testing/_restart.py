@@ -38,6 +38,7 @@ from ._world import (
     _Rank,
     _reap,
 )
+from ._world import _start as _spawn
 
 __all__ = ["Life", "run_restarting_world"]
 
@@ -122,17 +123,7 @@ def run_restarting_world(
 
 
 def _start(ctx: SpawnContext, setup: _LifeSetup) -> _Rank:
-    reader, writer = ctx.Pipe(duplex=False)
-    name = f"rank-{setup.rank}-gen-{setup.generation}"
-    process = ctx.Process(target=_life_main, args=(setup, writer), name=name)
-    try:
-        process.start()
-    except BaseException:
-        reader.close()
-        raise
-    finally:
-        writer.close()
-    return _Rank(setup.rank, process, reader)
+    return _spawn(ctx, setup, _life_main, f"rank-{setup.rank}-gen-{setup.generation}")
 
 
 def _supervise(

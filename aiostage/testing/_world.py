@@ -251,9 +251,18 @@ def _pickle_call(fn: Callable[..., Any], args: tuple[Any, ...]) -> bytes:
         ) from exc
 
 
-def _start(ctx: SpawnContext, setup: _Setup) -> _Rank:
+def _start(
+    ctx: SpawnContext,
+    setup: Any,
+    main: Callable[[Any, Connection], None] | None = None,
+    name: str | None = None,
+) -> _Rank:
+    """Spawn rank ``setup.rank`` running ``main(setup, conn)`` (default ``_rank_main``), its
+    result to come back through the pipe's reading end."""
     reader, writer = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_rank_main, args=(setup, writer), name=f"rank-{setup.rank}")
+    process = ctx.Process(
+        target=main or _rank_main, args=(setup, writer), name=name or f"rank-{setup.rank}"
+    )
     try:
         process.start()
     except BaseException:
