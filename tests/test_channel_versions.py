@@ -12,7 +12,7 @@ import torch
 from aiostage._channel import versions
 from aiostage._channel.versions import Snapshot, Snapshots
 from aiostage._replication.frames import rebuild
-from aiostage._replication.wire import entry_digests
+from aiostage._storage.digests import source_digests
 from aiostage.errors import ClosedError
 
 
@@ -74,9 +74,9 @@ async def test_each_version_is_hashed_once_for_every_subscriber(
 
     def counting(sources: Any) -> list[int]:
         calls.append(len(sources))
-        return entry_digests(sources)
+        return source_digests(sources)
 
-    monkeypatch.setattr(versions, "entry_digests", counting)
+    monkeypatch.setattr(versions, "source_digests", counting)
     snap = await snaps.stage(_state(2), 1, 1)
     assert snap.digests is None  # not while the trainer waits for stage
     got: list[list[int] | None] = []
@@ -88,7 +88,7 @@ async def test_each_version_is_hashed_once_for_every_subscriber(
         for _ in range(3):
             tg.start_soon(send)
     assert calls == [len(snap.sources)]
-    assert got == [entry_digests(snap.sources)] * 3
+    assert got == [source_digests(snap.sources)] * 3
     assert snap.digests == got[0]
 
 

@@ -38,13 +38,13 @@ from aiostage._replication.wire import (
     Limits,
     check_head,
     decode_frame_header,
-    entry_digests,
     limits_like,
     limits_of,
     parse_cost,
     plan_messages,
     unknown_limits,
 )
+from aiostage._storage.digests import source_digests
 from aiostage.errors import ReplicationError, ReplicationTimeout, UsageError
 
 
@@ -345,7 +345,7 @@ async def _fail(exc: BaseException) -> None:
 async def test_replica_writes_persist_and_report_a_digest_mismatch(tmp_path: Path) -> None:
     planned = await anyio.to_thread.run_sync(plan_cpu_frame, {"w": torch.arange(8.0)})
     frame = _landed(planned)
-    good = Frame(frame.header, frame.data, entry_digests(frame.sources()))
+    good = Frame(frame.header, frame.data, source_digests(frame.sources()))
     bufs = ReceiveBuffers()
     writes = ReplicaWrites(tmp_path / "replica", 1, {"replica_of": 1}, bufs)
     await writes.check()  # nothing written yet: nothing to report

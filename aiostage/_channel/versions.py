@@ -18,8 +18,8 @@ import anyio.to_thread
 
 from .._format.codec import Header, Source
 from .._replication.frames import NeedsStaging, frame_sources, plan_cpu_frame, plan_frame
-from .._replication.wire import entry_digests
 from .._staging import DefaultStager, StagingOptions
+from .._storage.digests import source_digests
 from .shm import Region, fill_region
 
 __all__ = ["Snapshot", "Snapshots"]
@@ -93,7 +93,7 @@ class Snapshots:
             return None
         async with snap.hashing:
             if snap.digests is None:
-                snap.digests = await anyio.to_thread.run_sync(entry_digests, snap.sources)
+                snap.digests = await anyio.to_thread.run_sync(source_digests, snap.sources)
         return snap.digests
 
     async def _stage_private(self, state_dict: Any, version: int, seq: int) -> Snapshot:

@@ -37,7 +37,6 @@ __all__ = [
     "check_head",
     "check_lengths",
     "decode_frame_header",
-    "entry_digests",
     "limits_like",
     "limits_of",
     "parse_cost",
@@ -176,18 +175,6 @@ def _pack(buf: torch.Tensor, a: int, begin: int, source: Source, b: int) -> None
         copy_bytes(data[lo - begin : split - begin], buf[lo - a : split - a])
     if hi > max(lo, split):
         buf[max(lo, split) - a : hi - a].zero_()
-
-
-def entry_digests(sources: Sequence[Source]) -> list[int]:
-    """The xxh3_64 of each entry (its bytes, then its zero padding), as a frame carries them
-    (worker thread): hashed once for a frame sent to many peers."""
-    out = []
-    for data, pad in sources:
-        h = xxhash.xxh3_64(tensor_bytes(data))
-        if pad:
-            h.update(bytes(pad))
-        out.append(h.intdigest())
-    return out
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

@@ -7,6 +7,7 @@ with the number of entries runs in worker threads: the loop thread only hands ov
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,12 +17,27 @@ import xxhash
 
 from .._core import gc_pause
 from .._core.tree import KeyPath, key_str
-from .._format.codec import Header
+from .._format.codec import Header, Source
 from .pipeline import cut
 
-__all__ = ["entry_keys", "hash_entries", "mismatched_entries"]
+__all__ = ["entry_keys", "hash_entries", "mismatched_entries", "source_digests"]
 
 _CHUNK = 16 << 20
+
+
+def source_digests(sources: Sequence[Source]) -> list[int]:
+    """The xxh3_64 of each entry still to be written (its bytes, then its zero padding), read
+    straight from its source by address, so any contiguous CPU tensor will do (worker thread):
+    what the header lists, known before a byte is written."""
+    out = []
+    for data, pad in sources:
+        h = xxhash.xxh3_64()
+        if data.nbytes:
+            h.update((ctypes.c_char * data.nbytes).from_address(data.data_ptr()))
+        if pad:
+            h.update(bytes(pad))
+        out.append(h.intdigest())
+    return out
 
 
 async def hash_entries(

@@ -366,8 +366,7 @@ def _open_regular(path: Path) -> tuple[int, int]:
     """A read-only descriptor of ``path`` and its size; ``CheckpointCorrupt`` if ``path`` is not
     a regular file (a link, a FIFO, a directory, a device), which is never followed nor waited on.
     """
-    if _SAVE_DIR.fullmatch(path.parent.name):
-        _regular_dir(path.parent)
+    _no_linked_save_dir(path)
     try:
         fd = os.open(path, _READ_FLAGS)
     except OSError as exc:  # ELOOP for a link, ENXIO for a socket: say what it is
@@ -388,16 +387,20 @@ def _open_regular(path: Path) -> tuple[int, int]:
     return fd, st.st_size
 
 
-def _regular_dir(path: Path) -> None:
-    """``CheckpointCorrupt`` unless ``path`` is a directory itself, not a link to one."""
-    mode = os.lstat(path).st_mode
+def _no_linked_save_dir(path: Path) -> None:
+    """``CheckpointCorrupt`` if ``path`` is in a save's own directory (``_SAVE_DIR``) that is
+    not a directory itself (a link to one, say)."""
+    if not _SAVE_DIR.fullmatch(path.parent.name):
+        return
+    mode = os.lstat(path.parent).st_mode
     if not stat.S_ISDIR(mode):
-        raise _not_regular(path, mode) or CheckpointCorrupt(f"{path} is not a directory", path=path)
+        raise _not_regular(path.parent, mode) or CheckpointCorrupt(
+            f"{path.parent} is not a directory", path=path.parent
+        )
 
 
 def _regular_size(path: Path) -> int:
-    if _SAVE_DIR.fullmatch(path.parent.name):
-        _regular_dir(path.parent)
+    _no_linked_save_dir(path)
     st = os.lstat(path)
     refused = _not_regular(path, st.st_mode)
     if refused is not None:

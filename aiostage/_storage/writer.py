@@ -33,6 +33,7 @@ from .._format.codec import (
 )
 from ..errors import CheckpointCorrupt
 from .backend import WRITE_ALIGN, Storage
+from .digests import source_digests
 from .pipeline import cut, pipeline, ring
 
 __all__ = ["DurableWriter", "WriteOptions", "WrittenFile"]
@@ -194,12 +195,11 @@ class _Filler:
                 ctypes.memset(base + pos, 0, n)
             else:
                 ctypes.memmove(base + pos, sources[entry][0].data_ptr() + at, n)
-            if self.hashed:  # hash_first has every checksum already
-                pass
-            elif n == lengths[segment] and not lengths[segment ^ 1]:  # the whole entry
-                digests[entry] = xxhash.xxh3_64_intdigest(buf[pos : pos + n])
-            else:
-                partial.setdefault(entry, xxhash.xxh3_64()).update(buf[pos : pos + n])
+            if not self.hashed:  # else hash_first has every checksum already
+                if n == lengths[segment] and not lengths[segment ^ 1]:  # the whole entry
+                    digests[entry] = xxhash.xxh3_64_intdigest(buf[pos : pos + n])
+                else:
+                    partial.setdefault(entry, xxhash.xxh3_64()).update(buf[pos : pos + n])
             pos += n
 
     def finish(self, path: PurePath, expected: Sequence[int] | None) -> tuple[int, int]:
@@ -221,12 +221,7 @@ class _Filler:
     def hash_first(self, path: PurePath, expected: Sequence[int] | None) -> tuple[int, int]:
         """Hash every entry straight from its source, then ``finish``: the header is complete
         before any byte is written, for storages that take a file in order (worker thread)."""
-        for k, (data, pad) in enumerate(self.sources):
-            h = xxhash.xxh3_64()
-            if data.nbytes:
-                h.update((ctypes.c_char * data.nbytes).from_address(data.data_ptr()))
-            h.update(bytes(pad))
-            self.digests[k] = h.intdigest()
+        self.digests = source_digests(self.sources)
         self.hashed = True
         return self.finish(path, expected)
 
