@@ -1,20 +1,31 @@
-"""Writing checkpoints durably: layout on disk, overwrite, injected write faults, sweep."""
+"""Writing checkpoints durably: layout on disk, overwrite, injected write faults, writes in
+flight at once, sweep."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
-from pathlib import Path
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path, PurePath
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 import torch
 
 import aiostage
 from aiostage._format.codec import MANIFEST, rank_file
 from aiostage._storage import localfs
+from aiostage._storage.backend import Sink
+from aiostage._storage.local import LocalStorage
+from aiostage._storage.pipeline import pipeline
+from aiostage._storage.prepare import prepare
+from aiostage._storage.writer import DurableWriter
 from aiostage.errors import CheckpointWriteError, UnsupportedValueError
 from aiostage.testing import FaultyWrites
 
@@ -229,3 +240,131 @@ async def test_sweep_finishes_an_interrupted_overwrite(tmp_path: Path, new_compl
     await aiostage.sweep(tmp_path)
     assert os.listdir(tmp_path) == ["ckpt"]
     await assert_loads(tmp_path / "ckpt", make_sd(2 if new_complete else 1))
+
+
+# ---------------------------------------------------------------- writes in flight
+
+
+async def test_the_pipeline_keeps_depth_second_stages_in_flight_and_no_more() -> None:
+    running, most, started = 0, 0, []
+    full = anyio.Event()
+
+    async def first(slot: int, job: int) -> None:
+        await anyio.lowlevel.checkpoint()
+
+    async def second(slot: int, job: int) -> None:
+        nonlocal running, most
+        started.append(job)
+        running += 1
+        most = max(most, running)
+        if running == 3:
+            full.set()
+        with anyio.fail_after(10):  # with fewer than 3 at once, the first three never finish
+            await full.wait()
+        running -= 1
+
+    await pipeline(4, range(12), first, second, depth=3)
+    assert most == 3
+    assert started == list(range(12))
+
+
+async def test_a_failed_second_stage_cancels_the_others() -> None:
+    ended: list[int] = []
+
+    async def first(slot: int, job: int) -> None:
+        await anyio.lowlevel.checkpoint()
+
+    async def second(slot: int, job: int) -> None:
+        if job == 1:
+            raise OSError(errno.EIO, "boom")
+        await anyio.sleep_forever()  # job 0, ends only by cancellation
+        ended.append(job)
+
+    with pytest.raises(Exception) as info:  # noqa: PT011 - an ExceptionGroup (3.11+ builtin)
+        await pipeline(3, range(5), first, second, depth=2)
+    assert [type(e) for e in info.value.exceptions] == [OSError]  # type: ignore[attr-defined]
+    assert ended == []
+
+
+async def test_the_data_file_has_writes_in_flight_at_once(tmp_path: Path) -> None:
+    """The second chunk's write is issued while the first is still being written."""
+    second_issued = threading.Event()
+    issued: list[int] = []  # offsets of the data file's writes, as issued
+    overlapped: list[bool] = []
+
+    def first_write(fd: int, data: memoryview) -> int:
+        overlapped.append(second_issued.wait(10))  # one write at a time: times out (False)
+        return 0  # nothing written yet: the writer writes it all
+
+    def hook(name: str, offset: int, n: int) -> Callable[[int, memoryview], int] | None:
+        if not name.endswith(".safetensors"):
+            return None
+        issued.append(offset)
+        if len(issued) == 2:
+            second_issued.set()
+        return first_write if len(issued) == 1 else None
+
+    localfs.write_hooks.append(hook)
+    try:
+        await aiostage.save(make_sd(), tmp_path / "ckpt", write_options=SMALL_CHUNKS)
+    finally:
+        localfs.write_hooks.remove(hook)
+    assert overlapped == [True]
+    assert len(issued) > 2
+    await assert_loads(tmp_path / "ckpt", make_sd())
+
+
+@pytest.mark.parametrize("direct_io", [True, False])
+async def test_short_writes_in_flight_at_once_are_completed(
+    tmp_path: Path, direct_io: bool
+) -> None:
+    options = aiostage.WriteOptions(chunk_bytes=1 << 16, buffers=6, direct_io=direct_io)
+    await aiostage.save(make_sd(), tmp_path / "plain")
+    with FaultyWrites() as faults:
+        faults.short(1, match="*.safetensors", times=None)
+        await aiostage.save(make_sd(), tmp_path / "short", write_options=options)
+    assert len(faults.injected) > 10
+    plain = (tmp_path / "plain" / rank_file(0)).read_bytes()
+    assert (tmp_path / "short" / rank_file(0)).read_bytes() == plain
+
+
+class _InOrder(LocalStorage):
+    """The local backend, taking a file's writes one at a time and in order (as an object store
+    does), and checking that it gets them so."""
+
+    ordered = True
+
+    def create(self, file: PurePath, *, direct: bool) -> AbstractAsyncContextManager[Sink]:
+        return _in_order(super().create(file, direct=direct))
+
+
+@contextlib.asynccontextmanager
+async def _in_order(opened: AbstractAsyncContextManager[Sink]) -> AsyncIterator[Sink]:
+    async with opened as sink:
+        yield _InOrderSink(sink)
+
+
+class _InOrderSink:
+    def __init__(self, sink: Sink) -> None:
+        self.name, self._sink, self._end, self._busy = sink.name, sink, 0, False
+
+    async def write_at(self, offset: int, buf: memoryview, n: int) -> None:
+        assert not self._busy, "two writes at once"
+        assert offset == self._end, (offset, self._end)
+        self._busy = True
+        await self._sink.write_at(offset, buf, n)
+        self._busy, self._end = False, offset + n
+
+    async def finish(self, size: int) -> None:
+        await self._sink.finish(size)
+
+
+async def test_an_ordered_storage_gets_one_write_at_a_time_in_order(tmp_path: Path) -> None:
+    writer = DurableWriter(_InOrder(), aiostage.WriteOptions(chunk_bytes=1 << 16, buffers=4))
+    prep = await prepare(make_sd(), None)
+    (tmp_path / "ckpt").mkdir()
+    written = await writer.write_file(tmp_path / "ckpt" / rank_file(0), prep.header, prep.sources)
+    assert written.info.size == (tmp_path / "ckpt" / rank_file(0)).stat().st_size
+    await aiostage.save(make_sd(), tmp_path / "plain")
+    plain = (tmp_path / "plain" / rank_file(0)).read_bytes()
+    assert (tmp_path / "ckpt" / rank_file(0)).read_bytes() == plain

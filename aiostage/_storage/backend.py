@@ -32,7 +32,12 @@ WRITE_ALIGN = 4096
 
 
 class Sink(Protocol):
-    """One new file being written: positioned writes, then ``finish`` makes it durable."""
+    """One new file being written: positioned writes, then ``finish`` makes it durable.
+
+    The writer calls ``write_at`` for several ranges at once (each with its own buffer, which it
+    leaves alone until that call returns), unless the storage says ``ordered = True``: then one
+    at a time, in order.
+    """
 
     name: str
 

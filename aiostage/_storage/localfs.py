@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import stat
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,6 @@ from typing import Any
 
 import aiofiles
 import aiofiles.os
-import aiofiles.threadpool
 import anyio
 import anyio.to_thread
 
@@ -62,9 +62,9 @@ __all__ = [
 #: O_DIRECT needs offsets, lengths and memory aligned to the logical block size; 4096 covers all
 ALIGN = 4096
 #: a process-wide fault-injection hook (``aiostage.testing.FaultyWrites``), called on the loop
-#: before every write with (file, offset, bytes); it may raise (``OSError(ENOSPC)``), or return
-#: ``write(fd, data) -> bytes written``, which replaces the first ``os.write`` of that write and
-#: runs in a worker thread
+#: before every write with (file, offset, bytes), in the order the writes are issued; it may raise
+#: (``OSError(ENOSPC)``), or return ``write(fd, data) -> bytes written``, which replaces the first
+#: ``os.pwrite`` of that write: it runs in a worker thread with the file's position at ``offset``
 WriteHook = Callable[[str, int, int], Callable[[int, memoryview], int] | None]
 #: the hooks every ``LocalFile`` consults (tests only)
 write_hooks: list[WriteHook] = []
@@ -82,6 +82,10 @@ if _renameat2 is not None:
         ctypes.c_char_p,
         ctypes.c_uint,
     ]
+_SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range: Any = getattr(_libc, "sync_file_range", None)
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 
 
 def temp_path(path: Path, token: str, kind: str = "tmp") -> Path:
@@ -93,11 +97,19 @@ def temp_path(path: Path, token: str, kind: str = "tmp") -> Path:
 
 
 class LocalFile:
-    """A new file being written: positioned writes (``O_DIRECT`` where possible), then ``finish``."""
+    """A new file being written: positioned writes (``O_DIRECT`` where possible), then ``finish``.
 
-    def __init__(self, f: Any) -> None:
-        self._f = f
-        self.name = str(f.name)
+    Each write is one worker-thread call (``os.pwrite`` at its offset, no seek), so several may be
+    in flight at once; the device then never waits for the next write to be handed over. Without
+    ``O_DIRECT`` (``direct`` false) each write also starts the write-back of its pages, so the
+    final fsync has little left to wait for.
+    """
+
+    def __init__(self, fd: int, name: str, *, direct: bool) -> None:
+        self._fd = fd
+        self.name = name
+        self._direct = direct
+        self._positioned = threading.Lock()  # replacement writes use the file's one position
 
     async def write_at(self, offset: int, buf: memoryview, n: int) -> None:
         """Write ``buf[:n]`` at ``offset``; ``buf`` past ``n`` is scratch, used to pad the write
@@ -106,21 +118,41 @@ class LocalFile:
         if padded > n:
             buf[n:padded] = bytes(padded - n)
         replaced = _hooked(self.name, offset, n)
-        await self._f.seek(offset)
+        await anyio.to_thread.run_sync(self._write, offset, buf[:padded], replaced)
+
+    def _write(
+        self, offset: int, data: memoryview, replaced: Callable[[int, memoryview], int] | None
+    ) -> None:
+        """``pwrite`` all of ``data`` at ``offset``, a hook's replacement first (worker thread)."""
         done = 0
         if replaced is not None:
-            done = await anyio.to_thread.run_sync(replaced, self._f.fileno(), buf[:padded])
-        while done < padded:
-            wrote = await self._f.write(buf[done:padded])
+            with self._positioned:
+                os.lseek(self._fd, offset, os.SEEK_SET)
+                done = replaced(self._fd, data)
+        while done < len(data):
+            wrote = os.pwrite(self._fd, data[done:], offset + done)
             if not wrote:  # no progress: write(2) would spin here forever
                 at = offset + done
                 raise OSError(errno.EIO, f"a write to {self.name} stored nothing at {at}")
             done += wrote
+        if not self._direct:
+            _start_writeback(self._fd, offset, done)
 
     async def finish(self, size: int) -> None:
         """Cut the file to ``size`` bytes (dropping alignment padding) and fsync it."""
-        await self._f.truncate(size)
-        await anyio.to_thread.run_sync(os.fsync, self._f.fileno())
+        await anyio.to_thread.run_sync(self._finish, size)
+
+    def _finish(self, size: int) -> None:
+        os.ftruncate(self._fd, size)
+        os.fsync(self._fd)
+
+
+def _start_writeback(fd: int, offset: int, n: int) -> None:
+    """Start writing ``n`` bytes at ``offset`` of ``fd`` back to the device, without waiting
+    (``sync_file_range(SYNC_FILE_RANGE_WRITE)``; nothing where libc lacks it). Durability still
+    comes from the fsync alone: this only moves the work earlier."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, n, _SYNC_FILE_RANGE_WRITE)  # an error: fsync reports it
 
 
 def _hooked(name: str, offset: int, n: int) -> Callable[[int, memoryview], int] | None:
@@ -134,43 +166,44 @@ def _hooked(name: str, offset: int, n: int) -> Callable[[int, memoryview], int] 
 @contextlib.asynccontextmanager
 async def create_file(path: Path, *, direct: bool = False) -> AsyncIterator[LocalFile]:
     """``async with create_file(path) as f``: a new file (``FileExistsError`` if ``path``
-    exists), unbuffered, closed on exit. ``direct``: open ``O_DIRECT`` (no page cache) where the
-    file system allows it."""
-    f = None
+    exists), closed on exit. ``direct``: open ``O_DIRECT`` (no page cache) where the file system
+    allows it."""
+    fd = -1
     if direct and hasattr(os, "O_DIRECT"):
         try:
-            f = await _open_whole(path, _open_direct)
+            fd = await _open_whole(path, _CREATE | os.O_DIRECT)
         except OSError as exc:
             if exc.errno != errno.EINVAL:  # EINVAL: this file system has no O_DIRECT
                 raise
-    if f is None:
-        f = await _open_whole(path, None)
+    direct = fd >= 0
+    if not direct:
+        fd = await _open_whole(path, _CREATE)
     try:
-        yield LocalFile(f)
+        yield LocalFile(fd, str(path), direct=direct)
     finally:
         with anyio.CancelScope(shield=True):
-            await f.close()
+            await anyio.to_thread.run_sync(os.close, fd)
 
 
-async def _open_whole(path: Path, opener: Callable[[str, int], int] | None) -> Any:
-    """Create ``path`` (unbuffered, as ``aiofiles``): in a worker thread a cancellation never
-    abandons, so the file a cancelled caller's thread opened is closed, never leaked."""
-    opened: list[Any] = []
+#: how ``create_file`` opens: a new file only, written, not inherited by children
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+
+
+async def _open_whole(path: Path, flags: int) -> int:
+    """Create ``path``: in a worker thread a cancellation never abandons, so the descriptor a
+    cancelled caller's thread opened is closed, never leaked."""
+    opened: list[int] = []
 
     def create() -> None:
-        opened.append(open(path, "xb", buffering=0, opener=opener))  # noqa: SIM115 - closed by the caller
+        opened.append(os.open(path, flags, 0o644))
 
     try:
         await run_whole(create)
     except BaseException:
-        for f in opened:
-            f.close()
+        for fd in opened:
+            os.close(fd)
         raise
-    return aiofiles.threadpool.wrap(opened[0])
-
-
-def _open_direct(path: str, flags: int) -> int:
-    return os.open(path, flags | os.O_DIRECT, 0o644)
+    return opened[0]
 
 
 def _fsync_dir(path: Path) -> None:

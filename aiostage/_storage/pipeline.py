@@ -1,7 +1,8 @@
 """Streaming bytes through a small ring of aligned buffers: cut into chunks, fill, drain.
 
-The writer fills a buffer (copy + hash) while the previous one drains to storage; the reader's
-checks hash mapped data chunk by chunk. Pure memory and tasks, no file-system access.
+The writer fills a buffer (copy + hash) while earlier ones drain to storage, several at once
+where the storage allows it; the reader's checks hash mapped data chunk by chunk. Pure memory
+and tasks, no file-system access.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from typing import TypeVar
 
 import anyio
+import anyio.abc
 import anyio.to_thread
 
 __all__ = ["cut", "pipeline", "ring"]
@@ -68,32 +70,41 @@ async def pipeline(
     jobs: Iterable[_J],
     first: Callable[[int, _J], Awaitable[None]],
     second: Callable[[int, _J], Awaitable[None]],
+    *,
+    depth: int = 1,
 ) -> None:
-    """Run ``first(slot, job)`` then ``second(slot, job)`` for every job, in order.
+    """Run ``first(slot, job)`` then ``second(slot, job)`` for every job.
 
-    ``first`` of job k+1 runs while ``second`` of job k does, with at most ``slots`` jobs (and
-    ring buffers) between the two stages. A failure in either stage cancels the other and
-    surfaces as the task group's ``ExceptionGroup``.
+    ``first`` runs for one job at a time, in order, while ``second`` runs for up to ``depth``
+    earlier jobs at once (started in order; with ``depth`` 1 also finished in order), with at
+    most ``slots`` jobs (and ring buffers) between the two stages. A failure in either stage
+    cancels the rest and surfaces as the task group's ``ExceptionGroup``.
     """
     send_full, recv_full = anyio.create_memory_object_stream[tuple[int, _J]](slots)
     send_free, recv_free = anyio.create_memory_object_stream[int](slots)
     for slot in range(slots):
         send_free.send_nowait(slot)
+    lanes = anyio.Semaphore(depth)
 
-    async def drain() -> None:
-        async with recv_full, send_free:
+    async def drained(slot: int, job: _J) -> None:
+        await second(slot, job)
+        lanes.release()
+        send_free.send_nowait(slot)
+
+    async def drain(tg: anyio.abc.TaskGroup) -> None:
+        async with recv_full:
             async for slot, job in recv_full:
-                await second(slot, job)
-                send_free.send_nowait(slot)
+                await lanes.acquire()
+                tg.start_soon(drained, slot, job)
 
-    with recv_free:
+    with recv_free, send_free:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(drain)
+            tg.start_soon(drain, tg)
             async with send_full:
                 try:
                     for job in jobs:
                         slot = await recv_free.receive()
                         await first(slot, job)
                         await send_full.send((slot, job))
-                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                except anyio.BrokenResourceError:
                     return  # ``second`` failed: its error alone leaves the task group

@@ -2,9 +2,10 @@
 
 ``DurableWriter.write_file`` copies each entry's bytes into a small ring of page-aligned buffers
 (``chunk_bytes`` x ``buffers``: the only memory it adds) and hashes them there (xxh3_64) in a
-worker thread while the previous buffer is being written (``O_DIRECT`` where the storage allows
-it). The data goes first, the header (which holds the checksums) last, then the file is made
-durable. Which files make a checkpoint visible, and when, is ``commit``'s business.
+worker thread while the earlier buffers are being written (``O_DIRECT`` where the storage allows
+it; several writes in flight where it takes writes in any order, so the device always has the
+next one queued). The data goes first, the header (which holds the checksums) last, then the
+file is made durable. Which files make a checkpoint visible, and when, is ``commit``'s business.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ _MiB = 1 << 20
 @dataclass(frozen=True, kw_only=True)
 class WriteOptions:
     """How ``save`` writes its data files: ``buffers`` aligned buffers of ``chunk_bytes`` each
-    (the only memory writing adds), filled (copy + checksum) while the previous one is written.
+    (the only memory writing adds); one is filled (copy + checksum) while the others are written,
+    up to ``buffers - 1`` writes in flight at once (one at a time to an object store, which takes
+    a file in order).
 
     ``direct_io``: bypass the page cache (``O_DIRECT``) where the file system allows it; the
     data then goes to the device as it is written, and the final fsync has little left to do.
@@ -52,8 +55,8 @@ class WriteOptions:
     at least 1.
     """
 
-    chunk_bytes: int = 16 * _MiB
-    buffers: int = 2
+    chunk_bytes: int = 8 * _MiB
+    buffers: int = 4
     direct_io: bool = True
 
     def __post_init__(self) -> None:
@@ -121,7 +124,8 @@ class DurableWriter:
             if ordered:  # the storage takes bytes in order (an object store): the header first
                 size, digest = await anyio.to_thread.run_sync(filler.hash_first, path, expected)
                 await put_header(size)
-            await pipeline(len(bufs), jobs, fill, write)
+            depth = 1 if ordered else max(1, len(bufs) - 1)  # one buffer fills meanwhile
+            await pipeline(len(bufs), jobs, fill, write, depth=depth)
             if not ordered:
                 size, digest = await anyio.to_thread.run_sync(filler.finish, path, expected)
                 await put_header(size)
