@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal, NoReturn
 
 from .._replication.transport import Link, send_frame
@@ -52,15 +53,17 @@ async def offer(
     digests: Callable[[Snapshot], Awaitable[list[int] | None]],
 ) -> None:
     """Offer ``snap`` to ``peer``: through shared memory where it reads it, else an ``OFFER``
-    and the frame (with ``digests(snap)``); ``TOO_BIG`` instead when it is larger than the peer
-    takes. Bound it with a scope. Raises ``ReplicationError`` naming the peer (phase ``"send"``)
-    when the peer is gone, closed its end, or did not take it."""
+    and the frame (its checksums ``digests(snap)``, awaited while the data is sent);
+    ``TOO_BIG`` instead when it is larger than the peer takes. Bound it with a scope. Raises
+    ``ReplicationError`` naming the peer (phase ``"send"``) when the peer is gone, closed its
+    end, or did not take it."""
     if peer.limit and snap.header.data_bytes > peer.limit:
         await _too_big(pg, peer, snap)
     if peer.shm and await _offer_shared(pg, peer, snap):
         return
     await send_note(pg, peer.rank, OFFER_TAG, Note(OFFER, snap.version, snap.seq))
-    await send_frame(peer.link, peer.rank, snap.header, snap.sources, await digests(snap))
+    # the digests go last: hashed (once, for every subscriber) while the data is on the wire
+    await send_frame(peer.link, peer.rank, snap.header, snap.sources, partial(digests, snap))
 
 
 async def _too_big(pg: Any, peer: Peer, snap: Snapshot) -> NoReturn:

@@ -384,3 +384,57 @@ async def chosen_partners(rank: int, world: int) -> dict[str, Any]:
     seen["error"] = await raised(stager.stage(make_state(rank)), aiostage.errors.UsageError)
     await stager.aclose()
     return seen | {"seconds": time.perf_counter() - began}
+
+
+def _late_state() -> dict[str, Any]:
+    """``make_state(0)`` plus five tensors of a message each (over ``wire.SMALL``)."""
+    big = [torch.full((300_000,), float(i)) for i in range(5)]
+    return {**make_state(0), "big": big}
+
+
+async def late_digests(rank: int, world: int) -> dict[str, Any]:
+    """Rank 0 sends two frames whose digests it gives only once the data is posted
+    (``send_frame(digests=callable)``): the right ones, then damaged ones; rank 1 hashes each
+    frame as its messages land and checks it.
+
+    Rank 1: ``state`` (``differs`` of the first frame rebuilt against the state sent),
+    ``digests`` (whether they are the ones rank 0 computed), ``damaged`` (what the second
+    frame's check raised); rank 0: ``asked`` (how often its digests were asked for)."""
+    from functools import partial
+
+    from aiostage._replication.frames import plan_cpu_frame, rebuild
+    from aiostage._replication.receive import ReceiveBuffers
+    from aiostage._storage.digests import source_digests
+
+    link = transport.Link(dist.group.WORLD, torch.device("cpu"), 60.0)
+    planned = plan_cpu_frame(_late_state())
+    right = source_digests(planned.sources)
+    seen: dict[str, Any] = {}
+    if rank == 0:
+        asked = []
+
+        async def later(digests: list[int]) -> list[int]:
+            asked.append(1)
+            await anyio.lowlevel.checkpoint()
+            return digests
+
+        for given in (right, [d ^ 1 for d in right]):
+            sources = planned.sources
+            await transport.send_frame(link, 1, planned.header, sources, partial(later, given))
+        seen["asked"] = len(asked)
+        return seen
+    buffers = ReceiveBuffers()
+
+    async def buffer(n: int) -> torch.Tensor:
+        return await buffers.get(n, "receiving")
+
+    limits = limits_of(1 << 30)
+    got = await transport.recv_frame(link, 0, buffer, limits=limits, check=True)
+    assert got is not None
+    header, data, digests = got
+    seen["state"] = differs(rebuild(header, data, None, 0, None), _late_state())
+    seen["digests"] = list(digests) == right
+    seen["damaged"] = await raised(
+        transport.recv_frame(link, 0, buffer, limits=limits, check=True), ReplicationError
+    )
+    return seen

@@ -197,3 +197,14 @@ def test_chosen_partners_replicate_and_a_choice_that_does_not_pair_up_is_refused
     assert len(set(messages)) == 1, messages  # the same diagnosis everywhere
     assert "rank 1 sends to rank 2, which expects rank 0" in messages[0], messages
     assert all(r["seconds"] < 10 for r in results), results
+
+
+@pytest.mark.timeout(90)
+def test_digests_given_after_the_data_are_checked_as_it_lands() -> None:
+    sender, receiver = run_world(workers.late_digests, 2, timeout=WORLD_TIMEOUT)
+    assert sender["asked"] == 2, sender
+    assert receiver["state"] is None, f"rank 1: the frame differs: {receiver['state']}"
+    assert receiver["digests"], "rank 1: the digests returned are not the sender's"
+    _assert_raised(
+        "rank 1, damaged digests", receiver["damaged"], "ReplicationError", phase="verify"
+    )
