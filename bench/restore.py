@@ -11,15 +11,21 @@ rank 0 keeping its memory through ``rejoin``), the local directory (both new, th
 directories kept: a whole-job restart), the durable root (both new, local directories empty), and
 ``dcp.load`` from local disk. The page cache of every file read is dropped first (cold reads, as
 on a fresh node). Times are the whole ``restore`` call, the max over both ranks per rep, after a
-barrier; GB/s is one rank's unique tensor bytes per second. Also the training-visible stall of
+barrier; GB/s is one rank's unique tensor bytes per second. Two raw anchors bound what the
+tiers can reach here: the same bytes sent over gloo from rank 0 straight into rank 1's
+tensors (one transfer, nothing else), and, with S3, each rank's bytes as one object fetched
+with obstore's plain GET (moto's own speed). Also the training-visible stall of
 a fast-tier save (memory + local, ``durable=False``) against a plain ``Checkpointer.save`` to the
-durable root, both reserved first, the first two saves of each dropped.
+durable root, both reserved first, the first two saves of each dropped, in turns whose order
+alternates (at least six of each: on a shared host the stall is mostly the staging copy's wait
+for a core), with the process's CPU time during each save (the work the caller waited for).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import resource
 import statistics
 import time
 import warnings
@@ -46,7 +52,10 @@ MEMORY, LOCAL, DURABLE, S3, DCP = (
     "the durable root on S3 (moto, loopback)",
     "dcp.load from local disk",
 )
+RAW_GLOO = "raw gloo send, rank 0 into rank 1's tensors"
+RAW_S3 = "raw S3 GET of each rank's bytes (obstore)"
 FAST_STALL, PLAIN_STALL = "stall: fast-tier save (memory + local)", "stall: plain Checkpointer.save"
+CPU = "CPU during the "  # + a stall's name: the process's CPU seconds while ``save`` ran
 TIMEOUT = 600.0
 
 
@@ -88,18 +97,22 @@ class _Rank:
     async def stalls(
         self, tiered: aiostage.Checkpointer, plain: aiostage.Checkpointer, reps: int
     ) -> None:
-        """``reps`` stalls of a fast-tier save and of a plain one, in turns (after two of each
-        dropped), each committed before the next."""
+        """``reps`` stalls of a fast-tier save and of a plain one, in turns whose order
+        alternates (after two of each dropped), each committed before the next."""
         for ckpt in (tiered, plain):
             await ckpt.reserve(self.sd)
+        turns = [(tiered, FAST_STALL, False), (plain, PLAIN_STALL, None)]
         for i in range(reps + 2):
             self.step += 1
-            for ckpt, name, durable in ((tiered, FAST_STALL, False), (plain, PLAIN_STALL, None)):
+            for ckpt, name, durable in turns if i % 2 == 0 else turns[::-1]:
                 await _barrier()
+                cpu = _cpu_seconds()
                 handle = await ckpt.save(self.step, self.sd, durable=durable)
+                cpu = _cpu_seconds() - cpu
                 stall = (await handle.report).stall_seconds
                 if i >= 2:
                     self.out.setdefault(name, []).append(stall)
+                    self.out.setdefault(CPU + name, []).append(cpu)
 
     async def restore(self, name: str) -> None:
         """One timed restore under ``name``: its seconds and every rank's source (as digits of
@@ -115,6 +128,24 @@ class _Rank:
             self.checked.add(name)
             await anyio.to_thread.run_sync(assert_state_dict_equal, report.state, self.sd)
 
+    async def raw_gloo(self) -> None:
+        """One timed transfer of rank 0's tensors straight into rank 1's (the anchor of a
+        restore from the partner's memory: one transfer, no checks, no copies)."""
+        pairs = list(zip(shapes.tensors(self.sd), shapes.tensors(self.into), strict=True))
+
+        def transfer() -> None:
+            works = [
+                dist.isend(src, 1, tag=77) if self.rank == 0 else dist.irecv(dst, 0, tag=77)
+                for src, dst in pairs
+            ]
+            for work in works:
+                work.wait()
+
+        await _barrier()
+        began = time.perf_counter()
+        await anyio.to_thread.run_sync(transfer)
+        self.out.setdefault(RAW_GLOO, []).append(time.perf_counter() - began)
+
     async def dcp_load(self, where: Path) -> None:
         """One timed ``dcp.load`` into the same state dict, its files' pages dropped first."""
         await anyio.to_thread.run_sync(anchors.evict, where)
@@ -122,6 +153,12 @@ class _Rank:
         began = time.perf_counter()
         await anyio.to_thread.run_sync(lambda: dcp.load(self.into, checkpoint_id=str(where)))
         self.out.setdefault(DCP, []).append(time.perf_counter() - began)
+
+
+def _cpu_seconds() -> float:
+    """This process's CPU time so far, every thread (the staging copy runs in a worker)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 _SOURCE_CODE = {"memory": 1, "local": 2, "peer_memory": 3, "peer_local": 4, "durable": 5}
@@ -136,7 +173,7 @@ async def _rank(rank: int, world: int, gib: float, reps: int, bucket: str, tmp: 
     kept = _tiered(durable, node)
     await me.enter(kept)
     async with aiostage.Checkpointer(me.base / "plain", pg=dist.group.WORLD, keep_last=1) as plain:
-        await me.stalls(kept, plain, reps)
+        await me.stalls(kept, plain, max(2 * reps, 6))
     me.step += 1
     await (await kept.save(me.step, me.sd, durable=True)).committed  # every tier has it
     for _ in range(reps):  # rank 1 comes back with nothing, rank 0 keeps its memory
@@ -157,6 +194,8 @@ async def _rank(rank: int, world: int, gib: float, reps: int, bucket: str, tmp: 
     await anyio.to_thread.run_sync(lambda: dcp.save(me.sd, checkpoint_id=str(where)))
     for _ in range(reps):
         await me.dcp_load(where)
+    for _ in range(reps):
+        await me.raw_gloo()
     if bucket:
         await _from_s3(me, f"s3://{bucket}/restore", reps)
     assert me.ckpt is not None
@@ -172,6 +211,16 @@ async def _from_s3(me: _Rank, root: str, reps: int) -> None:
     for _ in range(reps):
         await me.enter(_tiered(root, me.empty(), replicate=False))
         await me.restore(S3)
+    from object_store import raw_get, raw_put, storage_views
+    from obstore.store import from_url
+
+    store, key = from_url(root), f"raw/rank_{me.rank}.bin"
+    await raw_put(store, key, storage_views(me.sd))
+    for _ in range(reps):
+        await _barrier()
+        began = time.perf_counter()
+        await raw_get(store, key, int(me.out["bytes"][0]))  # its bytes dropped at once
+        me.out.setdefault(RAW_S3, []).append(time.perf_counter() - began)
 
 
 def _worst(results: list[Results]) -> dict[str, list[float]]:
@@ -192,10 +241,10 @@ def _report(results: list[Results], report: Report) -> None:
     n = results[0]["bytes"][0]
     worst = _worst(results)
     med = {k: statistics.median(v) for k, v in worst.items()}
-    restores = [k for k in (MEMORY, LOCAL, DURABLE, S3, DCP) if k in med]
+    restores = [k for k in (MEMORY, LOCAL, DURABLE, S3, DCP, RAW_GLOO, RAW_S3) if k in med]
     rows = []
     for k in restores:
-        used = "-" if k == DCP else _sources(results, k)
+        used = "-" if k in (DCP, RAW_GLOO, RAW_S3) else _sources(results, k)
         rows.append([
             k, used, f"{min(worst[k]):.3f}", f"{med[k]:.3f}", f"{n / med[k] / GB:.2f}",
             f"{med[DCP] / med[k]:.2f}x",
@@ -206,10 +255,13 @@ def _report(results: list[Results], report: Report) -> None:
         rows,
     )
     stalls = [
-        [k, f"{1e3 * min(worst[k]):.1f}", f"{1e3 * med[k]:.1f}"] for k in (FAST_STALL, PLAIN_STALL)
+        [k, f"{1e3 * min(worst[k]):.1f}", f"{1e3 * med[k]:.1f}", f"{1e3 * med[CPU + k]:.1f}"]
+        for k in (FAST_STALL, PLAIN_STALL)
     ]
     report.add(
-        "training-visible stall of a save (staging)", ["save", "min ms", "median ms"], stalls
+        "training-visible stall of a save (staging), max over the ranks per save",
+        ["save", "min ms", "median ms", "median CPU ms"],
+        stalls,
     )
     report.figures["restore"] = {
         k: {"seconds": worst[k], "median_s": med[k], "bytes": n} for k in worst
@@ -219,14 +271,22 @@ def _report(results: list[Results], report: Report) -> None:
 
 def _ratios(med: dict[str, float]) -> list[Ratio]:
     """The tiered-checkpoint issue's targets."""
-    out = []
+    out = [Ratio(f"restore from {MEMORY}: time vs the {RAW_GLOO}", med[MEMORY] / med[RAW_GLOO])]
     if S3 in med:
-        out.append(Ratio(f"restore from {MEMORY}: speed-up vs {S3}", med[S3] / med[MEMORY], 5.0))
+        out += [
+            Ratio(f"restore from {MEMORY}: speed-up vs {S3}", med[S3] / med[MEMORY], 5.0),
+            Ratio(f"restore from S3: time vs the {RAW_S3}", med[S3] / med[RAW_S3]),
+            Ratio(f"the raw anchors' ceiling of that speed-up: {RAW_S3} / {RAW_GLOO}",
+                  med[RAW_S3] / med[RAW_GLOO]),
+        ]  # fmt: skip
     out += [
         Ratio(f"restore from {MEMORY}: speed-up vs {DCP}", med[DCP] / med[MEMORY], 1.5),
         Ratio(f"restore from {LOCAL}: speed-up vs {DCP}", med[DCP] / med[LOCAL]),
         Ratio(f"restore from {DURABLE}: speed-up vs {DCP}", med[DCP] / med[DURABLE]),
         Ratio(f"{FAST_STALL} / {PLAIN_STALL}", med[FAST_STALL] / med[PLAIN_STALL], 1.0, False),
+        Ratio(
+            f"{CPU}{FAST_STALL} / the plain save's", med[CPU + FAST_STALL] / med[CPU + PLAIN_STALL]
+        ),
     ]
     return out
 
