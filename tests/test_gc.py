@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import weakref
 
 from aiostage._core import gc_pause
 
@@ -45,3 +46,20 @@ def test_concurrent_pauses_end_with_the_last_one() -> None:
     leave.set()
     t.join(10)
     assert gc.isenabled()
+
+
+class _Leaf:
+    """An object whose death is seen through a weak reference."""
+
+
+def test_dismantle_frees_big_containers_it_owns_and_leaves_shared_ones_whole() -> None:
+    leaves = [_Leaf() for _ in range(5000)]
+    seen = [weakref.ref(x) for x in leaves]
+    shared = list(range(5000))
+    doomed = [{"dict": [[str(i), {"x": x}] for i, x in enumerate(leaves)]}, shared]
+    del leaves
+    assert gc_pause._big(doomed[0], 3)  # a big list inside a small wrapper is taken apart too
+    gc_pause.dismantle(doomed)
+    assert doomed == []
+    assert all(ref() is None for ref in seen)
+    assert shared == list(range(5000))  # still referenced here: never mutated

@@ -22,6 +22,7 @@ import aiostage
 import aiostage._format.codec as codec_module
 from aiostage._core.storages import plan_storages
 from aiostage._core.tree import flatten
+from aiostage._format import sliced
 from aiostage._format.codec import Header, decode_header, encode_header, rank_file
 from aiostage._format.plan import plan_file
 from aiostage.errors import CheckpointCorrupt
@@ -239,3 +240,64 @@ def test_a_header_is_encoded_once_and_its_checksums_filled_in_place() -> None:
     assert decode_header(blob[8:], header.data_bytes, "x").checksums == tuple(sums)
     with pytest.raises(ValueError, match="checksums for"):
         layout.with_checksums(sums[:-1])
+
+
+# ---------------------------------------------------------------- headers parsed a slice at a time
+
+
+def _big_header() -> bytes:
+    tree = flatten(
+        {"model": small_sd(5000, numel=2), "optim": {i: {"m": torch.ones(1)} for i in range(99)}}
+    )
+    return encode_header(plan_file(tree)[0])
+
+
+def test_a_header_of_thousands_of_tensors_parses_in_calls_of_a_slice_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No single C call of the JSON scanner reads much more than a slice of the header (it holds
+    the GIL), and the result is ``json``'s own."""
+    blob = _big_header()
+    read: list[int] = []
+    scan = sliced._scan
+
+    def counted(text: str, at: int) -> tuple[Any, int]:
+        value, end = scan(text, at)
+        read.append(end - at)
+        return value, end
+
+    monkeypatch.setattr(sliced, "_scan", counted)
+    top = sliced.loads(blob[8:])
+    meta = sliced.loads(top["__metadata__"]["aiostage"])
+    assert top == json.loads(blob[8:])
+    assert meta == json.loads(top["__metadata__"]["aiostage"])
+    assert len(read) > 10
+    assert max(read) <= 2 * sliced.SLICE
+    assert sliced.dumps(meta["tree"]) == json.dumps(meta["tree"], separators=(",", ":"))
+    assert sliced.escape(top["__metadata__"]["aiostage"]) == json.dumps(
+        top["__metadata__"]["aiostage"]
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[,1]", "[1,]", '{"a":1,}', "[1 2]", '{"a" 1}', "[1,2", '"abc', '["a\\q"]', "[01]", "{}x"],
+)
+def test_malformed_json_is_refused_as_json_refuses_it(text: str) -> None:
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+    with pytest.raises(json.JSONDecodeError):
+        sliced.loads(text)
+
+
+def test_long_strings_with_escapes_and_surrogate_pairs_unescape_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sliced, "SLICE", 7)  # cuts land next to every escape
+    value = ['a"\\b\u00e9\U0001f600' * 40, {"k\U0001f600" * 9: [1.5, None, True, "x" * 30] * 9}]
+    for text in (
+        json.dumps(value),
+        json.dumps(value, ensure_ascii=False),
+        json.dumps(value, indent=2),
+    ):
+        assert sliced.loads(text) == json.loads(text)

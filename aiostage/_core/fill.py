@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import operator
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -243,7 +242,7 @@ def _made(recipe: Recipe, buffers: Buffers) -> _Made:
     outs: list[Any] = []
     for leaf, plain in zip(recipe.leaves, plains, strict=True):
         if not len(outs) % _BREATHE:
-            time.sleep(0)  # hands the GIL to an event loop waiting for it
+            gc_pause.hand_over()
         outs.append(wrap_leaf(leaf, plain) if leaf.same_as is None else outs[leaf.same_as])
     targets = [_listed(pick(plains), n) for pick, n in recipe.batches]
     buffers.made = made = _Made(recipe, plains, outs, targets)

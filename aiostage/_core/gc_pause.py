@@ -1,19 +1,29 @@
-"""Pause automatic garbage collection while a worker thread builds many short-lived objects.
+"""Keep the collector and big frees from stopping every thread: pause automatic garbage
+collection while a worker thread builds many short-lived objects, and free large containers
+a slice at a time.
 
 Planning a state dict of thousands of tensors allocates enough objects to trigger full
 collections, each of which walks the whole heap (~100 ms with torch loaded) and stops every
 thread. ``paused()`` turns collection off for the duration and back on after (if it was on);
-nested and concurrent uses share one pause.
+nested and concurrent uses share one pause. Freeing a list of tens of thousands of tensors or
+records is one C call of milliseconds that holds the GIL; ``dismantle`` frees them in slices.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
+import sys
 import threading
+import time
 from collections.abc import Iterator
+from typing import Any
 
-__all__ = ["paused"]
+__all__ = ["dismantle", "hand_over", "paused"]
+
+#: members freed between two hand-overs of the GIL (well under a millisecond)
+_PIECE = 1024
 
 _lock = threading.Lock()
 _depth = 0
@@ -36,3 +46,45 @@ def paused() -> Iterator[None]:
             _depth -= 1
             if _depth == 0 and _resume and not gc.isenabled():
                 gc.enable()
+
+
+def hand_over() -> None:
+    """Let a thread waiting for the GIL (an event loop) take it: the call a worker makes every
+    millisecond or so of Python work. Nothing on an event loop's own thread (a small header
+    decoded there), which has no one to hand over to and must not sleep."""
+    if asyncio._get_running_loop() is None:
+        time.sleep(0)
+
+
+def dismantle(doomed: list[Any]) -> None:
+    """Free what ``doomed`` holds (the caller's last references; a worker thread), a slice of
+    ``_PIECE`` members at a time with the GIL handed over between slices. A list, tuple or dict
+    of more members than that (or a small one wrapping one, like ``{"dict": [...]}``) is taken
+    apart if nothing else refers to it; anything else is freed whole. ``doomed`` ends empty."""
+    while doomed:
+        x = doomed.pop()
+        if not _big(x, 3) or sys.getrefcount(x) > 2:  # ``x`` and the call's argument
+            continue
+        items = list(x.values()) if type(x) is dict else list(x)
+        if type(x) is not tuple:
+            x.clear()
+        x = None  # the container alone goes: ``items`` holds its members
+        while items:
+            piece = items[-_PIECE:]
+            del items[-_PIECE:]
+            doomed += [p for p in piece if _big(p, 3)]
+            del piece
+            hand_over()
+
+
+def _big(x: Any, depth: int) -> bool:
+    """Whether ``x`` is a list, tuple or dict of more than ``_PIECE`` members, or wraps one in
+    up to ``depth`` levels of containers of at most two members."""
+    kind = type(x)
+    if kind is not list and kind is not tuple and kind is not dict:
+        return False
+    if len(x) > _PIECE:
+        return True
+    if depth == 0 or len(x) > 2:
+        return False
+    return any(_big(k, depth - 1) for k in (x.values() if kind is dict else x))

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import functools
 import operator
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from . import gc_pause
 
 __all__ = []
 
@@ -84,7 +85,7 @@ def plan_storages(tensors: Sequence[torch.Tensor]) -> StoragePlan:
     extents: list[tuple[int, int]] = []
     for i, t in enumerate(tensors):
         if i and not i % _SLICE:
-            time.sleep(0)  # hands the GIL to an event loop waiting for it (see ``read_all``)
+            gc_pause.hand_over()
         lo, hi = _byte_extent(t)
         extents.append((lo, hi))
         if hi > lo:
@@ -168,7 +169,7 @@ def read_all(readers: Sequence[Reader], items: list[Any]) -> list[list[Any]]:
     out: list[list[Any]] = [[] for _ in readers]
     for at in range(0, len(items), _SLICE):
         if at:
-            time.sleep(0)  # releases the GIL: a thread waiting for it takes it
+            gc_pause.hand_over()
         part = items[at : at + _SLICE]
         for got, read in zip(out, readers, strict=True):
             got.extend(read(part))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Any, Literal
 import torch
 
 from ..errors import StagingError
+from . import gc_pause
 from .values import (
     MAX_DEPTH,
     VALUE_IDS,
@@ -203,7 +203,7 @@ def _walk_container(obj: Any, kind: type, path: KeyPath, w: _Walk) -> Node:
 
 def _walk_tensor(t: torch.Tensor, kind: type, path: KeyPath, w: _Walk) -> Node:
     if not len(w.leaves) % _BREATHE:
-        time.sleep(0)  # hands the GIL to an event loop waiting for it (flatten runs in a worker)
+        gc_pause.hand_over()
     first = w.seen.get(id(t))
     if first is not None:  # the same tensor object again (tied weights): one object staged
         w.leaves.append(dataclasses.replace(w.leaves[first], path=path, same_as=first))

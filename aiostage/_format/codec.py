@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._core import gc_pause
 from .._core.dtypes import ST_ITEMSIZE, dtype_name
 from ..errors import CheckpointCorrupt
+from . import sliced
 from .checks import Json, json_int, json_list, json_object
 
 # the manifest and the names of files, re-exported: this module is where the format is imported
@@ -73,6 +75,8 @@ Source = tuple[torch.Tensor, int]
 DATA_ALIGN = 4096
 
 
+#: records decoded between two hand-overs of the GIL (well under a millisecond)
+_BREATHE = 256
 #: the longest JSON header a data file or a frame may announce (the safetensors limit)
 MAX_HEADER = 100_000_000
 
@@ -173,11 +177,11 @@ def encode_layout(h: Header) -> EncodedHeader:
     head = head[:-1] + ',"xxh3":['
     sums = ",".join(['"0000000000000000"'] * len(h.entries))
     tensors = ",".join([_record_json(r) for r in h.records])
-    meta = f'{head}{sums}],"tensors":[{tensors}],"tree":{_dumps(h.skeleton)}}}'
+    meta = f'{head}{sums}],"tensors":[{tensors}],"tree":{sliced.dumps(h.skeleton)}}}'
     entries = "".join(
         [_ENTRY % (_quoted(e.name), e.dtype, _ints(e.shape), e.begin, e.end) for e in h.entries]
     )
-    body = f'{_META_PREFIX}{json.dumps(meta)[1:-1]}"}}{entries}}}'.encode("ascii")
+    body = f'{_META_PREFIX}{sliced.escape(meta)[1:-1]}"}}{entries}}}'.encode("ascii")
     n = round_up(8 + len(body), DATA_ALIGN) - 8
     # escaping works character by character, so the digits sit after the escaped ``head``
     # and the escaped quote (2 characters) that opens the first checksum
@@ -266,11 +270,13 @@ def decode_layout(body: bytes, data_len: int, where: str) -> Header:
 
 
 def _decode_header(body: bytes, data_len: int, *, records: bool = True) -> Header:
-    top = json_object(json.loads(body), "header")
+    """The header in ``body``, parsed a slice at a time (``sliced``); each entry's and record's
+    JSON is dropped as it is decoded, so no single call frees thousands of objects."""
+    top = json_object(sliced.loads(body), "header")
     meta = json_object(top.get("__metadata__"), "__metadata__")
     if not isinstance(meta.get("aiostage"), str):
         raise ValueError("no aiostage metadata: this is not an aiostage data file")
-    m = json_object(json.loads(meta["aiostage"]), "aiostage metadata")
+    m = json_object(sliced.loads(meta.pop("aiostage")), "aiostage metadata")
     if m.get("version") != FORMAT_VERSION:
         raise ValueError(f"format version {m.get('version')!r} is not {FORMAT_VERSION}")
     names = json_list(m["entries"], "entries")
@@ -281,11 +287,14 @@ def _decode_header(body: bytes, data_len: int, *, records: bool = True) -> Heade
         return Header(entries, (), None, sums)
     tensors = json_list(m["tensors"], "tensors")
     decoded = []
-    for i, r in enumerate(tensors):  # a plain loop: tens of thousands of records
+    for i in range(len(tensors)):  # a plain loop: tens of thousands of records
+        r, tensors[i] = tensors[i], None  # its JSON is freed here, one record at a time
         try:
             decoded.append(decode_record(r, entries))
-        except (ValueError, TypeError, KeyError) as exc:  # noqa: PERF203 - free until raised
+        except (ValueError, TypeError, KeyError) as exc:
             raise ValueError(f"tensor record {i}: {exc}") from exc
+        if not i % _BREATHE:
+            gc_pause.hand_over()
     world = json_int(m["world_size"], 1, 1 << 24, "world_size")
     rank = json_int(m["rank"], 0, world - 1, "rank")
     return Header(entries, tuple(decoded), m["tree"], sums, rank, world)

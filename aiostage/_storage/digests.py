@@ -10,7 +10,8 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import PurePath
+from typing import Any, Protocol, runtime_checkable
 
 import anyio.to_thread
 import xxhash
@@ -20,7 +21,14 @@ from .._core.tree import KeyPath, key_str
 from .._format.codec import Header, Source
 from .pipeline import cut
 
-__all__ = ["entry_keys", "hash_entries", "mismatched_entries", "source_digests"]
+__all__ = [
+    "ArrivalCheck",
+    "MapsLanding",
+    "entry_keys",
+    "hash_entries",
+    "mismatched_entries",
+    "source_digests",
+]
 
 _CHUNK = 16 << 20
 
@@ -126,6 +134,71 @@ class _Hasher:
         """The entries whose digest is not their checksum (worker thread)."""
         sums = self.header.checksums
         return [i for i, got in self.digests().items() if sums[i] != got]
+
+
+@runtime_checkable
+class MapsLanding(Protocol):
+    """A storage whose ``map`` brings an object's bytes in order (a streamed download), so that
+    they can be checked as they land, while the rest is still on its way."""
+
+    async def map_landing(
+        self, file: PurePath, size: int, landed: Callable[[memoryview, int], bool] | None
+    ) -> memoryview:
+        """``map(file, size)``, calling ``landed(data, upto)`` in a worker thread each time the
+        bytes before ``upto`` are in; stopping early when it returns False."""
+
+
+class ArrivalCheck:
+    """The checksums of every entry of a data region, checked as its bytes land in file order.
+
+    ``landed`` (a worker thread, called with the file's buffer and the offset its bytes are in
+    up to) hashes what came since its last call, each entry whole when it came whole and piece
+    by piece otherwise, and compares each entry's digest as soon as its last byte is in;
+    ``start`` is where the data region begins in the file. It returns False once an entry does
+    not match, which stops the download (the load fails on that entry).
+    """
+
+    def __init__(self, header: Header, start: int) -> None:
+        with gc_pause.paused():
+            entries = header.entries
+            self._order = sorted(range(len(entries)), key=lambda i: entries[i].begin)
+            self._spans = [(start + entries[i].begin, start + entries[i].end) for i in self._order]
+        self._sums = header.checksums
+        self._next = 0  # the first entry (of _order) not yet fully hashed
+        self._partial: Any = None  # its digest so far, when part of it has landed
+        self._done = 0  # the file offset its hashed bytes reach (within its span)
+        self.bad: list[int] = []
+
+    def landed(self, data: memoryview, upto: int) -> bool:
+        """Hash and check the entries' bytes before ``upto`` not hashed yet (worker thread)."""
+        spans = self._spans
+        while self._next < len(spans):
+            begin, end = spans[self._next]
+            lo, hi = max(begin, self._done), min(end, upto)
+            if hi < end and hi <= lo:
+                break  # nothing new of this entry yet
+            if self._partial is None and lo == begin and hi == end:
+                digest = xxhash.xxh3_64_intdigest(data[begin:end])
+            else:
+                if self._partial is None:
+                    self._partial = xxhash.xxh3_64()
+                self._partial.update(data[lo:hi])
+                if hi < end:
+                    self._done = hi
+                    break
+                digest, self._partial = self._partial.intdigest(), None
+            entry = self._order[self._next]
+            if digest != self._sums[entry]:
+                self.bad.append(entry)
+            self._next, self._done = self._next + 1, end
+        return not self.bad
+
+    def mismatches(self) -> list[int]:
+        """The entries that did not match (the first at most: checking stops there); every
+        entry must have landed, or this raises ``RuntimeError``."""
+        if not self.bad and self._next < len(self._spans):
+            raise RuntimeError("checked before every entry landed")
+        return self.bad
 
 
 def entry_keys(header: Header, paths: Sequence[KeyPath], entry: int) -> list[str]:

@@ -33,7 +33,7 @@ from .._format.codec import MANIFEST, FileInfo, Manifest, decode_manifest, encod
 from ..errors import CheckpointCorrupt
 from .backend import Kind, Leftover, Sink
 from .objpath import ObjectPath, given_store, split
-from .objsink import Upload, call, download, download_ranges, gather
+from .objsink import Landed, Upload, call, download, download_ranges, gather
 
 __all__ = ["ObjectStorage"]
 
@@ -51,6 +51,11 @@ _used: list[bool] = []
 _STAGED = re.compile(r"^(?P<token>[0-9a-f]{32})/(rank_\d{5}\.safetensors)?$")
 #: a data object straight under the checkpoint's prefix (a checkpoint copied from a disk)
 _PLAIN = re.compile(r"^rank_\d{5}\.safetensors$")
+#: a read from an object's first byte fetches at least this many, kept for the reads and the
+#: ``map`` that follow (a data file's header, then its data): about what one request costs
+_HEAD_BYTES = 1 << 20
+#: the objects whose first bytes are kept (the oldest read is dropped)
+_KEPT = 4
 
 
 def _settle() -> None:
@@ -77,6 +82,8 @@ class ObjectStorage:
         self._stores: dict[tuple[str, str], Any] = {}
         #: the manifest of each save, by its staging location, kept for ``commit`` to put
         self._manifests: dict[PurePath, bytes] = {}
+        #: the first bytes of the objects last read from their start (see ``read``)
+        self._heads: dict[PurePath, bytes] = {}
 
     def _where(self, location: PurePath) -> tuple[Any, str, str]:
         """The store, the key, and the URL of ``location``."""
@@ -165,25 +172,52 @@ class ObjectStorage:
         return sum(o["size"] for o in found), max(o["last_modified"].timestamp() for o in found)
 
     async def read(self, file: PurePath, offset: int, n: int) -> bytes:
-        """Up to ``n`` bytes of the object from ``offset`` (one ranged GET)."""
+        """Up to ``n`` bytes of the object from ``offset`` (one ranged GET).
+
+        A read of fewer than ``_HEAD_BYTES`` from the first byte fetches that many and keeps
+        them when the object is longer: the read of a data file's header that follows the read
+        of its length, and the ``map`` of its data, take them from there (two GETs of the object
+        where three were; each costs a round trip, and moto reads the whole object for each).
+        Anything this storage writes or deletes drops what it kept.
+        """
         store, key, url = self._where(file)
-        if n <= 0:
+        head = self._heads.get(file)
+        if n <= 0 or (head is not None and offset + n <= len(head)):
             await anyio.lowlevel.checkpoint()
-            return b""
+            return head[offset : offset + n] if n > 0 and head is not None else b""
+        keep = offset == 0 and n < _HEAD_BYTES
         got = await call(
-            url, "GET", obstore.get_async(store, key, options={"range": (offset, offset + n)})
+            url,
+            "GET",
+            obstore.get_async(
+                store, key, options={"range": (offset, offset + (_HEAD_BYTES if keep else n))}
+            ),
         )
-        return bytes(await call(url, "GET", got.bytes_async()))
+        body = bytes(await call(url, "GET", got.bytes_async()))
+        if not keep or len(body) >= int(got.meta["size"]):  # no more to come: nothing to keep
+            return body[:n]
+        self._heads[file] = body
+        while len(self._heads) > _KEPT:
+            del self._heads[next(iter(self._heads))]
+        return body[:n]
 
     async def map(
         self, file: PurePath, size: int, ranges: Sequence[tuple[int, int]] | None = None
     ) -> memoryview:
-        """The first ``size`` bytes in private memory: one streamed GET, or with ``ranges`` only
-        those bytes (parallel ranged GETs; zeros elsewhere)."""
-        store, key, url = self._where(file)
+        """The first ``size`` bytes in private memory: one streamed GET (after the first bytes,
+        when a read kept them), or with ``ranges`` only those bytes (parallel ranged GETs; zeros
+        elsewhere)."""
         if ranges is None:
-            return await download(store, key, url, size)
-        return await download_ranges(store, key, url, size, ranges)
+            return await self.map_landing(file, size, None)
+        store, key, url = self._where(file)
+        head = self._heads.pop(file, b"")
+        return await download_ranges(store, key, url, size, ranges, head)
+
+    async def map_landing(self, file: PurePath, size: int, landed: Landed | None) -> memoryview:
+        """``map(file, size)``, telling ``landed`` (in a worker thread) each time the bytes
+        before an offset have come in, in order: the caller checks them meanwhile."""
+        store, key, url = self._where(file)
+        return await download(store, key, url, size, self._heads.pop(file, b""), landed)
 
     # ------------------------------------------------------------ writing a checkpoint
     def staging(self, target: PurePath, token: str) -> PurePath:
@@ -198,6 +232,7 @@ class ObjectStorage:
     @contextlib.asynccontextmanager
     async def _create(self, file: PurePath) -> AsyncIterator[Sink]:
         store, key, url = self._where(file)
+        self._heads.clear()
         hold = None
         if file.name == MANIFEST:  # kept for commit, which puts it beside the staging prefix
             hold = functools.partial(self._manifests.__setitem__, file.parent)
@@ -228,6 +263,7 @@ class ObjectStorage:
         retried conditional PUT refused) is checked by reading the manifest back.
         """
         body = await anyio.to_thread.run_sync(_rebased, self._manifests.pop(staging), staging.name)
+        self._heads.clear()
         with anyio.CancelScope(shield=True):
             old = await self._listed(target) if overwrite else []
             store, key, url = self._where(target / MANIFEST)
@@ -325,6 +361,7 @@ class ObjectStorage:
 
     async def _delete(self, location: PurePath, keys: list[str]) -> None:
         store, _, url = self._where(location)
+        self._heads.clear()
         batches = [keys[i : i + 1000] for i in range(0, len(keys), 1000)]
         await gather(
             [lambda b=b: call(url, "DELETE", obstore.delete_async(store, b)) for b in batches]  # type: ignore[misc]

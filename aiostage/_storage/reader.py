@@ -117,7 +117,9 @@ async def load(
         parts: list[Any] = [header, root, paths]
         del header, root, paths  # freed by _build's worker thread, not on the loop
         return await anyio.to_thread.run_sync(cuda.bound(device, _build), data, parts, file, device)
-    return await _load_into(where, (header, root, paths), verify, into, world)
+    home: list[Any] = [header, root, paths]
+    del header, root, paths  # _load_into frees them in a worker thread, not on the loop
+    return await _load_into(where, home, verify, into, world)
 
 
 async def load_metadata(path: PathLike) -> dict[str, Any]:
@@ -220,8 +222,21 @@ async def _map_data(
     Every entry (or each of ``only``) is hashed chunk by chunk in worker threads, which is also
     what brings its pages in: afterwards touching a tensor never blocks on the disk. Returns the
     entries whose bytes do not match their checksums (none unless ``verify``). With ``only`` and
-    not ``verify`` nothing is touched: only the pages a copy later reads come in.
+    not ``verify`` nothing is touched: only the pages a copy later reads come in. A storage
+    that downloads the whole file in order (an object store) has each entry checked as soon as
+    its bytes are in, while the rest is still on its way.
     """
+    from .digests import ArrivalCheck, MapsLanding
+
+    if only is None and isinstance(storage, MapsLanding):
+        check = await anyio.to_thread.run_sync(ArrivalCheck, header, start) if verify else None
+        try:
+            got = await storage.map_landing(
+                file, start + header.data_bytes, None if check is None else check.landed
+            )
+        except OSError as exc:
+            raise PersistenceError(f"cannot map {file}: {exc}", path=file) from exc
+        return got[start:], [] if check is None else check.mismatches()
     ranges = None
     if only is not None:  # the bytes of these entries only (an object store fetches just those)
         ranges = [(start + header.entries[e].begin, start + header.entries[e].end) for e in only]
@@ -323,7 +338,16 @@ def _build(data: memoryview, parts: list[Any], file: Path, device: torch.device)
     with gc_pause.paused():
         leaves = [_leaf(p, r) for p, r in zip(paths, header.records, strict=True)]
         tensors = _tensors(data, header, device)
-        return unflatten(Tree(root, tuple(leaves)), tensors, copy_values=False)
+        out = unflatten(Tree(root, tuple(leaves)), tensors, copy_values=False)
+        doomed = [*_parts(header), paths, leaves, tensors]
+        del header, paths, leaves, tensors
+        gc_pause.dismantle(doomed)
+        return out
+
+
+def _parts(header: Header) -> list[Any]:
+    """The large parts of ``header``, for ``gc_pause.dismantle`` once the header is gone."""
+    return [header.entries, header.records, header.skeleton, header.checksums]
 
 
 def _leaf(path: KeyPath, r: Record) -> TensorLeaf:
@@ -359,25 +383,45 @@ def _fill_into(
     into: Any,
 ) -> Any:
     """Copy each loaded tensor into its target (worker thread); ``into_result``."""
+    sources = _tensors(data, header, torch.device("cpu"))
     with torch.no_grad():
-        for dst, src in zip(targets, _tensors(data, header, torch.device("cpu")), strict=True):
-            dst.copy_(src)
+        for i, dst in enumerate(targets):
+            dst.copy_(sources[i])
+            sources[i] = dst  # the loaded tensor is freed here, one at a time
     return into_result(root, paths, into)
 
 
-async def _load_into(
-    where: _Where, home: tuple[Header, Node, list[KeyPath]], verify: bool, into: Any, world: int
-) -> Any:
-    """Check ``into`` against the checkpoint and copy into it, resharding when needed."""
+async def _load_into(where: _Where, home: list[Any], verify: bool, into: Any, world: int) -> Any:
+    """Check ``into`` against the checkpoint and copy into it, resharding when needed.
+    ``home``: ``[header, root, paths]`` of this rank's file, taken out of the list."""
     header, root, paths = home
-    leaves = (await anyio.to_thread.run_sync(flatten, into)).leaves
-    if where.manifest.world_size != world or needs_reshard(leaves, paths, header.records):
-        return await _load_resharded(where, leaves, header, verify, into, (root, paths))
+    home.clear()
     file, info = where.file(where.home)
-    targets = await anyio.to_thread.run_sync(check_local, leaves, paths, header.records, str(file))
+    same_world = where.manifest.world_size == world
+    leaves, targets = await anyio.to_thread.run_sync(
+        _local_targets, into, header, paths, str(file), same_world
+    )
+    if targets is None:
+        return await _load_resharded(where, leaves, header, verify, into, (root, paths))
     data = await _verified_data(where.storage, file, info, header, paths, verify)
     fill = functools.partial(_fill_into, data, header, targets, root, paths, into)
-    return await run_whole(_after_caller, where.after, targets, fill)
+    out = await run_whole(_after_caller, where.after, targets, fill)
+    doomed = [*_parts(header), paths, leaves, targets]
+    del header, paths, leaves, targets, fill
+    await anyio.to_thread.run_sync(gc_pause.dismantle, doomed)  # never on the loop thread
+    return out
+
+
+def _local_targets(
+    into: Any, header: Header, paths: list[KeyPath], file: str, same_world: bool
+) -> tuple[tuple[TensorLeaf, ...], list[torch.Tensor] | None]:
+    """``into``'s leaves, and the tensors to copy the saved ones into (``check_local``), or
+    ``None`` when the checkpoint must be resharded (a worker thread: both walk every tensor)."""
+    with gc_pause.paused():
+        leaves = flatten(into).leaves
+        if not same_world or needs_reshard(leaves, paths, header.records):
+            return leaves, None
+        return leaves, check_local(leaves, paths, header.records, file)
 
 
 # ---------------------------------------------------------------- loading into another layout

@@ -21,7 +21,7 @@ import aiostage
 #: the full tensor the ranks shard as a DTensor (Shard(0) over a 1-D mesh of 2)
 FULL = torch.arange(128.0).reshape(16, 8)
 #: bytes of each rank's own plain tensor: its data object is far larger than its DTensor shard
-BIG = 4 << 20
+BIG = 16 << 20
 
 
 def rank_state(rank: int) -> dict[str, Any]:
