@@ -11,18 +11,20 @@ is the first implementation. An object store fits the same calls: ``begin`` pick
 prefix of its own under the target's, ``create`` starts a multipart upload whose parts are the
 writes (in order: such a storage says ``ordered = True``), ``commit`` puts the manifest (which
 names the staged objects) with a conditional create, ``kind`` asks for the manifest, and
-``map`` with ``ranges`` fetches only the byte ranges a resharding load reads.
+``map`` with ``ranges`` fetches only the byte ranges a resharding load reads. Two optional
+abilities of such a storage: ``MapsLanding`` (its bytes can be checked as they come in) and
+``ReadsWhole`` (a file read whole takes one request when the storage is told so first).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass
 from pathlib import PurePath
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
-__all__ = ["WRITE_ALIGN", "Kind", "Leftover", "Sink", "Storage"]
+__all__ = ["WRITE_ALIGN", "Kind", "Leftover", "MapsLanding", "ReadsWhole", "Sink", "Storage"]
 
 #: what is at a location: nothing, a committed checkpoint, an empty directory, another directory,
 #: or a file (anything that is not a directory, a symbolic link included)
@@ -122,3 +124,26 @@ class Storage(Protocol):
     ) -> list[PurePath]:
         """Remove the leftovers in ``root``; return them. ``on_stuck``: report one that cannot be
         removed instead of raising."""
+
+
+@runtime_checkable
+class MapsLanding(Protocol):
+    """A storage whose ``map`` brings an object's bytes in order (a streamed download), so that
+    they can be checked as they land, while the rest is still on its way."""
+
+    async def map_landing(
+        self, file: PurePath, size: int, landed: Callable[[memoryview, int], bool] | None
+    ) -> memoryview:
+        """``map(file, size)``, calling ``landed(data, upto)`` in a worker thread each time the
+        bytes before ``upto`` are in; stopping early when it returns False."""
+
+
+@runtime_checkable
+class ReadsWhole(Protocol):
+    """A storage that reads a file in one request when told first that it will be read whole
+    (an object store: each GET costs a round trip, and some servers read the whole object)."""
+
+    def reading_whole(self, file: PurePath) -> AbstractContextManager[None]:
+        """Within (in this task): the first ``read`` of ``file`` from byte 0 starts one
+        download of all of it, which later reads and the ``map`` of ``file`` continue; on exit,
+        a download nothing mapped is dropped."""

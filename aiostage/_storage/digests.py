@@ -10,8 +10,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from pathlib import PurePath
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import anyio.to_thread
 import xxhash
@@ -23,7 +22,6 @@ from .pipeline import cut
 
 __all__ = [
     "ArrivalCheck",
-    "MapsLanding",
     "entry_keys",
     "hash_entries",
     "mismatched_entries",
@@ -134,18 +132,6 @@ class _Hasher:
         """The entries whose digest is not their checksum (worker thread)."""
         sums = self.header.checksums
         return [i for i, got in self.digests().items() if sums[i] != got]
-
-
-@runtime_checkable
-class MapsLanding(Protocol):
-    """A storage whose ``map`` brings an object's bytes in order (a streamed download), so that
-    they can be checked as they land, while the rest is still on its way."""
-
-    async def map_landing(
-        self, file: PurePath, size: int, landed: Callable[[memoryview, int], bool] | None
-    ) -> memoryview:
-        """``map(file, size)``, calling ``landed(data, upto)`` in a worker thread each time the
-        bytes before ``upto`` are in; stopping early when it returns False."""
 
 
 class ArrivalCheck:

@@ -36,6 +36,7 @@ __all__ = [
     "Upload",
     "call",
     "download",
+    "download_begun",
     "download_ranges",
     "spans_of",
 ]
@@ -239,14 +240,36 @@ class Incoming:
     """
 
     def __init__(self, got: Any, url: str, begin: int, end: int) -> None:
-        self._stream = got.stream(min_chunk_size=_STREAM_CHUNK)
+        self._stream: Any = got.stream(min_chunk_size=_STREAM_CHUNK)
         self.url, self.begin, self.received, self.end = url, begin, begin, end
         self._chunks: list[bytes] = []
+
+    def close(self) -> None:
+        """Drop the response (its connection closes) and the chunks held: nothing more comes."""
+        self._stream, self._chunks = None, []
+        self.received = self.begin
+
+    async def read(self, offset: int, n: int) -> bytes:
+        """Up to ``n`` bytes of the body from ``offset`` (not before ``begin``), received if
+        need be; the chunks stay held for ``land``."""
+        stop = min(offset + n, self.end)
+        await self.receive(stop)
+        pieces, at = [], self.begin
+        for chunk in self._chunks:
+            if at >= stop:
+                break
+            lo, hi = max(offset - at, 0), min(stop - at, len(chunk))
+            if lo < hi:
+                pieces.append(memoryview(chunk)[lo:hi])
+            at += len(chunk)
+        return b"".join(pieces)
 
     async def receive(self, upto: int) -> None:
         """Wait until the bytes before ``upto`` are received; raises ``OSError`` naming the URL
         on an error or a body that ends short of ``upto``."""
         while self.received < upto:
+            if self._stream is None:
+                raise ObjectStoreError(f"{self.url}: the download was dropped", None, path=self.url)
             try:
                 chunk = await call(self.url, "GET", self._stream.__anext__())
             except StopAsyncIteration:
@@ -313,6 +336,17 @@ async def download(
     else:
         await anyio.lowlevel.checkpoint()
     return out
+
+
+async def download_begun(got: Incoming, size: int, landed: Landed | None = None) -> memoryview:
+    """``download`` of the object whose streamed GET from its first byte ``got`` is (bytes read
+    from it already held): the response is dropped afterwards, however that ends."""
+    try:
+        out = await anyio.to_thread.run_sync(_memory, size)
+        await got.land(out, size, landed)
+        return out
+    finally:
+        got.close()
 
 
 async def download_ranges(

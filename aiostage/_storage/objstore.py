@@ -20,7 +20,8 @@ import errno
 import functools
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from datetime import timedelta
 from pathlib import PurePath
 from typing import Any, Literal
@@ -33,7 +34,16 @@ from .._format.codec import MANIFEST, FileInfo, Manifest, decode_manifest, encod
 from ..errors import CheckpointCorrupt
 from .backend import Kind, Leftover, Sink
 from .objpath import ObjectPath, given_store, split
-from .objsink import Landed, Upload, call, download, download_ranges, gather
+from .objsink import (
+    Incoming,
+    Landed,
+    Upload,
+    call,
+    download,
+    download_begun,
+    download_ranges,
+    gather,
+)
 
 __all__ = ["ObjectStorage"]
 
@@ -56,6 +66,9 @@ _PLAIN = re.compile(r"^rank_\d{5}\.safetensors$")
 _HEAD_BYTES = 1 << 20
 #: the objects whose first bytes are kept (the oldest read is dropped)
 _KEPT = 4
+#: the objects the current task reads whole (``reading_whole``), each with its GET once begun:
+#: per task, so that two loads of one object at once never share a download
+_WHOLE: ContextVar[dict[PurePath, Incoming | None]] = ContextVar("aiostage_whole")
 
 
 def _settle() -> None:
@@ -178,8 +191,16 @@ class ObjectStorage:
         them when the object is longer: the read of a data file's header that follows the read
         of its length, and the ``map`` of its data, take them from there (two GETs of the object
         where three were; each costs a round trip, and moto reads the whole object for each).
-        Anything this storage writes or deletes drops what it kept.
+        Anything this storage writes or deletes drops what it kept. Inside ``reading_whole``
+        the bytes come from the object's one GET instead.
         """
+        whole = _WHOLE.get({})
+        if n > 0 and file in whole:
+            begun = whole[file]
+            if begun is None and offset == 0:
+                begun = whole[file] = await self._get_whole(file)
+            if begun is not None and offset >= begun.begin:
+                return await begun.read(offset, n)
         store, key, url = self._where(file)
         head = self._heads.get(file)
         if n <= 0 or (head is not None and offset + n <= len(head)):
@@ -201,6 +222,33 @@ class ObjectStorage:
             del self._heads[next(iter(self._heads))]
         return body[:n]
 
+    @contextlib.contextmanager
+    def reading_whole(self, file: PurePath) -> Iterator[None]:
+        """Within (in this task): the first ``read`` of ``file`` from byte 0 starts one streamed
+        GET of the whole object; reads take their bytes from it as they come, and the ``map``
+        of ``file`` lands it, checked meanwhile (one GET of a data object, not two). On exit a
+        GET nothing mapped is dropped, and its connection with it."""
+        mine = {**_WHOLE.get({}), file: None}
+        reset = _WHOLE.set(mine)
+        try:
+            yield
+        finally:
+            _WHOLE.reset(reset)
+            got = mine.pop(file, None)
+            if got is not None:
+                got.close()
+
+    async def _get_whole(self, file: PurePath) -> Incoming:
+        """One streamed GET of the whole object, begun."""
+        store, key, url = self._where(file)
+        got = await call(url, "GET", obstore.get_async(store, key))
+        return Incoming(got, url, 0, int(got.meta["size"]))
+
+    def _begun(self, file: PurePath) -> Incoming | None:
+        """The GET of ``file`` a read began (``reading_whole``), now the caller's to land."""
+        whole = _WHOLE.get({})
+        return whole.pop(file, None) if file in whole else None
+
     async def map(
         self, file: PurePath, size: int, ranges: Sequence[tuple[int, int]] | None = None
     ) -> memoryview:
@@ -209,6 +257,9 @@ class ObjectStorage:
         elsewhere)."""
         if ranges is None:
             return await self.map_landing(file, size, None)
+        begun = self._begun(file)
+        if begun is not None:  # only some ranges after all: the whole object is not wanted
+            begun.close()
         store, key, url = self._where(file)
         head = self._heads.pop(file, b"")
         return await download_ranges(store, key, url, size, ranges, head)
@@ -216,6 +267,9 @@ class ObjectStorage:
     async def map_landing(self, file: PurePath, size: int, landed: Landed | None) -> memoryview:
         """``map(file, size)``, telling ``landed`` (in a worker thread) each time the bytes
         before an offset have come in, in order: the caller checks them meanwhile."""
+        begun = self._begun(file)
+        if begun is not None:
+            return await download_begun(begun, size, landed)
         store, key, url = self._where(file)
         return await download(store, key, url, size, self._heads.pop(file, b""), landed)
 

@@ -10,6 +10,7 @@ entries (verified) or pages (``verify=False``) of the saved shards it needs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
@@ -49,8 +50,8 @@ from .._format.records import check_attrs
 from .._format.structure import decode_skeleton
 from .._train_state import TrainState
 from ..errors import CheckpointCorrupt, CheckpointNotFound, PersistenceError, UsageError
-from .backend import Storage
-from .digests import entry_keys, mismatched_entries
+from .backend import MapsLanding, ReadsWhole, Storage
+from .digests import ArrivalCheck, entry_keys, mismatched_entries
 from .locate import PathLike, locate
 from .reshard import Piece, Saved, check_local, copy_pieces, into_result, needs_reshard, plan_pieces
 
@@ -111,15 +112,21 @@ async def load(
         storage, target, manifest, rank if rank < manifest.world_size else 0, rank, after
     )
     file, info = where.file(where.home)
-    header, root, paths = await read_header(storage, file, info, verify, where.home)
-    if into is None:
-        data = await _verified_data(storage, file, info, header, paths, verify)
-        parts: list[Any] = [header, root, paths]
-        del header, root, paths  # freed by _build's worker thread, not on the loop
-        return await anyio.to_thread.run_sync(cuda.bound(device, _build), data, parts, file, device)
-    home: list[Any] = [header, root, paths]
-    del header, root, paths  # _load_into frees them in a worker thread, not on the loop
-    return await _load_into(where, home, verify, into, world)
+    with contextlib.ExitStack() as whole:
+        # the home file is read whole, unless resharding (known for sure only from its header:
+        # then ``_load_into`` drops the download before reading other files)
+        if (into is None or manifest.world_size == world) and isinstance(storage, ReadsWhole):
+            whole.enter_context(storage.reading_whole(file))
+        header, root, paths = await read_header(storage, file, info, verify, where.home)
+        if into is None:
+            data = await _verified_data(storage, file, info, header, paths, verify)
+            parts: list[Any] = [header, root, paths]
+            del header, root, paths  # freed by _build's worker thread, not on the loop
+            build = cuda.bound(device, _build)
+            return await anyio.to_thread.run_sync(build, data, parts, file, device)
+        home: list[Any] = [header, root, paths]
+        del header, root, paths  # _load_into frees them in a worker thread, not on the loop
+        return await _load_into(where, home, verify, into, world, whole.close)
 
 
 async def load_metadata(path: PathLike) -> dict[str, Any]:
@@ -226,8 +233,6 @@ async def _map_data(
     that downloads the whole file in order (an object store) has each entry checked as soon as
     its bytes are in, while the rest is still on its way.
     """
-    from .digests import ArrivalCheck, MapsLanding
-
     if only is None and isinstance(storage, MapsLanding):
         check = await anyio.to_thread.run_sync(ArrivalCheck, header, start) if verify else None
         try:
@@ -391,9 +396,17 @@ def _fill_into(
     return into_result(root, paths, into)
 
 
-async def _load_into(where: _Where, home: list[Any], verify: bool, into: Any, world: int) -> Any:
+async def _load_into(
+    where: _Where,
+    home: list[Any],
+    verify: bool,
+    into: Any,
+    world: int,
+    partly: Callable[[], None] = lambda: None,
+) -> Any:
     """Check ``into`` against the checkpoint and copy into it, resharding when needed.
-    ``home``: ``[header, root, paths]`` of this rank's file, taken out of the list."""
+    ``home``: ``[header, root, paths]`` of this rank's file, taken out of the list; ``partly``
+    is called once it is plain that the home file is not read whole (resharding)."""
     header, root, paths = home
     home.clear()
     file, info = where.file(where.home)
@@ -402,6 +415,7 @@ async def _load_into(where: _Where, home: list[Any], verify: bool, into: Any, wo
         _local_targets, into, header, paths, str(file), same_world
     )
     if targets is None:
+        partly()
         return await _load_resharded(where, leaves, header, verify, into, (root, paths))
     data = await _verified_data(where.storage, file, info, header, paths, verify)
     fill = functools.partial(_fill_into, data, header, targets, root, paths, into)

@@ -10,6 +10,7 @@ import re
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,47 @@ async def test_of_two_racing_saves_one_commits_and_the_other_leaves_nothing(
     assert torch.equal(loaded["t0"], (slow if winner == "slow" else fast)["t0"])
     keys = await _keys(s3_server, bucket)
     assert _saved(keys, "step_000000003") == ["TOKEN/rank_00000.safetensors", "manifest.json"]
+
+
+class _Gets:
+    """WSGI middleware around the test server's app: the GET requests, by request path (the
+    server's own counter counts bytes, which one GET or two of an object return alike)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app, self.paths = app, Counter[str]()
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("REQUEST_METHOD") == "GET":
+            self.paths[environ.get("PATH_INFO", "")] += 1
+        return self.app(environ, start_response)
+
+
+@pytest.fixture
+def gets(s3_server: S3Server) -> Iterator[_Gets]:
+    """The GETs the server answers while the test runs."""
+    wsgi = s3_server._server._server  # werkzeug's server, as ``S3Server.start`` wraps it
+    counter = wsgi.app = _Gets(wsgi.app)
+    try:
+        yield counter
+    finally:
+        wsgi.app = counter.app
+
+
+async def test_a_whole_load_gets_each_data_object_once(
+    bucket: str, s3_server: S3Server, gets: _Gets
+) -> None:
+    url = f"s3://{bucket}/whole"
+    sd = {"a": torch.randn(3 << 20), "b": torch.arange(10.0)}  # 12 MiB: several chunks
+    await aiostage.save(sd, url)
+    (key,) = [k for k in await _keys(s3_server, bucket) if k.endswith(".safetensors")]
+    path = f"/{bucket}/{key}"
+    loaded = await aiostage.load(url)
+    assert torch.equal(loaded["a"], sd["a"])
+    assert gets.paths[path] == 1  # the header comes from the first bytes of the data's GET
+    into = {"a": torch.zeros(3 << 20), "b": torch.zeros(10)}
+    await aiostage.load(url, into=into)
+    assert torch.equal(into["a"], sd["a"])
+    assert gets.paths[path] == 2
 
 
 async def test_a_flipped_byte_is_corrupt_naming_the_key(bucket: str, s3_server: S3Server) -> None:
