@@ -81,3 +81,42 @@ async def test_kinds_scan_and_leftovers(tmp_path: Path) -> None:
     assert await LOCAL.scan(tmp_path / "absent") == []
     with pytest.raises(NotADirectoryError):
         await LOCAL.scan(tmp_path / "file")
+
+
+def test_a_scan_skips_entries_removed_while_it_runs(tmp_path: Path) -> None:
+    """Another rank's retention or commit removes or renames temporary directories while this
+    rank scans the shared root: the scan leaves them out, it does not raise (a CI run of the
+    replicated Checkpointer test failed with FileNotFoundError from the scan)."""
+    import shutil
+    import threading
+
+    from aiostage._storage.localfs import _scan_dir
+
+    (tmp_path / "step_000000001").mkdir()
+    (tmp_path / "step_000000001" / "manifest.json").write_bytes(b"{}")
+    stop, errors = threading.Event(), []
+
+    def churn() -> None:
+        i = 0
+        while not stop.is_set():
+            d = tmp_path / f".step_{i % 8:09d}.aiostage-tmp-{i}"
+            d.mkdir()
+            (d / "rank_00000.safetensors").write_bytes(b"x")
+            shutil.rmtree(d)
+            i += 1
+
+    worker = threading.Thread(target=churn)
+    worker.start()
+    try:
+        for _ in range(3000):
+            try:
+                found = dict(_scan_dir(tmp_path, "manifest.json"))
+            except OSError as exc:  # the behaviour under test: never raised
+                errors.append(exc)
+                break
+            assert found["step_000000001"] == "checkpoint"
+            assert "absent" not in found.values()
+    finally:
+        stop.set()
+        worker.join(timeout=10)
+    assert not errors, errors

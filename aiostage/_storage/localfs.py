@@ -296,9 +296,13 @@ async def retire(path: Path, token: str) -> None:
 
 
 def _scan_dir(root: Path, manifest: str) -> list[tuple[str, Kind]]:
-    if not os.path.lexists(root):
+    """Entries removed or renamed meanwhile (another rank's retention or commit) are left out."""
+    try:
+        names = sorted(os.listdir(root))
+    except FileNotFoundError:
         return []
-    return [(name, _path_kind(root / name, manifest)) for name in sorted(os.listdir(root))]
+    found = [(name, _path_kind(root / name, manifest)) for name in names]
+    return [(name, kind) for name, kind in found if kind != "absent"]
 
 
 async def scan_dir(root: Path, manifest: str) -> list[tuple[str, Kind]]:
@@ -307,13 +311,16 @@ async def scan_dir(root: Path, manifest: str) -> list[tuple[str, Kind]]:
 
 
 def _remove(path: Path) -> OSError | None:
-    """Remove a file or a directory tree; the error instead of raising it."""
+    """Remove a file or a directory tree; the error instead of raising it. A tree another
+    process removed meanwhile (a rank sweeping the same root) is gone: no error."""
     try:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
             path.unlink()
     except OSError as exc:
+        if isinstance(exc, FileNotFoundError) and not os.path.lexists(path):
+            return None
         return exc
     return None
 
@@ -464,7 +471,10 @@ def _path_kind(path: Path, manifest: str) -> Kind:
         return "file"
     if os.path.lexists(path / manifest):  # whatever it is: reading it says if it is sound
         return "checkpoint"
-    return "other" if any(path.iterdir()) else "empty"
+    try:
+        return "other" if any(path.iterdir()) else "empty"
+    except (FileNotFoundError, NotADirectoryError):  # removed or renamed since it was seen
+        return "absent"
 
 
 async def path_kind(path: Path, manifest: str) -> Kind:
