@@ -124,10 +124,6 @@ class Header:
 # ---------------------------------------------------------------- header bytes
 
 
-def _dumps(obj: Json) -> str:
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False)
-
-
 def encode_header(h: Header) -> bytes:
     """The header bytes: length, JSON, and spaces up to the next ``DATA_ALIGN`` boundary.
 
@@ -166,7 +162,7 @@ _META_PREFIX = '{"__metadata__":{"format":"pt","aiostage":"'
 def encode_layout(h: Header) -> EncodedHeader:
     """``encode_header`` of ``h`` with its checksums left to fill in: one pass of string
     formatting over the entries and records (tens of thousands in a large state dict)."""
-    head = _dumps(
+    head = sliced.compact(
         {
             "version": FORMAT_VERSION,
             "rank": h.rank,
@@ -222,7 +218,7 @@ def _record_json(r: Record) -> str:
     if r.wrap == "tensor" and not r.requires_grad and not r.attrs and r.dtensor is None:
         name = _DTYPE_TEXT.get(r.dtype) or _DTYPE_TEXT.setdefault(r.dtype, dtype_name(r.dtype))
         return _RECORD % (r.entry, r.offset, _ints(r.shape), _ints(r.stride), name)
-    return _dumps(_encode_record(r))
+    return sliced.compact(_encode_record(r))
 
 
 #: ``dtype_name`` of each dtype met so far (a handful)

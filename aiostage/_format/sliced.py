@@ -19,7 +19,7 @@ from typing import Any
 
 from .._core import gc_pause
 
-__all__ = ["SLICE", "dumps", "escape", "loads"]
+__all__ = ["SLICE", "compact", "dumps", "escape", "loads"]
 
 Json = Any
 #: characters parsed (or written) by one C call, about a quarter of a millisecond of work
@@ -51,10 +51,6 @@ def loads(text: str | bytes) -> Json:
     return value
 
 
-def _breathe() -> None:
-    gc_pause.hand_over()
-
-
 class _Parser:
     """One ``loads``: the text, and a parse position handed around."""
 
@@ -79,9 +75,9 @@ class _Parser:
             except (StopIteration, ValueError):
                 pass
             else:  # it fits in one call
-                _breathe()
+                gc_pause.hand_over()
                 return value, at + end
-            _breathe()
+            gc_pause.hand_over()
             return self.members(at, c == "{")
         try:
             value, end = _scan(text, at)  # a number or a literal: short
@@ -105,7 +101,7 @@ class _Parser:
                 return "".join(parts), end
             part, end = _scanstring(text[at:cut] + '"', 0)
             parts.append(part)
-            _breathe()
+            gc_pause.hand_over()
             if end < cut - at + 1:  # the string ended inside this piece
                 return "".join(parts), at + end
             at = cut
@@ -156,7 +152,7 @@ class _Parser:
                 part, end = _scan(candidate, 0)
             except (StopIteration, ValueError):
                 part, end = None, -1
-            _breathe()
+            gc_pause.hand_over()
             if 0 <= end < len(candidate):  # the container closed inside the text
                 return part, s + end - 1, True
             if end == len(candidate):  # the guessed cut holds if a member boundary follows
@@ -211,7 +207,8 @@ def _escape_start(text: str, lo: int, hi: int) -> int:
 # ---------------------------------------------------------------- writing
 
 
-def _dumps(obj: Json) -> str:
+def compact(obj: Json) -> str:
+    """``json.dumps`` as the format writes it (no spaces, no NaN), in one call: a small value."""
     return json.dumps(obj, separators=(",", ":"), allow_nan=False)
 
 
@@ -222,7 +219,7 @@ def escape(text: str) -> str:
     parts = []
     for at in range(0, len(text), SLICE):  # escaping goes character by character
         parts.append(json.encoder.encode_basestring_ascii(text[at : at + SLICE])[1:-1])
-        _breathe()
+        gc_pause.hand_over()
     return f'"{"".join(parts)}"'
 
 
@@ -241,7 +238,7 @@ _NODES = 2048
 
 def _write(obj: Json, parts: list[str]) -> None:
     if _weight(obj) <= _NODES:
-        parts.append(_dumps(obj))
+        parts.append(compact(obj))
         return
     is_dict = type(obj) is dict
     parts.append("{" if is_dict else "[")
@@ -261,7 +258,7 @@ def _write(obj: Json, parts: list[str]) -> None:
             parts.append(",")
         first = False
         if is_dict:
-            parts.append(_dumps({m[0]: 0})[1:-2])  # the key as json.dumps writes it, and ":"
+            parts.append(compact({m[0]: 0})[1:-2])  # the key as json.dumps writes it, and ":"
         _write(m[1] if is_dict else m, parts)
     if run:
         _flush(run, is_dict, parts, first)
@@ -272,8 +269,8 @@ def _flush(run: list[Any], is_dict: bool, parts: list[str], first: bool) -> bool
     """Write a run of small members in one call; ``False`` (members were written)."""
     if not first:
         parts.append(",")
-    parts.append(_dumps(dict(run) if is_dict else run)[1:-1])
-    _breathe()
+    parts.append(compact(dict(run) if is_dict else run)[1:-1])
+    gc_pause.hand_over()
     return False
 
 

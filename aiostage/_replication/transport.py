@@ -14,7 +14,8 @@ per-pair FIFO order):
    recovery carries the digests its owner computed, so the check is end to end; a publisher
    hashes a version once for all its subscribers while the first frame's data is on the wire.
 
-Each side waits for all its messages with one waiter thread (``_InOrder``), not one per message.
+Each side waits for all its messages with one waiter thread (``dist.wait_works``), not one per
+message.
 
 The message ranges depend only on the entries, so both sides derive them from the header. The
 receiver bounds every length by what it agreed to take (``wire.Limits``: its own state's size, or
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 
 import anyio.to_thread
@@ -211,7 +211,7 @@ def _post_sums(link: Link, peer: int, posted: _Posted) -> int:
     sums = torch.tensor([as_int64(s) for s in digests], dtype=torch.int64)
     posted.msgs.append(sums.to(link.device))
     posted.works.append(dist.post_send(posted.msgs[-1], peer, link.pg, link.tag))
-    dist.wait_work(_InOrder(posted.works), link.backstop)
+    dist.wait_works(posted.works, link.backstop)
     return posted.nbytes
 
 
@@ -327,7 +327,7 @@ def _receive(
         if i < len(targets):
             landing.take(i, targets[i])
 
-    dist.wait_work(_InOrder(works, cuda.bound(link.device, landed)), link.backstop)
+    dist.wait_works(works, link.backstop, cuda.bound(link.device, landed))
     return sums.cpu()
 
 
@@ -340,28 +340,6 @@ async def _recv_one(link: Link, peer: int, t: torch.Tensor) -> torch.Tensor:
         )  # fmt: skip
     except RuntimeError as exc:
         raise ReplicationError(f"receiving failed: {exc}", peer=peer, phase="header") from exc
-
-
-@dataclass(slots=True)
-class _InOrder:
-    """A frame's posted works as one work for ``dist.wait_work`` (which takes anything with a
-    work's ``wait(timeout)``): its one waiter thread waits each in turn (at most ``timeout``
-    apiece) and calls ``landed(i)`` as work ``i`` completes.
-
-    One waiter per frame, not one per message: a thread started and joined per ~1 MiB message
-    (a tensor of its own) cost an exchange about a quarter of its throughput on a busy host.
-    """
-
-    works: list[Any]
-    landed: Callable[[int], None] | None = None
-
-    def wait(self, timeout: timedelta) -> bool:
-        """Wait for every work in order (the waiter thread); raise what the backend raises."""
-        for i, work in enumerate(self.works):
-            work.wait(timeout)
-            if self.landed is not None:
-                self.landed(i)
-        return True
 
 
 @dataclass(slots=True)
