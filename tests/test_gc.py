@@ -9,33 +9,27 @@ import weakref
 from aiostage._core import gc_pause
 
 
-def _full_collections_deferred() -> bool:
-    return gc.get_threshold()[2] >= 1 << 30
-
-
 def test_pause_nests_and_restores() -> None:
-    before = gc.get_threshold()
+    assert gc.isenabled()
     with gc_pause.paused():
-        assert gc.isenabled()  # young collections go on
-        assert _full_collections_deferred()
+        assert not gc.isenabled()
         with gc_pause.paused():
-            assert _full_collections_deferred()
-        assert _full_collections_deferred()
-    assert gc.get_threshold() == before
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
 
 
 def test_a_collector_that_was_off_stays_off() -> None:
     gc.disable()
     try:
         with gc_pause.paused():
-            assert not gc.isenabled()
+            pass
         assert not gc.isenabled()
     finally:
         gc.enable()
 
 
 def test_concurrent_pauses_end_with_the_last_one() -> None:
-    before = gc.get_threshold()
     inside, leave = threading.Event(), threading.Event()
 
     def other() -> None:
@@ -48,41 +42,10 @@ def test_concurrent_pauses_end_with_the_last_one() -> None:
     inside.wait(10)
     with gc_pause.paused():
         pass
-    assert _full_collections_deferred()  # the other thread's pause is still on
+    assert not gc.isenabled()  # the other thread's pause is still on
     leave.set()
     t.join(10)
-    assert gc.get_threshold() == before
-
-
-def _young() -> int:
-    return len(gc.get_objects(generation=0)) + len(gc.get_objects(generation=1))
-
-
-def test_a_worker_that_builds_while_freeing_leaves_the_young_generations_small() -> None:
-    """Built objects reach the old generation in small passes, not one pass the size of all of
-    them after the pause (tens of milliseconds holding the GIL at tens of thousands of tensors).
-    Freeing old objects while building keeps the allocation count low, so the automatic young
-    collections alone would not run: the hand-overs collect."""
-    old = [[i] for i in range(50_000)]
-    gc.collect()  # ``old`` is in the oldest generation
-    built: list[object] = []
-    young_seen: list[int] = []
-
-    def work() -> None:
-        with gc_pause.paused():
-            for i in range(50_000):
-                old.pop()  # a free for each allocation
-                built.append([i])
-                if i % 1000 == 999:
-                    gc_pause.hand_over()
-                    young_seen.append(_young())
-
-    t = threading.Thread(target=work)
-    t.start()
-    t.join(60)
-    assert len(built) == 50_000 and not old
-    assert max(young_seen) < 5_000, max(young_seen)  # without the collections: 1000, 2000, ...
-    assert _young() < 5_000  # and nothing big left for the loop's next allocation
+    assert gc.isenabled()
 
 
 class _Leaf:

@@ -1,16 +1,11 @@
-"""Keep the collector and big frees from stopping every thread: pause full garbage collections
-while a worker thread builds many objects, and free large containers a slice at a time.
+"""Keep the collector and big frees from stopping every thread: pause automatic garbage
+collection while a worker thread builds many short-lived objects, and free large containers
+a slice at a time.
 
 Planning a state dict of thousands of tensors allocates enough objects to trigger full
 collections, each of which walks the whole heap (~100 ms with torch loaded) and stops every
-thread. ``paused()`` defers full collections for the duration (nested and concurrent uses share
-one pause). Young collections go on, often and small: turning them off too would leave
-everything the pause built (tens of thousands of tensors) to the first young collection after
-it, one pass of 20-40 ms holding the GIL. The automatic young collections count allocations
-net of frees, so a worker that builds while it frees (a plan replacing a parsed header) would
-still leave a big young generation: a worker's ``hand_over`` inside a pause collects the young
-generations too (a pass over what about a millisecond of work built), and what survives moves
-to the old generation, which only full collections walk. Freeing a list of tens of thousands of tensors or
+thread. ``paused()`` turns collection off for the duration and back on after (if it was on);
+nested and concurrent uses share one pause. Freeing a list of tens of thousands of tensors or
 records is one C call of milliseconds that holds the GIL; ``dismantle`` frees them in slices.
 """
 
@@ -30,48 +25,34 @@ __all__ = ["dismantle", "hand_over", "paused"]
 #: members freed between two hand-overs of the GIL (well under a millisecond)
 _PIECE = 1024
 
-#: young collections between two of the middle generation's while paused (the default is 10:
-#: a middle pass would walk ten young passes' survivors at once)
-_MIDDLE = 1
-#: the oldest generation's threshold while paused: never reached
-_NEVER = 1 << 30
-
 _lock = threading.Lock()
 _depth = 0
-_thresholds: tuple[int, int, int] | None = None
+_resume = False
 
 
 @contextlib.contextmanager
 def paused() -> Iterator[None]:
-    """No full collection inside the block; young ones as usual, in small passes (the program's
-    thresholds are restored after; with collection disabled, nothing changes)."""
-    global _depth, _thresholds
+    """No automatic collection inside the block (reference counting still frees memory)."""
+    global _depth, _resume
     with _lock:
         if _depth == 0:
-            young, middle, old = gc.get_threshold()
-            _thresholds = (young, middle, old)
-            gc.set_threshold(young, min(middle, _MIDDLE), max(old, _NEVER))
+            _resume = gc.isenabled()
+            gc.disable()
         _depth += 1
     try:
         yield
     finally:
         with _lock:
             _depth -= 1
-            last = _depth == 0
-            if last and _thresholds is not None:
-                gc.set_threshold(*_thresholds)
-                _thresholds = None
-        if last and asyncio._get_running_loop() is None:
-            gc.collect(1)  # what the block built since its last hand-over: not the loop's to walk
+            if _depth == 0 and _resume and not gc.isenabled():
+                gc.enable()
 
 
 def hand_over() -> None:
     """Let a thread waiting for the GIL (an event loop) take it: the call a worker makes every
-    millisecond or so of Python work (inside a pause, after collecting the young generations). Nothing on an event loop's own thread (a small header
+    millisecond or so of Python work. Nothing on an event loop's own thread (a small header
     decoded there), which has no one to hand over to and must not sleep."""
     if asyncio._get_running_loop() is None:
-        if _depth:
-            gc.collect(1)  # young objects so far: a small pass now, not a big one later
         time.sleep(0)
 
 
