@@ -242,11 +242,13 @@ def ratios(by: dict[str, Timing], shape: shapes.Shape) -> list[Ratio]:
     """Issue 18's staging targets (and issue 2's cold one)."""
     best_dcp = min((by[DCP_SYNC], by[DCP_ASYNC]), key=lambda t: t.median)
     raw_lag = by[RAW].lag_ms
+    cold = [speedup("aiostage cold vs DCP cold", by[COLD], by[DCP_COLD], 2.0)] if COLD in by else []
     return [
         speedup("aiostage warm vs the raw copy_ loop", by[WARM], by[RAW], shape.copy_target),
         speedup("aiostage warm vs DCP DefaultStager (faster of sync/async, warm)", by[WARM], best_dcp, 1.5),
         Ratio("aiostage warm loop max lag (median rep) vs the raw copy loop's own", by[WARM].lag_ms, raw_lag, False, " ms"),
-        speedup("aiostage cold vs DCP cold", by[COLD], by[DCP_COLD], 2.0),
+        speedup("the raw copy_ loop vs DCP DefaultStager (faster of sync/async, warm)", by[RAW], best_dcp, None),
+        *cold,
         Ratio("DCP DefaultStager(sync) loop max lag (median rep)", by[DCP_SYNC].lag_ms, None, unit=" ms"),
     ]  # fmt: skip
 
@@ -259,17 +261,18 @@ async def main(args: argparse.Namespace, shape: shapes.Shape, report: Report) ->
     gc.freeze()  # a full collection of torch's import-time heap takes ~100+ ms: keep it out of reps
     print("\n".join(await checks(sd)), flush=True)
     warm = await warm_group(sd, args.reps)
-    cold = await cold_group(sd, args.reps)
+    cold = await cold_group(sd, args.reps) if args.cold else {}
     report.add(
         f"staging, warm, {args.reps} reps round-robin",
         HEADER,
         [row(n, t, nbytes) for n, t in warm.items()],
     )
-    report.add(
-        f"staging, cold, {args.reps} reps round-robin",
-        HEADER,
-        [row(n, t, nbytes) for n, t in cold.items()],
-    )
+    if cold:
+        report.add(
+            f"staging, cold, {args.reps} reps round-robin",
+            HEADER,
+            [row(n, t, nbytes) for n, t in cold.items()],
+        )
     report.add_timings("stage warm", warm, nbytes)
     report.add_timings("stage cold", cold, nbytes)
     report.traces["stage"] = {n: t.median_trace() for n, t in warm.items()}
@@ -291,6 +294,9 @@ def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, shapes
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     shapes.add_arguments(p)
     p.add_argument("--reps", type=int, default=5, help="timed reps per contender (default 5)")
+    p.add_argument(
+        "--no-cold", dest="cold", action="store_false", help="skip the cold-stager group"
+    )
     p.add_argument(
         "--flat-reps", type=int, default=50, help="stages for the RSS check (50; 0: skip)"
     )

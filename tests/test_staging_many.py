@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import aiostage
+from aiostage._core.storages import SLICE
 from aiostage.testing import run_world
 
 Edit = Callable[[dict[str, Any]], Any]
@@ -293,6 +294,57 @@ async def test_a_changed_structure_is_planned_again(edit: Edit) -> None:
         again = await stager.stage(sd)  # and the new structure's plan is kept in turn
         check_copy(sd, again)
         assert recipe(stager) is not kept
+
+
+def _many_squares() -> dict[str, Any]:
+    """More tensors than one slice of the warm checks reads (``storages.SLICE``), so a change
+    far down the list lies in a later slice than the first."""
+    return {"t": [torch.randn(2, 2) for _ in range(3 * SLICE + 5)]}
+
+
+def _tie_last_to_first(sd: dict[str, Any]) -> None:
+    sd["t"][-1] = sd["t"][0]
+
+
+def _transpose_last(sd: dict[str, Any]) -> None:
+    sd["t"][-1].t_()  # strides, in the last slice
+
+
+def _reshape_mid_slice(sd: dict[str, Any]) -> None:
+    sd["t"][2 * SLICE + 1].resize_(4)
+
+
+def _last_requires_grad(sd: dict[str, Any]) -> None:
+    sd["t"][-1].requires_grad_(True)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [_transpose_last, _reshape_mid_slice, _tie_last_to_first, _last_requires_grad],
+)
+async def test_a_change_in_a_later_slice_is_planned_again(edit: Edit) -> None:
+    """The warm path reads and compares its checks a slice at a time: a change that only a
+    later slice holds still makes a new plan."""
+    sd = _many_squares()
+    async with aiostage.DefaultStager(ONE) as stager:
+        for _ in range(2):
+            stager.release(await stager.stage(sd))
+        kept = recipe(stager)
+        edit(sd)
+        out = await stager.stage(sd)
+        check_copy(sd, out)
+        assert recipe(stager) is not kept
+
+
+async def test_a_copy_changed_in_a_later_slice_is_not_handed_out_again() -> None:
+    sd = _many_squares()
+    async with aiostage.DefaultStager(ONE) as stager:
+        first = await stager.stage(sd)
+        first["t"][-1].t_()  # a leased copy's strides changed by its reader, last slice
+        stager.release(first)
+        again = await stager.stage(sd)
+        check_copy(sd, again)
+        assert again["t"][-1] is not first["t"][-1]
 
 
 async def test_a_new_tensor_at_the_old_address_is_the_one_read() -> None:

@@ -14,22 +14,26 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio.from_thread
 import torch
 
 from . import cuda, gc_pause
+from .breath import breathe, rested
 from .buffers import Buffers, copy_chunks, source_bytes
 from .skeleton import Skeleton, rebuild, regather, skeleton
 from .storages import (
+    SLICE,
     Layout,
     Reader,
     Span,
     StoragePlan,
     View,
+    fits,
+    matches,
     plan_storages,
     read_all,
     stamp,
@@ -39,10 +43,11 @@ from .tree import NO_DATA, TensorLeaf, Tree, flatten, unflatten, wrap_leaf
 
 __all__ = []
 
-#: the most tensors one ``_foreach_copy_`` call copies (a cancellation check between two)
-_BATCH = 8192
-#: staged tensors built between two hand-overs of the GIL to a waiting event loop
-_BREATHE = 256
+#: the most tensors one ``_foreach_copy_`` call copies (a cancellation check between two; the
+#: call reads its lists of tensors holding the GIL, a fraction of a millisecond per thousand)
+_BATCH = 2048
+#: staged tensors built between two looks at the clock (``breathe``)
+_STEP = 32
 _ATTRS = operator.attrgetter("__dict__")
 _TYPES: Reader = functools.partial(map, type)
 _REQUIRES_GRAD: Reader = functools.partial(map, operator.attrgetter("requires_grad"))
@@ -50,7 +55,9 @@ _HAS_ATTRS: Reader = lambda part: map(bool, map(_ATTRS, part))  # noqa: E731
 _GRADS: Reader = functools.partial(map, operator.attrgetter("grad"))
 _ADDRESS: Reader = functools.partial(map, torch.Tensor.data_ptr)
 _VERSIONS: Reader = functools.partial(map, operator.attrgetter("_version"))
+_IDS: Reader = functools.partial(map, id)
 Pick = Callable[[Sequence[Any]], Any]
+_R = TypeVar("_R")
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,6 +106,7 @@ class Planner:
 
         Raises ``StagingError`` naming the key of a leaf that cannot be staged.
         """
+        rested()
         with gc_pause.paused():
             last = self.last
             if last is not None and last.skeleton is not None:
@@ -119,7 +127,7 @@ def _again(recipe: Recipe, state_dict: Any) -> Prepared | None:
     objs, values = found
     try:
         datas = _data_of(recipe.local, objs)
-        if _stamp(objs, datas, recipe.local) != recipe.stamp:
+        if not _still(recipe, objs, datas):
             return None
     except Exception:  # a leaf is no longer a plain tensor: planning it again names it
         return None
@@ -138,7 +146,7 @@ def _first(state_dict: Any, chunk: int) -> Prepared:
     if found is not None:
         signed = _stamp(found[0], _data_of(local, found[0]), local)
     recipe = Recipe(
-        tuple(map(_without_data, tree.leaves)),
+        tuple(each(_without_data, tree.leaves)),
         plan.views,
         plan.spans,
         plan.layout,
@@ -167,18 +175,40 @@ def _data_of(local: tuple[int, ...], objs: list[Any]) -> list[torch.Tensor]:
     return datas
 
 
+_KINDS = (_TYPES, _REQUIRES_GRAD, _HAS_ATTRS)
+
+
 def _stamp(objs: list[Any], datas: list[torch.Tensor], local: tuple[int, ...]) -> tuple[Any, ...]:
     """What a recipe depends on besides the skeleton; C-level maps, no Python per tensor (but
     per DTensor: its placements and whether it is a parameter)."""
-    kinds = read_all((_TYPES, _REQUIRES_GRAD, _HAS_ATTRS), objs)
-    specs = [(objs[i]._spec, isinstance(objs[i], torch.nn.Parameter)) for i in local]
-    return (*kinds, _ties(objs), specs, *stamp(datas))
+    return (*read_all(_KINDS, objs), _ties(objs), _specs(objs, local), *stamp(datas))
+
+
+def _specs(objs: list[Any], local: tuple[int, ...]) -> list[tuple[Any, bool]]:
+    return [(objs[i]._spec, isinstance(objs[i], torch.nn.Parameter)) for i in local]
+
+
+def _still(recipe: Recipe, objs: list[Any], datas: list[torch.Tensor]) -> bool:
+    """Whether ``_stamp(objs, datas, recipe.local) == recipe.stamp``, compared a slice at a time
+    as it is read (``matches``): no stamp of the whole is built or freed."""
+    kinds, (ties, specs), metadata = recipe.stamp[:3], recipe.stamp[3:5], recipe.stamp[5:]
+    return (
+        matches(_KINDS, objs, kinds)
+        and _ties(objs) == ties
+        and _specs(objs, recipe.local) == specs
+        and fits(datas, metadata)
+    )
 
 
 def _ties(objs: list[Any]) -> list[int] | None:
-    """For each leaf, the first leaf that is the same object (tied weights); ``None``: none is."""
-    ids = list(map(id, objs))
-    if len(set(ids)) == len(ids):
+    """For each leaf, the first leaf that is the same object (tied weights); ``None``: none is.
+    Read and checked a slice at a time (``breathe``); only a state dict with ties maps them."""
+    (ids,) = read_all((_IDS,), objs)
+    seen: set[int] = set()
+    for at in range(0, len(ids), SLICE):
+        breathe()
+        seen.update(ids[at : at + SLICE])
+    if len(seen) == len(ids):
         return None
     first = dict(zip(reversed(ids), range(len(ids) - 1, -1, -1), strict=True))
     return list(map(first.__getitem__, ids))
@@ -191,6 +221,8 @@ def _program(
     owner: dict[int, int] = {}  # span -> its first leaf
     exact: dict[int, bool] = {}  # span -> one contiguous tensor is exactly its bytes
     for i, view in enumerate(plan.views):
+        if not i % _STEP:
+            breathe()
         if view.span >= 0:
             first = owner.setdefault(view.span, i)
             t = datas[i]
@@ -201,6 +233,8 @@ def _program(
     bytewise: list[tuple[int, int]] = []
     size = 0
     for k, span in enumerate(plan.spans):
+        if not k % _STEP:
+            breathe()
         if not (exact[k] and span.device.type == "cpu" and span.nbytes <= chunk):
             bytewise.append((k, owner[k]))
             continue
@@ -237,12 +271,11 @@ def _made(recipe: Recipe, buffers: Buffers) -> _Made:
     made = buffers.made
     if isinstance(made, _Made) and made.recipe is recipe and _intact(made):
         return made
-    storages = buffers.storages()
-    plains = [view_tensor(v, storages) for v in recipe.views]
+    plains = _plains(recipe, buffers)
     outs: list[Any] = []
     for leaf, plain in zip(recipe.leaves, plains, strict=True):
-        if not len(outs) % _BREATHE:
-            gc_pause.hand_over()
+        if not len(outs) % _STEP:
+            breathe()
         outs.append(wrap_leaf(leaf, plain) if leaf.same_as is None else outs[leaf.same_as])
     targets = [_listed(pick(plains), n) for pick, n in recipe.batches]
     buffers.made = made = _Made(recipe, plains, outs, targets)
@@ -250,11 +283,32 @@ def _made(recipe: Recipe, buffers: Buffers) -> _Made:
     return made
 
 
+_SEALED = (_TYPES, _REQUIRES_GRAD, _HAS_ATTRS, _GRADS)
+_SEALED_DATA = (_ADDRESS, _VERSIONS)
+
+
+def _plains(recipe: Recipe, buffers: Buffers) -> list[torch.Tensor]:
+    """A plain tensor over ``buffers`` per view of ``recipe`` (``breathe`` between a few)."""
+    storages = buffers.storages()
+    return each(lambda v: view_tensor(v, storages), recipe.views)
+
+
+def each(func: Callable[[Any], _R], items: Iterable[Any]) -> list[_R]:
+    """``[func(x) for x in items]`` for a ``func`` of microseconds, with ``breathe`` between
+    a few items: a worker's per-leaf Python never holds the GIL for long."""
+    out: list[_R] = []
+    for i, x in enumerate(items):
+        if not i % _STEP:
+            breathe()
+        out.append(func(x))
+    return out
+
+
 def _seal(made: _Made) -> tuple[Any, ...]:
     """The handed-out tensors' type, ``requires_grad``, attributes, grad, address and version
     (in-place metadata changes like ``t_()`` or ``resize_`` bump it; so do our copies)."""
-    kinds = read_all((_TYPES, _REQUIRES_GRAD, _HAS_ATTRS, _GRADS), made.outs)
-    return (*kinds, *read_all((_ADDRESS, _VERSIONS), _data_of(made.recipe.local, made.outs)))
+    kinds = read_all(_SEALED, made.outs)
+    return (*kinds, *read_all(_SEALED_DATA, _data_of(made.recipe.local, made.outs)))
 
 
 def _versions(made: _Made) -> list[int]:
@@ -267,8 +321,11 @@ def versions(datas: list[torch.Tensor]) -> list[int]:
 
 
 def _intact(made: _Made) -> bool:
+    n = len(_SEALED)
     try:
-        return made.seal == _seal(made)
+        return matches(_SEALED, made.outs, made.seal[:n]) and matches(
+            _SEALED_DATA, _data_of(made.recipe.local, made.outs), made.seal[n:]
+        )
     except Exception:  # a handed-out tensor was changed beyond reading it: build afresh
         return False
 
@@ -295,10 +352,10 @@ class Fill:
         p = self.prepared
         recipe, datas, values, tree = p.recipe, p.datas, p.values, p.tree
         p.datas, p.values, p.tree = [], [], None  # freed in this thread, never on the loop
+        rested()
         with gc_pause.paused():
             if tree is not None:  # planned afresh each time: fresh views, wrapped by unflatten
-                storages = self.buffers.storages()
-                plains = [view_tensor(v, storages) for v in recipe.views]
+                plains = _plains(recipe, self.buffers)
                 targets = [_listed(pick(plains), n) for pick, n in recipe.batches]
                 self._copy(recipe, datas, targets)
                 return unflatten(tree, plains)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from operator import is_
 from typing import Any
 
+from .breath import breathe
 from .tree import (
     DataclassNode,
     Leaf,
@@ -59,6 +60,7 @@ def _index_runs(node: Node, sk: Skeleton) -> bool:
         return True
     if isinstance(node, MapNode):
         sk.key_types[id(node)] = tuple(map(type, node.keys))
+    breathe()
     runs = sk.runs
     kids = node.children
     first = kids[0].index if kids and isinstance(kids[0], Leaf) else -1
@@ -100,6 +102,7 @@ def _regather(node: Node, obj: Any, sk: Skeleton, tensors: list[Any], out: list[
         else:  # flatten names a bad value, or walks a new structure
             raise _Changed
         return
+    breathe()  # a worker's walk of thousands of containers lets the loop in every ~0.3 ms
     items = _items(node, obj, sk)
     if id(node) in sk.runs:
         tensors.extend(items)
@@ -148,6 +151,7 @@ def _rebuild(node: Node, tensors: list[Any], values: Iterator[Any], runs: dict[i
         return tensors[node.index]
     if isinstance(node, Value):
         return next(values)
+    breathe()
     first = runs.get(id(node))
     if first is not None:
         kids = tensors[first : first + len(node.children)]
