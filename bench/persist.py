@@ -49,10 +49,13 @@ TORCH_SAVE, TORCH_LOAD = "torch.save + flush + fsync + rename", "torch.load"
 DCP_SAVE, DCP_LOAD = "dcp.save, FileSystemWriter(thread_count=2)", "dcp.load into a template"
 ST_SAVE, ST_LOAD = "safetensors save_file + fsync (tensors only)", "safetensors load_file"
 DD_FSYNC, DD_DIRECT = "dd bs=16M conv=fsync (limit)", "dd bs=16M oflag=direct (limit)"
+RAW_AIO = "raw read of aiostage's files (limit: readinto, 1 thread, preallocated)"
+RAW_TORCH = "raw read of torch.pt (limit: readinto, 1 thread, preallocated)"
 TARGETS = {  # contender -> what it writes or reads, under the bench's directory
     AIO_SAVE: "aio", TORCH_SAVE: "torch.pt", DCP_SAVE: "dcp", ST_SAVE: "st.safetensors",
     DD_FSYNC: "dd-fsync.bin", DD_DIRECT: "dd-direct.bin",
     AIO_LOAD: "aio", TORCH_LOAD: "torch.pt", DCP_LOAD: "dcp", ST_LOAD: "st.safetensors",
+    RAW_AIO: "aio", RAW_TORCH: "torch.pt",
 }  # fmt: skip
 Op = Callable[[], Awaitable[Any]]
 
@@ -82,7 +85,8 @@ def save_cases(sd: Any, root: Path, dd_source: Path, nbytes: int) -> list[Case]:
 
 
 def load_cases(sd: Any, root: Path) -> list[Case]:
-    """Each load contender; its files are evicted from the page cache before each rep."""
+    """Each load contender; its files are evicted from the page cache before each rep. The raw
+    reads are the limits: the same files' bytes read whole into a buffer faulted in beforehand."""
 
     def case(name: str, op: Op) -> Case:
         async def before() -> None:
@@ -101,9 +105,12 @@ def load_cases(sd: Any, root: Path) -> list[Case]:
     async def on_loop(fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
 
+    raw = anchors.raw_buffer(max(root / "aio", root / "torch.pt", key=anchors.disk_bytes))
     return [
         case(AIO_LOAD, lambda: aiostage.load(root / "aio")),
         case(TORCH_LOAD, lambda: on_loop(anchors.torch_load, root / "torch.pt")),
+        case(RAW_AIO, lambda: on_loop(anchors.raw_read, root / "aio", raw)),
+        case(RAW_TORCH, lambda: on_loop(anchors.raw_read, root / "torch.pt", raw)),
         case(ST_LOAD, lambda: on_loop(anchors.safetensors_load, root / "st.safetensors")),
         case(DCP_LOAD, lambda: on_loop(anchors.dcp_load, sd, root / "dcp")),
     ]
@@ -174,6 +181,9 @@ def ratios(by: dict[str, Timing], extra_mib: float, dd_bytes: int, nbytes: int) 
         speedup("save vs dcp.save", by[AIO_SAVE], by[DCP_SAVE], 2.0),
         speedup("load vs torch.load", by[AIO_LOAD], by[TORCH_LOAD], 1.2),
         speedup("save vs the faster dd (same bytes)", by[AIO_SAVE], dd_same, 0.9),
+        speedup("aiostage.load vs the raw read of its files (raw / load time)", by[AIO_LOAD], by[RAW_AIO], None),
+        speedup("torch.load vs the raw read of its file (raw / load time)", by[TORCH_LOAD], by[RAW_TORCH], None),
+        speedup("raw read of aiostage's files vs of torch.pt", by[RAW_AIO], by[RAW_TORCH], None),
         speedup("save vs safetensors save_file + fsync", by[AIO_SAVE], by[ST_SAVE], 1.0),
         speedup("load vs safetensors load_file", by[AIO_LOAD], by[ST_LOAD], 1.0),
         speedup("load vs dcp.load", by[AIO_LOAD], by[DCP_LOAD], 1.0),

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import aiostage
-from aiostage._format.codec import MANIFEST, rank_file
+from aiostage._format.codec import MANIFEST, LayoutMemo, encode_layout, rank_file
 from aiostage._storage import localfs
 from aiostage._storage.backend import Sink
 from aiostage._storage.local import LocalStorage
@@ -368,3 +368,72 @@ async def test_an_ordered_storage_gets_one_write_at_a_time_in_order(tmp_path: Pa
     await aiostage.save(make_sd(), tmp_path / "plain")
     plain = (tmp_path / "plain" / rank_file(0)).read_bytes()
     assert (tmp_path / "ckpt" / rank_file(0)).read_bytes() == plain
+
+
+# ---------------------------------------------------------------- the warm path: layouts reused
+
+
+def _header_bytes(path: Path) -> bytes:
+    raw = (path / rank_file(0)).read_bytes()
+    return raw[: 8 + int.from_bytes(raw[:8], "little")]
+
+
+async def test_a_layout_saved_again_gives_the_same_header_as_a_fresh_encoding(
+    tmp_path: Path,
+) -> None:
+    sd = {"a": torch.arange(6.0), "b": {"c": torch.ones(2, 3, dtype=torch.int64)}, "n": 1}
+    await aiostage.save(sd, tmp_path / "one")
+    await aiostage.save(sd, tmp_path / "two")  # the same layout: its text is reused
+    prep = await prepare(sd, None)
+    fresh = encode_layout(prep.header)  # no memo: encoded from scratch
+    again = _header_bytes(tmp_path / "two")
+    assert again == _header_bytes(tmp_path / "one")
+    assert len(again) == len(fresh.blob)
+    assert again[: fresh.at] == fresh.blob[: fresh.at]  # all before the checksums' digits
+    prep.release()
+    await prep.free()
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [(1, True), (True, 1), (1, 1.0), (0.0, -0.0), ("x", "y"), (1, 2)],
+)
+async def test_values_equal_to_python_but_not_in_json_are_not_confused(
+    tmp_path: Path, before: Any, after: Any
+) -> None:
+    # 1 == True == 1.0 and 0.0 == -0.0 in Python; a reused header would write the old value
+    sd: dict[str, Any] = {"w": torch.ones(3), "v": before}
+    await aiostage.save(sd, tmp_path / "before")
+    sd["v"] = after
+    await aiostage.save(sd, tmp_path / "after")
+    got = (await aiostage.load(tmp_path / "after"))["v"]
+    assert type(got) is type(after)
+    assert repr(got) == repr(after)
+
+
+async def test_a_changed_shape_dtype_or_key_is_encoded_anew(tmp_path: Path) -> None:
+    layouts = [
+        {"w": torch.ones(4), "x": torch.zeros(2)},
+        {"w": torch.ones(5), "x": torch.zeros(2)},  # a shape
+        {"w": torch.ones(5, dtype=torch.float64), "x": torch.zeros(2)},  # a dtype
+        {"v": torch.ones(5, dtype=torch.float64), "x": torch.zeros(2)},  # a key
+        {"v": torch.ones(5, dtype=torch.float64), "x": torch.zeros(2).requires_grad_()},
+        {"w": torch.ones(4), "x": torch.zeros(2)},  # the first again
+    ]
+    for i, sd in enumerate(layouts * 2):
+        await aiostage.save(sd, tmp_path / str(i))
+        out = await aiostage.load(tmp_path / str(i))
+        assert out.keys() == sd.keys()
+        for k, v in sd.items():
+            assert out[k].dtype == v.dtype, (i, k)
+            assert torch.equal(out[k], v.detach()), (i, k)
+            assert out[k].requires_grad == v.requires_grad, (i, k)
+
+
+def test_the_memo_keeps_only_its_last_layouts() -> None:
+    memo = LayoutMemo(2)
+    texts = [memo.tree({"list": [k]}) for k in range(3)]
+    assert memo.tree({"list": [2]}) is texts[2]  # kept: the very same text
+    assert memo.tree({"list": [1]}) is texts[1]
+    assert memo.tree({"list": [0]}) is not texts[0]  # pushed out by the later two
+    assert memo.tree({"list": [0]}) == texts[0]

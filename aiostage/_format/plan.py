@@ -12,7 +12,7 @@ import math
 import operator
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from itertools import repeat
+from itertools import accumulate, repeat
 from typing import Any
 
 import torch
@@ -79,19 +79,30 @@ def _plain_entries(
     dtypes: list[torch.dtype],
     before: list[Entry],
 ) -> list[Entry]:
-    """The entries of the tensors stored as themselves, placed after ``before``."""
+    """The entries of the tensors stored as themselves, placed after ``before``: built by
+    ``map`` over C calls, one Python frame per tensor only where a name needs one."""
     at = before[-1].end if before else 0
+    names = _entry_names(leaves, plain)
+    sizes = [math.prod(shapes[i]) * dtypes[i].itemsize for i in plain]
+    ends = list(accumulate(sizes, initial=at))
+    dtype_names = [ST_DTYPES[dtypes[i]] for i in plain]
+    fields = zip(names, dtype_names, [shapes[i] for i in plain], ends[:-1], ends[1:], strict=True)
+    return list(map(tuple.__new__, repeat(Entry), fields))
+
+
+def _entry_names(leaves: Sequence[TensorLeaf], plain: list[int]) -> list[str]:
+    """Each plain leaf's entry name (``_entry_name``): in one pass when every key path is
+    distinct, unreserved and ASCII (the usual case), else leaf by leaf."""
+    names = [".".join(map(str, leaves[i].path)) for i in plain]
+    if (
+        len(set(names)) == len(names)
+        and "".join(names).isascii()
+        and not any(map(operator.methodcaller("startswith", _RESERVED_PREFIXES), names))
+        and "" not in names
+    ):
+        return names
     taken: set[str] = set()
-    out = []
-    for i in plain:
-        nbytes = math.prod(shapes[i]) * dtypes[i].itemsize
-        out.append(
-            Entry(
-                _entry_name(leaves[i], i, taken), ST_DTYPES[dtypes[i]], shapes[i], at, at + nbytes
-            )
-        )
-        at += nbytes
-    return out
+    return [_entry_name(leaves[i], i, taken) for i in plain]
 
 
 def _where(
@@ -115,15 +126,18 @@ def _records(
     strides: Iterable[tuple[int, ...]],
     dtypes: list[torch.dtype],
 ) -> list[Record]:
-    """One record per leaf: its entry and element offset (``where``), shape, stride, dtype."""
-    return [
-        Record(*w, shape, stride, dtype, leaf.wrap, leaf.requires_grad)
-        if not leaf.attrs and leaf.wrap != "dtensor"
-        else Record(*w, shape, stride, dtype, leaf.wrap, leaf.requires_grad, *_extras(leaf))
-        for leaf, w, shape, stride, dtype in zip(
-            leaves, where, shapes, strides, dtypes, strict=True
-        )
-    ]
+    """One record per leaf: its entry and element offset (``where``), shape, stride, dtype;
+    built by ``map`` over C calls, plus the extras of a leaf with attributes or a DTensor."""
+    wraps = list(map(_WRAP, leaves))
+    fields = zip(
+        map(_FIRST, where), map(_SECOND, where), shapes, strides, dtypes, wraps,
+        map(_REQUIRES_GRAD, leaves), repeat(None), repeat(None),
+    )  # fmt: skip
+    out = list(map(tuple.__new__, repeat(Record), fields))
+    for i, leaf in enumerate(leaves):
+        if leaf.attrs or wraps[i] == "dtensor":
+            out[i] = out[i]._replace(**dict(zip(("attrs", "dtensor"), _extras(leaf), strict=True)))
+    return out
 
 
 def _alone(tensors: list[torch.Tensor]) -> list[bool]:
@@ -141,6 +155,10 @@ def _alone(tensors: list[torch.Tensor]) -> list[bool]:
 
 
 _DTYPE = operator.attrgetter("dtype")
+_WRAP = operator.attrgetter("wrap")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
+_RESERVED_PREFIXES = ("__aiostage__", "__metadata__")
 _ITEMSIZE = operator.attrgetter("itemsize")
 _U8 = torch.uint8
 
@@ -174,7 +192,7 @@ def _entry_name(leaf: TensorLeaf, i: int, taken: set[str]) -> str:
     """The leaf's key path joined with dots (as ``key_str`` does), unless another entry has
     that name, it is reserved, or it cannot be encoded as UTF-8: then a reserved name."""
     name = ".".join(map(str, leaf.path)) or "<root>"  # key_str, without a frame per part
-    usable = name not in taken and not name.startswith(("__aiostage__", "__metadata__"))
+    usable = name not in taken and not name.startswith(_RESERVED_PREFIXES)
     if usable and not name.isascii():
         try:
             name.encode("utf-8")

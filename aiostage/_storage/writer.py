@@ -27,6 +27,7 @@ from .._format.codec import (
     EncodedHeader,
     FileInfo,
     Header,
+    LayoutMemo,
     Manifest,
     Source,
     encode_layout,
@@ -156,6 +157,9 @@ class _Job:
 #: the xxh3_64 of no bytes: the checksum of an empty entry, which no piece feeds
 _EMPTY = xxhash.xxh3_64_intdigest(b"")
 _NO_HEADER = EncodedHeader(b"", 0, 0)
+#: the headers this process encoded last: the next save of a state dict laid out the same way
+#: (same keys, shapes, dtypes, aliasing, values) reuses their text
+_LAYOUTS = LayoutMemo()
 
 
 class _Filler:
@@ -172,7 +176,7 @@ class _Filler:
             if not all(data.is_cpu and data.is_contiguous() for data, _ in sources):
                 raise ValueError("the writer takes contiguous CPU tensors only")
             self.header, self.sources = header, sources
-            self.encoded = encode_layout(header)
+            self.encoded = encode_layout(header, _LAYOUTS)
             self.lengths = [n for data, pad in sources for n in (data.nbytes, pad)]
             start = len(self.encoded.blob)
             self.jobs = [

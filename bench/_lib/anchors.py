@@ -90,6 +90,24 @@ def evict(path: Path) -> None:
             os.close(fd)
 
 
+def raw_buffer(path: Path) -> memoryview:
+    """A buffer as large as the files under ``path``, faulted in once (the raw read's target)."""
+    buf = bytearray(disk_bytes(path))
+    buf[::4096] = bytes(len(range(0, len(buf), 4096)))  # every page written: none faults later
+    return memoryview(buf)
+
+
+def raw_read(path: Path, buf: memoryview, chunk: int = 64 << 20) -> int:
+    """The limit of a load: the files under ``path`` read in order into ``buf`` (preallocated)
+    with plain ``readinto`` of ``chunk`` bytes, one thread, no checks; the bytes read."""
+    at = 0
+    for f in sorted(files_under(path), key=lambda f: f.stat().st_size):
+        with f.open("rb", buffering=0) as fh:
+            while n := fh.readinto(buf[at : at + chunk]):
+                at += n
+    return at
+
+
 def disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in files_under(path)) if path.exists() else 0
 
