@@ -327,8 +327,10 @@ class Checkpointer:
         Each rank offers the steps it can supply from each tier (its memory, its local disk,
         a partner's memory or disk, ``root``); the ranks agree on the newest step whose every
         rank's state is obtainable, and each copies its state into ``into`` (a state dict of
-        existing tensors) from its fastest source, verified by checksum first: a source that
-        fails is skipped for the next (``report.skipped``). Newer local copies are deleted.
+        existing tensors) from its fastest source, verified by checksum: a source that fails
+        is skipped for the next (``report.skipped``), which overwrites what it left (a
+        partner's copy lands in ``into``'s tensors as it arrives, so a restore that raises may
+        leave ``into`` partly written). Newer local copies are deleted.
         Runs over the private groups under ``timeout``. Raises ``CheckpointNotFound`` on every
         rank (naming what each had) when no step is obtainable everywhere,
         ``ReplicationTimeout`` naming a rank that did not answer, ``StateDictMismatch`` when

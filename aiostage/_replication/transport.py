@@ -225,6 +225,10 @@ def encoded(link: Link, header: Header) -> bytes:
 
 # ---------------------------------------------------------------- receiving
 
+#: where a frame's messages land instead of the buffer: one CPU uint8 tensor of each range's
+#: length, or ``None`` for its slice of the buffer (``recv_frame``'s ``direct``)
+Direct = Callable[[Header, list[tuple[int, int]]], Awaitable[Sequence[torch.Tensor | None]]]
+
 
 async def recv_frame(
     link: Link,
@@ -233,6 +237,7 @@ async def recv_frame(
     *,
     limits: Limits,
     check: bool | None = None,
+    direct: Direct | None = None,
 ) -> tuple[Header, torch.Tensor, tuple[int, ...]] | None:
     """Receive one frame from group rank ``peer``: its validated header, its data bytes and the
     sender's per-entry digests (``None`` when the peer sent ``send_nothing``).
@@ -244,7 +249,9 @@ async def recv_frame(
     over ``limits`` (checked before anything is allocated, never unpickled; a frame whose
     layout is sound but whose records are not lands first: ``RefusedAfterLanding``),
     ``"allocate"`` when its buffer cannot be allocated, ``"data"`` when the backend fails,
-    ``"verify"`` on a checksum mismatch (the whole frame has landed then).
+    ``"verify"`` on a checksum mismatch (the whole frame has landed then). ``direct`` (CPU
+    links): given the header and the message ranges, a tensor per message to land it in
+    instead of its slice of the buffer (``None``: the slice), e.g. the caller's own tensors.
     """
     try:
         header = await _recv_header(link, peer, limits)
@@ -253,7 +260,7 @@ async def recv_frame(
         raise
     if header is None:
         return None
-    data, digests = await _land(link, peer, header, buffer, check)
+    data, digests = await _land(link, peer, header, buffer, check, direct)
     return header, data, digests
 
 
@@ -263,6 +270,7 @@ async def _land(
     header: Header,
     buffer: Callable[[int], Awaitable[torch.Tensor]],
     check: bool | None,
+    direct: Direct | None = None,
 ) -> tuple[torch.Tensor, tuple[int, ...]]:
     """Receive the data and digests of a frame of ``header`` into ``buffer``; check them."""
     try:
@@ -280,6 +288,9 @@ async def _land(
         data[a:b] if on_cpu else torch.empty(b - a, dtype=torch.uint8, device=link.device)
         for a, b in ranges
     ]
+    if direct is not None and on_cpu:
+        mine = await direct(header, ranges)
+        targets = [t if m is None else m for t, m in zip(targets, mine, strict=True)]
     check = link.verify if check is None else check
     landing = _Landing(Hasher(header, ranges) if check else None, data, ranges, on_cpu)
     try:
@@ -357,4 +368,4 @@ class _Landing:
         if not self.on_cpu:
             self.data[a:b].copy_(message)
         if self.hasher is not None:
-            self.hasher.take(i, tensor_bytes(self.data[a:b]))
+            self.hasher.take(i, tensor_bytes(message if self.on_cpu else self.data[a:b]))

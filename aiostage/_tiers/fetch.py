@@ -1,5 +1,6 @@
 """Fetching the chosen step: this rank's own sources read in place, a partner's copies sent
-over the group as checksummed frames, every byte verified before anything lands in ``into``."""
+over the group as checksummed frames, landing straight in ``into``'s tensors where a message is
+one tensor's bytes (no copy after), every byte verified before the fetch counts as done."""
 
 from __future__ import annotations
 
@@ -21,7 +22,12 @@ from .._core import dist
 from .._core.buffers import allocate
 from .._core.tree import Tree, flatten
 from .._format.codec import encode_header, step_name
-from .._replication.frames import expected_header, frame_leaves, frame_tensors, plan_cpu_frame
+from .._replication.frames import (
+    Planned,
+    expected_header,
+    frame_leaves,
+    frame_tensors,
+)
 from .._replication.transport import Link, recv_frame, send_frame, send_nothing
 from .._replication.wire import Limits, limits_like
 from .._storage.reader import load
@@ -32,11 +38,12 @@ from ..errors import (
     ReplicationError,
     ReplicationTimeout,
 )
+from .inplace import InPlace, plan_apart
 from .local import LocalTier
 from .memory import MemoryTier
 from .plan import Choice
 
-__all__ = ["Fetched", "Holdings", "fetch"]
+__all__ = ["Fetched", "Holdings", "fetch", "limits_for"]
 
 TAG = 0x5A5F
 
@@ -44,7 +51,8 @@ TAG = 0x5A5F
 @dataclass(slots=True)
 class Holdings:
     """What this rank restores from: its memory tier, local tier, the durable root (read with
-    ``pg``'s rank), and the group its partners answer on."""
+    ``pg``'s rank), and the group its partners answer on; ``limits``: what it takes from a
+    partner (``limits_for``, worked out while the ranks agree; ``None``: not yet)."""
 
     rank: int
     pg: Any
@@ -52,6 +60,7 @@ class Holdings:
     local: LocalTier | None
     root: Path
     timeout: float
+    limits: Limits | None = None
 
 
 @dataclass(slots=True)
@@ -121,23 +130,31 @@ async def _fetch_own(have: Holdings, link: Link, c: Choice, into: Any) -> Any:
         return await load(path, into=into)  # type: ignore[arg-type]
     if c.source == "durable":
         return await load(have.root / step_name(c.step), into=into, pg=have.pg)
-    limits = await anyio.to_thread.run_sync(_limits_like, into)
+    limits = have.limits
+    if limits is None:
+        limits = await anyio.to_thread.run_sync(limits_for, into)
+    direct = InPlace(into, c.holder)
     with _deadline(have.timeout, c.holder):
-        landed = [await recv_frame(link, c.holder, _buffer, limits=limits, check=True)]
+        landed = [
+            await recv_frame(
+                link, c.holder, _buffer, limits=limits, check=True, direct=direct.targets
+            )
+        ]
     if landed[0] is None:
         raise ReplicationError(f"could not supply step {c.step}", peer=c.holder, phase="restore")
     where = f"rank {c.holder}'s {c.source} copy of step {c.step}"
-    return await anyio.to_thread.run_sync(_copy_frame, landed, c.holder, into, where)
+    return await anyio.to_thread.run_sync(_copy_frame, landed, c.holder, into, where, direct.landed)
 
 
 async def _give(have: Holdings, link: Link, c: Choice, out: Fetched) -> None:
     """Send rank ``c.rank`` its state from this rank's memory or disk; a copy that fails
     verification here is reported (``out.unable``) and the rank told there is none."""
     state: Any = None
+    planned: Planned | None = None
     if c.source == "peer_memory":
         kept = have.memory.replica
         if kept is not None and (kept.of, kept.step) == (c.rank, c.step):
-            state = kept.state
+            state, planned = kept.state, kept.planned
     elif have.local is not None:
         where = have.local.policy.replica_dir(c.rank)
         assert where is not None
@@ -149,7 +166,8 @@ async def _give(have: Holdings, link: Link, c: Choice, out: Fetched) -> None:
         if state is None:
             await send_nothing(link, c.rank)
             return
-        planned = await anyio.to_thread.run_sync(plan_cpu_frame, state)
+        if planned is None:
+            planned = await anyio.to_thread.run_sync(plan_apart, state)
         await send_frame(link, c.rank, planned.header, planned.sources)
 
 
@@ -179,32 +197,41 @@ async def _buffer(n: int) -> torch.Tensor:
     return buffers.flats[0]
 
 
-def _limits_like(into: Any) -> Limits:
+def limits_for(into: Any) -> Limits:
     """Twice ``into``'s size, plus slack: what a frame for this rank may be (worker thread)."""
     header = expected_header(flatten(into))
     return limits_like(encode_header(header), header.data_bytes, "into=")
 
 
 def _copy_views(
-    root: Any, leaves: Sequence[Any], views: Sequence[torch.Tensor], into: Any, where: str
+    root: Any,
+    leaves: Sequence[Any],
+    views: Sequence[torch.Tensor],
+    into: Any,
+    where: str,
+    done: frozenset[int] = frozenset(),
 ) -> Any:
-    """Check ``into`` against the received tensors, then copy them in (worker thread)."""
+    """Check ``into`` against the received tensors, then copy them in, but for the records
+    ``done`` (landed in place already) (worker thread)."""
     paths = [leaf.path for leaf in leaves]
     records = [_Record(tuple(v.shape), v.dtype) for v in views]
     targets = check_local(flatten(into).leaves, paths, records, where)  # type: ignore[arg-type]
     with torch.no_grad():
-        for dst, src in zip(targets, views, strict=True):
-            dst.copy_(src)
+        for i, (dst, src) in enumerate(zip(targets, views, strict=True)):
+            if i not in done:
+                dst.copy_(src)
     return into_result(root, paths, into)
 
 
-def _copy_frame(landed: list[Any], holder: int, into: Any, where: str) -> Any:
+def _copy_frame(
+    landed: list[Any], holder: int, into: Any, where: str, done: frozenset[int] = frozenset()
+) -> Any:
     """``_copy_views`` from the one frame in ``landed``, taken out of it so that its buffer
     (a GiB takes a tenth of a second to unmap) is freed here, not on the event loop (worker
     thread)."""
     header, data, _ = landed.pop()
     root, leaves = frame_leaves(header, holder)
-    return _copy_views(root, leaves, frame_tensors(header, data), into, where)
+    return _copy_views(root, leaves, frame_tensors(header, data), into, where, done)
 
 
 def _copy_tree(state: Any, into: Any) -> Any:

@@ -37,12 +37,14 @@ class Shared:
 
 @dataclass(slots=True)
 class Kept:
-    """A state kept in memory: whose (group rank ``of``), which step, and how to let it go."""
+    """A state kept in memory: whose (group rank ``of``), which step, how to let it go, and
+    its frame laid out to give in a restore (``None``: not yet)."""
 
     of: int
     step: int
     state: Any
     drop: Callable[[], None]
+    planned: Any = None
 
 
 class MemoryTier:

@@ -4,16 +4,26 @@ step every rank reaches."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import ExceptionGroup
+
 from .._format.codec import step_name
 from .._replication.stager import ReplicationStager
 from .._storage.save import SaveReport, save
 from ..errors import ReplicationError
-from .fetch import Fetched, Holdings, fetch
+from .fetch import Fetched, Holdings, fetch, limits_for
+from .inplace import plan_apart
 from .local import LocalTier
 from .memory import Kept, MemoryTier, Shared
 from .plan import Choice, Offer, choose
@@ -106,10 +116,16 @@ class Tiers:
     ) -> RestoreReport:
         """The collective restore over ``pg`` (see ``Checkpointer.restore``)."""
         began = time.perf_counter()
-        rows = await roll_call(pg, (await self.offer(durable)).row(), pg_timeout=pg_timeout,
-                               what="restore")  # fmt: skip
-        offers = [_offer(r, row) for r, row in enumerate(rows)]
         have = Holdings(self.rank, pg, self.memory, self.local, self.root, pg_timeout)
+        try:
+            async with anyio.create_task_group() as tg:  # while the ranks agree: what a
+                tg.start_soon(self._plan_replica)  # partner may be given, and may send
+                tg.start_soon(_limits, have, into)
+                rows = await roll_call(pg, (await self.offer(durable)).row(),
+                                       pg_timeout=pg_timeout, what="restore")  # fmt: skip
+        except ExceptionGroup as group:  # the roll call's own error (the others raise none)
+            raise group.exceptions[0] from None
+        offers = [_offer(r, row) for r, row in enumerate(rows)]
         bad: set[Choice] = set()
         skipped: list[SkippedSource] = []
         while True:
@@ -129,6 +145,16 @@ class Tiers:
         elapsed = time.perf_counter() - began
         return RestoreReport(plan[0].step, self.rank, ranks, tuple(skipped), elapsed, got.state)
 
+    async def _plan_replica(self) -> None:
+        """Lay out the partner's replica in memory to give (``plan_apart``), once; what fails
+        here fails again where it is given, and is raised there."""
+        kept = self.memory.replica
+        if kept is None or kept.planned is not None:
+            await anyio.lowlevel.checkpoint()
+            return
+        with contextlib.suppress(Exception):
+            kept.planned = await anyio.to_thread.run_sync(plan_apart, kept.state)
+
     async def _forget_after(self, step: int) -> None:
         """After restoring ``step``, newer fast copies belong to a history that is gone: they
         go, and the ordering check starts from ``step``."""
@@ -139,6 +165,12 @@ class Tiers:
             if kept is not None and kept.step > step:
                 self.memory.clear()
                 return
+
+
+async def _limits(have: Holdings, into: Any) -> None:
+    """``have.limits`` for ``into``; what fails here fails again in ``fetch``, raised there."""
+    with contextlib.suppress(Exception):
+        have.limits = await anyio.to_thread.run_sync(limits_for, into)
 
 
 def _offer(rank: int, row: Any) -> Offer:

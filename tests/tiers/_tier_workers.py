@@ -118,3 +118,60 @@ async def one_rank_silent(
             out["seconds"] = time.perf_counter() - began
         await anyio.to_thread.run_sync(dist.barrier)
         return out
+
+
+def large_state(rank: int) -> dict[str, Any]:
+    """Tensors of a MiB and more as views of one flat storage (a frame's span), beside a small
+    one, a tied one, a non-contiguous one, a bfloat16 one of its own and a plain value."""
+    g = torch.Generator().manual_seed(rank)
+    flat = torch.randn(1_200_000, generator=g)
+    w1 = flat[:300_000].view(600, 500)
+    return {
+        "w1": w1, "w2": flat[300_000:600_000], "small": flat[600_000:600_100], "tied": w1,
+        "t": torch.randn(300_000, generator=g).view(500, 600).t(),
+        "bf": torch.randn(800_000, generator=g).to(torch.bfloat16), "step": 100 + rank,
+    }  # fmt: skip
+
+
+def large_into() -> dict[str, Any]:
+    """A restarted rank's fresh tensors for ``large_state`` (the tied pair tied again)."""
+    like = large_state(0)
+    out: dict[str, Any] = {
+        k: torch.zeros_like(v) for k, v in like.items() if isinstance(v, torch.Tensor)
+    }
+    out["tied"], out["step"] = out["w1"], -1
+    return out
+
+
+async def restore_large_from_memory(rank: int, world: int, base: str) -> dict[str, Any]:
+    """Save ``large_state`` once; rank 1 comes back with nothing (a new Checkpointer, an empty
+    local directory), rank 0 keeps its memory; both restore."""
+    ckpt = Checkpointer(
+        Path(base) / "durable", pg=dist.group.WORLD, replicate=True, durable_every=10,
+        local_dir=Path(base) / f"node{rank}", timeout=TIMEOUT,
+    )  # fmt: skip
+    await ckpt.__aenter__()
+    try:
+        await (await ckpt.save(1, large_state(rank))).committed
+        if rank == 0:
+            await ckpt.rejoin(dist.group.WORLD)
+        else:
+            await ckpt.aclose()
+            ckpt = Checkpointer(
+                Path(base) / "durable", pg=dist.group.WORLD, replicate=True, durable_every=10,
+                local_dir=Path(base) / "empty", timeout=TIMEOUT,
+            )  # fmt: skip
+            await ckpt.__aenter__()
+        into = large_into()
+        report = await ckpt.restore(into=into)
+    finally:
+        await ckpt.aclose()
+    want = large_state(rank)
+    return {
+        "sources": [(r.rank, r.source, r.holder) for r in report.ranks],
+        "exact": [k for k, v in want.items() if isinstance(v, torch.Tensor)
+                  and not torch.equal(into[k], v)],
+        "step": report.state["step"],
+        "ours": all(report.state[k] is into[k] for k in ("w1", "w2", "t", "bf")),
+        "tied": into["tied"] is into["w1"],
+    }  # fmt: skip
