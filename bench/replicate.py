@@ -130,6 +130,7 @@ async def _rank(
     async with (
         aiostage.ReplicationStager() as ours,
         aiostage.ReplicationStager(verify_on_arrival=True) as on_arrival,
+        aiostage.ReplicationStager(verify=False) as unverified,
         aiostage.ReplicationStager(storage_dir=f"{tmp}/ours_{rank}") as persisted,
     ):
         for _ in range(reps + 2):  # two warm-up rounds (aiostage's two receive buffers) dropped
@@ -137,6 +138,7 @@ async def _rank(
             await _raw_in_thread(out, rank, flat, into)
             await _ours(out, sd, ours)
             await _ours(out, sd, on_arrival, " (verify_on_arrival)")
+            await _ours(out, sd, unverified, NO_SUMS)
             await _ours_persisted(out, sd, persisted)
             _anchor(out, sd, tmp, persist=False)
             _anchor(out, sd, tmp, persist=True)
@@ -145,10 +147,13 @@ async def _rank(
     return {"stalls": traced, **{k: v[2:] if k != "bytes" else v for k, v in out.items()}}
 
 
+#: the tag of the exchange without checksums: what hashing costs, in the same run
+NO_SUMS = " (verify=False: no checksums)"
 LAGS = (
     "aiostage loop max lag ms",
     "aiostage loop max lag ms (verify_on_arrival)",
     "raw both ways from a worker thread: loop max lag ms",
+    f"aiostage loop max lag ms{NO_SUMS}",
 )
 
 
@@ -164,9 +169,11 @@ def _run_figures(results: list[Results]) -> list[Figure]:
     med = _medians(results)[1]
     lag, raw_lag = med[LAGS[0]], med[LAGS[2]]
     ex, limit = med["aiostage exchange only (both ways)"], med[LIMIT]
+    bare = med[f"aiostage exchange only (both ways){NO_SUMS}"]
     return [
         Figure("added loop lag: aiostage max lag - raw's, ms", lag, raw_lag, lag - raw_lag, 2, False, " ms"),
         Figure("raw limit / aiostage exchange (throughput), ms", 1e3 * ex, 1e3 * limit, limit / ex, 0.85),
+        Figure("raw limit / aiostage exchange without checksums (what hashing costs), ms", 1e3 * bare, 1e3 * limit, limit / bare),
     ]  # fmt: skip
 
 
