@@ -10,8 +10,8 @@ fresh buffers). Times are medians over rounds; request latencies include queuein
 read the weights inside ``sub.reading()``; install is double-buffered (the default) or by copy
 (``--copy``). ``--runs K`` repeats the whole measurement and prints, per run, publish beside the
 raw broadcast and the serving p99 ratio beside the raw broadcast's, with the median and worst
-of each ratio. ``--stalls`` samples the publisher's loop thread during each publish while its
-heartbeat is more than 2 ms overdue (``LoopLag(stalls=...)``).
+of each ratio. ``--stalls`` samples the publisher's loop thread during each publish, and each subscriber's
+during each update, while its heartbeat is more than 2 ms overdue (``LoopLag(stalls=...)``).
 """
 
 from __future__ import annotations
@@ -148,22 +148,30 @@ async def _subscriber(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
         publisher=0, target=target, timeout=600, verify=args.verify, swap=not args.copy
     ) as sub:
         serving = Serving(sub, weights, args.interval_ms / 1e3)
+        stalls = []
         async with anyio.create_task_group() as tg:
             tg.start_soon(serving.run)
             for version in range(1, args.reps + WARMUP + 1):
-                await _round(serving, version, flat, target, Path(tmp) / "handoff.pt")
+                seen = await _round(serving, version, flat, target, Path(tmp) / "handoff.pt", args)
+                stalls += [seen] if seen is not None and version > WARMUP else []
             await anyio.to_thread.run_sync(barrier)
             serving.phase = "idle"
             await anyio.sleep(args.idle_s)  # a measurement period, not synchronisation
             serving.phase = "done"
             await anyio.to_thread.run_sync(barrier)
             serving.stop = True
-    return {"samples": serving.samples}
+    return {"samples": serving.samples, "stalls": stalls}
 
 
 async def _round(
-    serving: Serving, version: int, flat: torch.Tensor, target: dict[str, torch.Tensor], path: Path
-) -> None:
+    serving: Serving,
+    version: int,
+    flat: torch.Tensor,
+    target: dict[str, torch.Tensor],
+    path: Path,
+    args: argparse.Namespace,
+) -> dict[str, Any] | None:
+    """One round on a subscriber; its loop's stalls during the update (``--stalls``)."""
     first = version <= WARMUP
     await anyio.to_thread.run_sync(barrier)
     serving.phase = "warmup" if first else "raw broadcast"
@@ -171,8 +179,9 @@ async def _round(
     await anyio.to_thread.run_sync(barrier)
     serving.phase = "warmup" if first else "aiostage update"
     serving.want, serving.applied = version, anyio.Event()
-    if serving.sub.version != version:
-        await serving.applied.wait()
+    async with Heartbeat(stalls=0.002 if args.stalls else None) as lag:
+        if serving.sub.version != version:
+            await serving.applied.wait()
     await anyio.to_thread.run_sync(barrier)
     await anyio.to_thread.run_sync(barrier)
     serving.phase = "warmup" if first else "torch.save/load hand-off"
@@ -180,6 +189,7 @@ async def _round(
     await anyio.to_thread.run_sync(_load_into, path, target)
     await anyio.to_thread.run_sync(barrier)
     serving.phase = "between"
+    return stalls_seen(lag.stalls) if args.stalls else None
 
 
 def _load_into(path: Path, target: dict[str, torch.Tensor]) -> None:
@@ -294,15 +304,18 @@ def main() -> None:
     report = start("weight_sync", args)
     report.children = True
     report.shape = shapes.flat(args.gib).describe()
-    runs, traced = [], []
+    runs, traced, served = [], [], []
     for _ in range(args.runs):
         results, report.background = run_spawned("weight_sync_", 3, _rank, args)
         runs.append(_run_figures(results))
         traced += results[0]["stalls"]
+        served += [s for r in results[1:] for s in r["stalls"]]
     _report(results, report)  # the last run's tables
     add_runs(report, runs)
     if traced:
         add_stalls(report, "publisher loop stalls during a round", merge_stalls(traced))
+    if served:
+        add_stalls(report, "subscriber loop stalls during an update", merge_stalls(served))
     report.finish(args.json)
 
 

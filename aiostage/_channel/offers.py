@@ -53,7 +53,8 @@ async def offer(
     digests: Callable[[Snapshot], Awaitable[list[int] | None]],
 ) -> None:
     """Offer ``snap`` to ``peer``: through shared memory where it reads it, else an ``OFFER``
-    and the frame (its checksums ``digests(snap)``, awaited while the data is sent);
+    and the frame (each message once the entries it carries are written; its checksums
+    ``digests(snap)``, awaited while the data is sent);
     ``TOO_BIG`` instead when it is larger than the peer takes. Bound it with a scope. Raises
     ``ReplicationError`` naming the peer (phase ``"send"``) when the peer is gone, closed its
     end, or did not take it."""
@@ -63,7 +64,7 @@ async def offer(
         return
     await send_note(pg, peer.rank, OFFER_TAG, Note(OFFER, snap.version, snap.seq))
     # the digests go last: hashed (once, for every subscriber) while the data is on the wire
-    await send_frame(peer.link, peer.rank, snap.header, snap.sources, partial(digests, snap))
+    await send_frame(peer.link, peer.rank, snap.header, snap.outgoing, partial(digests, snap))
 
 
 async def _too_big(pg: Any, peer: Peer, snap: Snapshot) -> NoReturn:

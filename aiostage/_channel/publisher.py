@@ -28,7 +28,13 @@ import torch
 from .._core.completion import Backoff, wait_until
 from .._core.timeouts import DEFAULT_TIMEOUT, seconds
 from .._replication.transport import Link
-from ..errors import ClosedError, ReplicationError, ReplicationTimeout, UsageError
+from ..errors import (
+    ClosedError,
+    ReplicationError,
+    ReplicationTimeout,
+    StagingError,
+    UsageError,
+)
 from .notes import (
     BACKSTOP,
     BYE,
@@ -112,6 +118,7 @@ class WeightPublisher:
         self._lock = anyio.Lock()
         self._tg: anyio.abc.TaskGroup | None = None
         self._closing = self._closed = False
+        self._news = anyio.Event()  # set (and replaced) when a version is latest or on closing
 
     @property
     def states(self) -> dict[int, str]:
@@ -179,7 +186,10 @@ class WeightPublisher:
         """Stage ``state_dict`` as ``version`` and return once it is staged (the caller may then
         change its tensors); it is sent in the background: ``await publication.report``.
 
-        Waits for the copy, and for a free buffer while two versions are still being sent.
+        Waits for the copy, and for a free buffer while two versions are still being sent; the
+        version may already be on the wire while it is copied (each message once the entries it
+        carries are in), so cancelled during the copy, it finishes the copy (shielded) and the
+        version is still published.
         Raises ``ValueError`` when ``version`` does not increase, ``UsageError`` outside
         ``async with``, ``ClosedError`` after ``aclose``, ``StagingError`` for a leaf that
         cannot be staged.
@@ -191,24 +201,38 @@ class WeightPublisher:
         self._last_version = version
         async with self._lock:
             began = time.perf_counter()
-            snap = await self._stage(state_dict, version)
-            took = time.perf_counter() - began
-        old, self._latest = self._latest, snap
-        if old is not None:
-            self._maybe_release(old)
-        sending = Sending(version, snap.seq, frozenset(self._peers), took, snap.header.data_bytes)
+            snap = await self._snaps.prepare(state_dict, version, self._seq + 1)
+            self._seq += 1  # only once prepared: a failed stage leaves no gap
+            sending = self._track(snap)
+            old, self._latest = self._latest, snap  # sends may begin while it is copied in
+            self._announce()
+            if old is not None:
+                self._maybe_release(old)
+            try:
+                await self._snaps.fill(snap)
+            except BaseException as exc:
+                self._latest = None  # its sends fail: each subscriber is dropped and rejoins
+                self._maybe_release(snap)
+                if isinstance(exc, Exception):
+                    raise StagingError(f"copying version {version} failed: {exc}") from exc
+                raise
+            finally:
+                sending.copied(time.perf_counter() - began)
+        return sending.publication
+
+    def _track(self, snap: Snapshot) -> Sending:
+        """The ``Sending`` of ``snap``, with the subscribers not waited for already decided."""
+        assert self._tg is not None
+        sending = Sending(
+            snap.version, snap.seq, frozenset(self._peers), 0.0, snap.header.data_bytes
+        )
+        sending.staged = False
         for peer in self._peers.values():
             if peer.state != "live":  # not waited for: absent, dropped or closed
                 sending.decide(Delivery(peer.rank, peer.state, error=peer.error))
-        sending.check()
         self._pending.append(sending)
         self._tg.start_soon(self._watchdog, sending)
-        return sending.publication
-
-    async def _stage(self, state_dict: Any, version: int) -> Snapshot:
-        snap = await self._snaps.stage(state_dict, version, self._seq + 1)
-        self._seq += 1  # only once staged: a failed stage leaves no gap
-        return snap
+        return sending
 
     # -- per subscriber
 
@@ -241,7 +265,7 @@ class WeightPublisher:
 
     async def _serve_ready(self, peer: Peer) -> bool:
         """Send the next version the subscriber lacks; ``False`` once the publisher closes."""
-        await wait_until(lambda: self._closing or self._newer(peer) or peer.mailbox.landed(), _POLL)
+        await self._wait_news(peer)
         if peer.mailbox.landed():
             return True  # a note came first (BYE): handle it
         if self._closing:
@@ -251,6 +275,22 @@ class WeightPublisher:
         assert self._latest is not None
         await self._deliver(peer, self._latest)
         return True
+
+    async def _wait_news(self, peer: Peer) -> None:
+        """Return once there is a version ``peer`` lacks, the publisher closes, or a note of
+        ``peer`` landed: the first two wake it at once (``_news``), the note is polled."""
+        delay = _POLL.min_interval
+        while not (self._closing or self._newer(peer) or peer.mailbox.landed()):
+            news = self._news
+            with anyio.move_on_after(delay):
+                await news.wait()
+            delay = min(2 * delay, _POLL.max_interval)
+        await anyio.lowlevel.checkpoint()
+
+    def _announce(self) -> None:
+        """Wake every subscriber's task waiting for news (``_wait_news``)."""
+        self._news.set()
+        self._news = anyio.Event()
 
     def _newer(self, peer: Peer) -> bool:
         return self._latest is not None and self._latest.seq > peer.have
@@ -349,6 +389,7 @@ class WeightPublisher:
                 for sending in list(self._pending):
                     await sending.wait_finished()
                 self._closing = True
+                self._announce()
                 with anyio.move_on_after(self._timeout):
                     await wait_until(self._all_told, _POLL)
             if tg is not None:

@@ -87,6 +87,7 @@ class Sending:
         self.version, self.seq, self.peers = version, seq, peers
         self.stage_seconds, self.nbytes = stage_seconds, nbytes
         self.began = time.perf_counter()
+        self.staged = True  # ``False`` while its copy runs: the report waits for it
         self.outcomes: dict[int, Delivery] = {}
         what = f"version {version}"
         self._report = Resolver[PublishReport](what)
@@ -114,9 +115,14 @@ class Sending:
         self._each[delivery.peer].set(delivery)
         self.check()
 
+    def copied(self, stage_seconds: float) -> None:
+        """Its copy is done, in ``stage_seconds``: the report may complete."""
+        self.stage_seconds, self.staged = stage_seconds, True
+        self.check()
+
     def check(self) -> None:
-        """Complete the publication once every subscriber has an outcome."""
-        if not self.undecided() and not self.finished():
+        """Complete the publication once it is staged and every subscriber has an outcome."""
+        if self.staged and not self.undecided() and not self.finished():
             took = time.perf_counter() - self.began
             deliveries = dict(sorted(self.outcomes.items()))
             self._report.set(

@@ -29,10 +29,10 @@ import anyio.to_thread
 import torch
 
 from .._core import dist
-from .._core.buffers import copy_bytes
 from .._format.codec import Header, Source, encode_header
 from .._replication.wire import Limits, check_lengths, decode_frame_header, tensor_bytes
 from ..errors import ReplicationError
+from .fill import write_entry
 from .notes import BACKSTOP, MARK, OFFER_TAG, transfer
 
 __all__ = [
@@ -163,12 +163,8 @@ class PeerRegion:
 
 def fill_region(region: Region, header: Header, sources: list[Source]) -> None:
     """Write the frame's data region (entries at their offsets, zero padding) (worker thread)."""
-    for entry, (data, pad) in zip(header.entries, sources, strict=True):
-        end = entry.begin + data.numel()
-        if data.numel():
-            copy_bytes(data.reshape(-1), region.data[entry.begin : end])
-        if pad:
-            region.data[end : end + pad].zero_()
+    for entry, source in zip(header.entries, sources, strict=True):
+        write_entry(region.data, entry.begin, source)
 
 
 async def send_description(pg: Any, peer: int, region: Region, header: Header) -> None:

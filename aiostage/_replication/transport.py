@@ -12,7 +12,7 @@ per-pair FIFO order):
 3. ``int64[n_entries]``: the xxh3_64 of each entry (zeros when the link does not verify), hashed
    by the sender while the data is on the wire, or given by the caller: a replica sent back on
    recovery carries the digests its owner computed, so the check is end to end; a publisher
-   hashes a version once for all its subscribers while the first frame's data is on the wire.
+   hashes a version once for all its subscribers, as it copies it in.
 
 Each side waits for all its messages with one waiter thread (``dist.wait_works``), not one per
 message.
