@@ -250,6 +250,19 @@ def _same_address_other_storage_start(sd: dict[str, Any]) -> None:
     sd["tail"] = torch.frombuffer(sd["raw"], dtype=torch.float32)[4:]
 
 
+async def _warm_then_edited(stager: aiostage.DefaultStager, sd: Any, edit: Edit) -> tuple[Any, Any]:
+    """Stage ``sd`` until warm, ``edit`` it, stage it again: a correct copy, from a new plan
+    (the copy and the warm plan it replaced)."""
+    for _ in range(2):  # the second stage runs warm
+        stager.release(await stager.stage(sd))
+    kept = recipe(stager)
+    edit(sd)
+    out = await stager.stage(sd)
+    check_copy(sd, out)
+    assert recipe(stager) is not kept
+    return out, kept
+
+
 @pytest.mark.parametrize(
     "edit",
     [
@@ -282,13 +295,7 @@ async def test_a_changed_structure_is_planned_again(edit: Edit) -> None:
     tail = torch.frombuffer(raw, dtype=torch.float32, offset=16)  # its own storage object
     sd = rich() | {"sq": torch.randn(4, 4), "raw": raw, "head": head, "tail": tail}
     async with aiostage.DefaultStager(ONE) as stager:
-        for _ in range(2):  # the second stage runs warm
-            stager.release(await stager.stage(sd))
-        kept = recipe(stager)
-        edit(sd)
-        out = await stager.stage(sd)
-        check_copy(sd, out)
-        assert recipe(stager) is not kept
+        out, kept = await _warm_then_edited(stager, sd, edit)
         stager.release(out)
         bump(sd)
         again = await stager.stage(sd)  # and the new structure's plan is kept in turn
@@ -327,13 +334,7 @@ async def test_a_change_in_a_later_slice_is_planned_again(edit: Edit) -> None:
     later slice holds still makes a new plan."""
     sd = _many_squares()
     async with aiostage.DefaultStager(ONE) as stager:
-        for _ in range(2):
-            stager.release(await stager.stage(sd))
-        kept = recipe(stager)
-        edit(sd)
-        out = await stager.stage(sd)
-        check_copy(sd, out)
-        assert recipe(stager) is not kept
+        await _warm_then_edited(stager, sd, edit)
 
 
 async def test_a_copy_changed_in_a_later_slice_is_not_handed_out_again() -> None:
