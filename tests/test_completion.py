@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from aiostage._core.completion import Backoff, wait_until
@@ -70,3 +71,20 @@ async def test_cancellation_stops_polling() -> None:
 def test_backoff_bounds_are_validated(lo: float, hi: float) -> None:
     with pytest.raises(ValueError, match="poll intervals"):
         Backoff(lo, hi)
+
+
+async def test_an_announced_change_ends_the_sleep_at_once() -> None:
+    """With ``woken``, setting the event wakes the poller mid-sleep: with a minute between
+    polls, the change is seen within the test's deadline only through the event."""
+    done, event = [False], anyio.Event()
+
+    async def announce() -> None:
+        await anyio.lowlevel.checkpoint()
+        done[0] = True
+        event.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(announce)
+            polls = await wait_until(lambda: done[0], Backoff(60.0, 60.0), lambda: event)
+    assert polls >= 2

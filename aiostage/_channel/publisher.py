@@ -265,7 +265,11 @@ class WeightPublisher:
 
     async def _serve_ready(self, peer: Peer) -> bool:
         """Send the next version the subscriber lacks; ``False`` once the publisher closes."""
-        await self._wait_news(peer)
+        await wait_until(
+            lambda: self._closing or self._newer(peer) or peer.mailbox.landed(),
+            _POLL,
+            woken=lambda: self._news,  # a new version or closing wakes it at once; notes are polled
+        )
         if peer.mailbox.landed():
             return True  # a note came first (BYE): handle it
         if self._closing:
@@ -276,19 +280,8 @@ class WeightPublisher:
         await self._deliver(peer, self._latest)
         return True
 
-    async def _wait_news(self, peer: Peer) -> None:
-        """Return once there is a version ``peer`` lacks, the publisher closes, or a note of
-        ``peer`` landed: the first two wake it at once (``_news``), the note is polled."""
-        delay = _POLL.min_interval
-        while not (self._closing or self._newer(peer) or peer.mailbox.landed()):
-            news = self._news
-            with anyio.move_on_after(delay):
-                await news.wait()
-            delay = min(2 * delay, _POLL.max_interval)
-        await anyio.lowlevel.checkpoint()
-
     def _announce(self) -> None:
-        """Wake every subscriber's task waiting for news (``_wait_news``)."""
+        """Wake every subscriber's task waiting for a version to send (``_serve_ready``)."""
         self._news.set()
         self._news = anyio.Event()
 

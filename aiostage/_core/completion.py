@@ -32,8 +32,14 @@ class Backoff:
             )
 
 
-async def wait_until(done: Callable[[], bool], backoff: Backoff = Backoff()) -> int:
+async def wait_until(
+    done: Callable[[], bool],
+    backoff: Backoff = Backoff(),
+    woken: Callable[[], anyio.Event] | None = None,
+) -> int:
     """Return once ``done()`` is true, polling it from the loop; return how many polls it took.
+    ``woken()``: an event whose setting ends the current sleep at once (a poll follows), for a
+    condition some of whose changes are announced and others not.
 
     Bound it with ``anyio.fail_after``. Cancellation takes effect at the next poll; the foreign
     work itself is not stopped by it.
@@ -44,7 +50,11 @@ async def wait_until(done: Callable[[], bool], backoff: Backoff = Backoff()) -> 
         return polls
     delay = 0.0
     while True:
-        await anyio.sleep(delay)
+        if woken is None:
+            await anyio.sleep(delay)
+        else:
+            with anyio.move_on_after(delay):
+                await woken().wait()
         polls += 1
         if done():
             return polls
