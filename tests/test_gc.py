@@ -6,6 +6,8 @@ import gc
 import threading
 import weakref
 
+import pytest
+
 from aiostage._core import gc_pause
 
 
@@ -63,3 +65,37 @@ def test_dismantle_frees_big_containers_it_owns_and_leaves_shared_ones_whole() -
     assert doomed == []
     assert all(ref() is None for ref in seen)
     assert shared == list(range(5000))  # still referenced here: never mutated
+
+
+def test_a_pause_runs_out_after_max_pause(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gc_pause, "MAX_PAUSE", 0.05)
+    ran_out = threading.Event()
+    original = gc_pause._run_out
+
+    def run_out() -> None:
+        original()
+        ran_out.set()
+
+    monkeypatch.setattr(gc_pause, "_run_out", run_out)
+    with gc_pause.paused():
+        assert not gc.isenabled()
+        assert ran_out.wait(10)
+        assert gc.isenabled()  # collection is back on inside the pause
+        with gc_pause.paused():  # a nested pause does not turn it off again
+            assert gc.isenabled()
+        assert gc.isenabled()
+    assert gc.isenabled()
+    with gc_pause.paused():  # the next pause is a pause again
+        assert not gc.isenabled()
+    assert gc.isenabled()
+
+
+def test_a_pause_that_ends_in_time_cancels_its_timer() -> None:
+    with gc_pause.paused():
+        timer = gc_pause._timer
+        assert timer is not None
+        assert timer.is_alive()
+    timer.join(10)
+    assert not timer.is_alive()
+    assert gc_pause._timer is None
+    assert gc.isenabled()

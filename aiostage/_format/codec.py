@@ -41,7 +41,7 @@ from .manifest import (
 )
 
 # one record decoder for every reader and receiver; its types are part of the format too
-from .records import Entry, Record, check_elements, decode_dims, decode_record
+from .records import DIM_MAX, MAX_DIMS, Entry, Record, check_elements, decode_dims, decode_records
 
 __all__ = [
     "DATA_ALIGN",
@@ -79,8 +79,6 @@ Source = tuple[torch.Tensor, int]
 DATA_ALIGN = 4096
 
 
-#: records decoded between two hand-overs of the GIL (well under a millisecond)
-_BREATHE = 256
 #: the longest JSON header a data file or a frame may announce (the safetensors limit)
 MAX_HEADER = 100_000_000
 
@@ -230,7 +228,7 @@ class LayoutMemo:
     def tree(self, skeleton: Json) -> str:
         """The skeleton as escaped JSON text."""
         try:
-            key: object = marshal.dumps(skeleton)
+            key: object = _marshalled(skeleton)
         except ValueError:  # not plain JSON values: never reused
             key = object()
         return self._text("tree", key, lambda: (sliced.escape(sliced.dumps(skeleton))[1:-1], ""))[0]
@@ -258,7 +256,7 @@ class LayoutMemo:
         with self._lock:
             kept = self._kept.get(part, [])
             for k, (old, text) in enumerate(kept):
-                if type(old) is type(key) and old == key:
+                if _same(old, key):
                     kept.insert(0, kept.pop(k))  # the most recent first
                     return text
         text = encode()
@@ -270,6 +268,64 @@ class LayoutMemo:
                 del kept[self._size :]
             doomed.clear()  # outside the lock: thousands of records take a while to free
         return text
+
+
+#: members compared (or values marshalled) by one C call, a fraction of a millisecond
+_PIECE = 2048
+
+
+def _same(a: object, b: object) -> bool:
+    """``a == b`` for keys of the memo, of the same types too; a long tuple or list (tens of
+    thousands of records) compared a slice at a time, the GIL handed over between slices."""
+    if type(a) is not type(b):
+        return False
+    if not isinstance(a, tuple | list) or not isinstance(b, tuple | list):
+        return a == b
+    if len(a) != len(b):
+        return False
+    if len(a) <= 8:  # a small wrapper: records and the marshal of their extras
+        return all(map(_same, a, b))
+    for at in range(0, len(a), _PIECE):
+        if a[at : at + _PIECE] != b[at : at + _PIECE]:
+            return False
+        if len(a) > _PIECE:
+            gc_pause.hand_over()
+    return True
+
+
+def _marshalled(value: Json) -> list[tuple[str, object]]:
+    """``value`` as a list of ``marshal`` pieces that equal lists only for equal values of the
+    same types (``1``, ``True`` and ``1.0`` differ): a container of more than ``sliced.NODES``
+    items is marked with its kind and length and its members marshalled a run at a time, the
+    GIL handed over between runs. ``ValueError`` for what marshal cannot write."""
+    out: list[tuple[str, object]] = []
+    _marshal_into(value, out)
+    return out
+
+
+def _marshal_into(value: Json, out: list[tuple[str, object]]) -> None:
+    if sliced.weight(value) <= sliced.NODES:
+        out.append(("=", marshal.dumps(value)))
+        return
+    is_dict = type(value) is dict
+    out.append(("{" if is_dict else "[", len(value)))
+    run: list[Json] = []
+    size = 0
+    for m in value.items() if is_dict else value:
+        w = sliced.weight(m[1] if is_dict else m)
+        if run and size + w > sliced.NODES:
+            out.append(("=", marshal.dumps(run)))
+            run, size = [], 0
+            gc_pause.hand_over()
+        if w <= sliced.NODES:
+            run.append(m)
+            size += w
+            continue
+        if is_dict:
+            out.append((":", marshal.dumps(m[0])))
+        _marshal_into(m[1] if is_dict else m, out)
+    if run:
+        out.append(("=", marshal.dumps(run)))
 
 
 def _entries_text(entries: tuple[Entry, ...]) -> tuple[str, str]:
@@ -376,22 +432,12 @@ def _decode_header(body: bytes, data_len: int, *, records: bool = True) -> Heade
     m = json_object(sliced.loads(meta.pop("aiostage")), "aiostage metadata")
     if m.get("version") != FORMAT_VERSION:
         raise ValueError(f"format version {m.get('version')!r} is not {FORMAT_VERSION}")
-    names = json_list(m["entries"], "entries")
-    entries = tuple([_decode_entry(n, top.get(n), data_len) for n in names])
+    entries = _decode_entries(json_list(m["entries"], "entries"), top, data_len)
     _check_coverage(entries, data_len)
     sums = _checksums(json_list(m["xxh3"], "xxh3"), len(entries))
     if not records:
         return Header(entries, (), None, sums)
-    tensors = json_list(m["tensors"], "tensors")
-    decoded = []
-    for i in range(len(tensors)):  # a plain loop: tens of thousands of records
-        r, tensors[i] = tensors[i], None  # its JSON is freed here, one record at a time
-        try:
-            decoded.append(decode_record(r, entries))
-        except (ValueError, TypeError, KeyError) as exc:
-            raise ValueError(f"tensor record {i}: {exc}") from exc
-        if not i % _BREATHE:
-            gc_pause.hand_over()
+    decoded = decode_records(json_list(m["tensors"], "tensors"), entries, gc_pause.hand_over)
     world = json_int(m["world_size"], 1, 1 << 24, "world_size")
     rank = json_int(m["rank"], 0, world - 1, "rank")
     return Header(entries, tuple(decoded), m["tree"], sums, rank, world)
@@ -401,6 +447,43 @@ def _checksums(sums: list[Json], n: int) -> tuple[int, ...]:
     if len(sums) != n or not all(type(c) is str and len(c) == 16 for c in sums):
         raise ValueError("there must be one 16-digit xxh3 per entry")
     return tuple([int(c, 16) for c in sums])
+
+
+def _decode_entries(names: list[Json], top: dict[str, Json], data_len: int) -> tuple[Entry, ...]:
+    """The entries ``names`` lists, from their safetensors JSON in ``top``: one with elements
+    checked inline (no call per entry; the checks of ``_decode_entry``, which takes the rest
+    and raises for what is wrong)."""
+    out = []
+    for name in names:
+        info = top.get(name) if type(name) is str else None
+        if type(info) is dict:
+            dtype: Json = info.get("dtype")
+            shape, offsets = info.get("shape"), info.get("data_offsets")
+            size = ST_ITEMSIZE.get(dtype) if type(dtype) is str else None
+            if (
+                size
+                and type(shape) is list
+                and len(shape) <= MAX_DIMS
+                and type(offsets) is list
+                and len(offsets) == 2
+            ):
+                begin, end = offsets
+                if type(begin) is int and type(end) is int and 0 <= begin <= end <= data_len:
+                    count = 1
+                    for n in shape:
+                        if type(n) is not int or not 0 < n <= DIM_MAX:
+                            break  # a zero size is _decode_entry's to check
+                        count *= n
+                    else:
+                        if end - begin == count * size:
+                            out.append(Entry(name, dtype, tuple(shape), begin, end))
+                            if not len(out) % 256:
+                                gc_pause.hand_over()
+                            continue
+        out.append(_decode_entry(name, info, data_len))
+        if not len(out) % 256:
+            gc_pause.hand_over()
+    return tuple(out)
 
 
 def _decode_entry(name: Json, info: Json, data_len: int) -> Entry:

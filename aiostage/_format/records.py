@@ -11,6 +11,7 @@ decoded JSON; errors are ``ValueError`` naming what is wrong (the callers add th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -28,6 +29,7 @@ __all__ = [
     "check_elements",
     "decode_dims",
     "decode_record",
+    "decode_records",
 ]
 
 #: the largest size, stride or offset a header may give (any more cannot address real memory)
@@ -138,6 +140,69 @@ def decode_record(r: Json, entries: tuple[Entry, ...]) -> Record:
     if spec is not None:
         _check_dtensor(spec, shape)
     return Record(entry, offset, shape, stride, dtype, wrap, grad, attrs, spec)
+
+
+def decode_records(
+    tensors: list[Json], entries: tuple[Entry, ...], breathe: Callable[[], None]
+) -> list[Record]:
+    """``decode_record`` of each of ``tensors``, whose JSON is dropped as it is decoded (no
+    single call then frees thousands of objects); ``breathe()`` every ``_BREATHE`` records.
+
+    A plain record (the five keys ``save`` writes for a tensor with elements, nothing else) is
+    checked inline, with no call per record: the checks ``decode_record`` makes, accepting no
+    record it refuses and building the same ``Record``. Anything else goes to
+    ``decode_record``. Raises ``ValueError`` naming the index of the record refused.
+    """
+    sizes = [e.end - e.begin for e in entries]
+    begins = [e.begin for e in entries]
+    top = len(entries) - 1
+    out: list[Record] = []
+    for i in range(len(tensors)):
+        r, tensors[i] = tensors[i], None
+        found = None
+        if type(r) is dict and len(r) == 5:
+            name, entry, offset = r.get("dtype"), r.get("entry"), r.get("offset")
+            shape, stride = r.get("shape"), r.get("stride")
+            dtype = _DTYPES.get(name) if type(name) is str else None
+            if (
+                dtype is not None
+                and type(entry) is int
+                and 0 <= entry <= top
+                and type(offset) is int
+                and 0 <= offset <= DIM_MAX
+                and type(shape) is list
+                and type(stride) is list
+                and len(shape) == len(stride) <= MAX_DIMS
+            ):
+                last, count = offset, 1
+                for n, st in zip(shape, stride, strict=True):
+                    if type(n) is not int or type(st) is not int:
+                        break
+                    if not (0 < n <= DIM_MAX and 0 <= st <= DIM_MAX):
+                        break  # a zero size (no bytes) is decode_record's to check
+                    last += (n - 1) * st
+                    count *= n
+                else:
+                    size = dtype.itemsize
+                    if (
+                        count <= MAX_ELEMENTS
+                        and (last + 1) * size <= sizes[entry]
+                        and not begins[entry] % size
+                    ):
+                        found = Record(entry, offset, tuple(shape), tuple(stride), dtype)
+        if found is None:
+            try:
+                found = decode_record(r, entries)
+            except (ValueError, TypeError, KeyError) as exc:
+                raise ValueError(f"tensor record {i}: {exc}") from exc
+        out.append(found)
+        if not i % _BREATHE:
+            breathe()
+    return out
+
+
+#: records decoded between two hand-overs of the GIL (well under a millisecond)
+_BREATHE = 256
 
 
 def check_attrs(attrs: Json) -> dict[str, object]:

@@ -3,9 +3,10 @@
 ``json.loads`` and ``json.dumps`` of a header listing tens of thousands of tensors are single C
 calls of tens of milliseconds, during which no other thread (an event loop) runs. ``loads``
 parses at most about ``SLICE`` characters per C call: a container too large for one call has its
-members parsed a run at a time (a run ends at a guessed separator, and a wrong guess never
-parses), a long string is unescaped piece by piece; ``dumps`` writes a large container member by
-member. Each call is followed by a hand-over of the GIL. Results equal ``json``'s own.
+members parsed one by one until two in a row are small, then a run at a time (a run ends at a
+guessed separator, and a wrong guess never parses); a long string is unescaped piece by piece.
+``dumps`` writes a large container member by member. The GIL is handed over after each slice's
+worth of work. Results equal ``json``'s own.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 from .._core import gc_pause
 
-__all__ = ["SLICE", "compact", "dumps", "escape", "loads"]
+__all__ = ["NODES", "SLICE", "compact", "dumps", "escape", "loads", "weight"]
 
 Json = Any
 #: characters parsed (or written) by one C call, about a quarter of a millisecond of work
@@ -41,7 +42,7 @@ def loads(text: str | bytes) -> Json:
     Raises ``json.JSONDecodeError`` (a ``ValueError``) for text that is not one JSON value.
     """
     if not isinstance(text, str):
-        text = text.decode(json.detect_encoding(text), "surrogatepass")
+        text = _decoded(text)
     p = _Parser(text)
     at = p.ws(0)
     value, end = p.value(at)
@@ -51,11 +52,26 @@ def loads(text: str | bytes) -> Json:
     return value
 
 
+def _decoded(raw: bytes) -> str:
+    """``raw`` as ``json.loads`` decodes it: ASCII text (what aiostage writes) a slice at a
+    time, anything else in one call."""
+    encoding = json.detect_encoding(raw)
+    piece = 8 * SLICE
+    if len(raw) <= piece or encoding != "utf-8" or not raw.isascii():
+        return raw.decode(encoding, "surrogatepass")
+    parts = []
+    for at in range(0, len(raw), piece):
+        parts.append(raw[at : at + piece].decode("ascii"))
+        gc_pause.hand_over()
+    return "".join(parts)
+
+
 class _Parser:
     """One ``loads``: the text, and a parse position handed around."""
 
     def __init__(self, text: str) -> None:
         self.text = text
+        self.pending = 0  # characters parsed since the GIL was last handed over
 
     def ws(self, at: int) -> int:
         """The position of the first non-whitespace character from ``at``."""
@@ -69,21 +85,24 @@ class _Parser:
         if c == '"':
             return self.string(at + 1)
         if c == "{" or c == "[":
-            window = text[at : at + SLICE]
-            try:
-                value, end = _scan(window, 0)
-            except (StopIteration, ValueError):
-                pass
-            else:  # it fits in one call
-                gc_pause.hand_over()
-                return value, at + end
-            gc_pause.hand_over()
+            for size in (SLICE >> 3, SLICE):  # a small window first: most members are small
+                found = _window(text, at, size)
+                self.parsed(size if found is None else found[1])
+                if found is not None:  # it fits in one call
+                    return found[0], at + found[1]
             return self.members(at, c == "{")
         try:
             value, end = _scan(text, at)  # a number or a literal: short
         except StopIteration as exc:
             raise json.JSONDecodeError("Expecting value", text, exc.value) from None
         return value, end
+
+    def parsed(self, n: int) -> None:
+        """Count ``n`` characters parsed; hand the GIL over once a slice's worth has been."""
+        self.pending += n
+        if self.pending >= SLICE:
+            self.pending = 0
+            gc_pause.hand_over()
 
     def string(self, at: int) -> tuple[str, int]:
         """The string whose characters start at ``at`` (after its quote). A long one is
@@ -107,17 +126,19 @@ class _Parser:
             at = cut
 
     def members(self, at: int, is_dict: bool) -> tuple[Json, int]:
-        """The object or array opening at ``at``, parsed a run of members at a time."""
+        """The object or array opening at ``at``, parsed a run of members at a time once two
+        members in a row were small (a run of guessed length cannot hold a larger one)."""
         text = self.text
         out: Any = {} if is_dict else []
         closing = "}" if is_dict else "]"
         s = self.ws(at + 1)
         if text[s : s + 1] == closing:
             return out, s + 1
+        small = 0  # members in a row shorter than a small window
         while True:
             if text[s : s + 1] == closing:  # after a comma
                 raise json.JSONDecodeError("Illegal trailing comma", text, s)
-            run = self._run(s, is_dict)
+            run = self._run(s, is_dict) if small >= 2 else None
             if run is not None:
                 part, s, ended = run
                 if is_dict:
@@ -127,7 +148,9 @@ class _Parser:
                 if ended:
                     return out, s
                 continue
+            begin, small = s, small if small < 2 else 0  # a failed run: member by member
             s = self._member(s, out, is_dict)
+            small = small + 1 if s - begin < SLICE >> 3 else 0
             c = text[s : s + 1]
             if c == closing:
                 return out, s + 1
@@ -152,7 +175,7 @@ class _Parser:
                 part, end = _scan(candidate, 0)
             except (StopIteration, ValueError):
                 part, end = None, -1
-            gc_pause.hand_over()
+            self.parsed(len(candidate))
             if 0 <= end < len(candidate):  # the container closed inside the text
                 return part, s + end - 1, True
             if end == len(candidate):  # the guessed cut holds if a member boundary follows
@@ -183,6 +206,14 @@ class _Parser:
         value, end = self.value(self.ws(end + 1))
         out[key] = value
         return self.ws(end)
+
+
+def _window(text: str, at: int, size: int) -> tuple[Json, int] | None:
+    """The container opening at ``at`` if it closes within ``size`` characters: (value, length)."""
+    try:
+        return _scan(text[at : at + size], 0)
+    except (StopIteration, ValueError):
+        return None
 
 
 #: the escape of the second half of a surrogate pair, which must not start a piece
@@ -225,7 +256,7 @@ def escape(text: str) -> str:
 
 def dumps(obj: Json) -> str:
     """``json.dumps(obj, separators=(",", ":"), allow_nan=False)``; a container of more than
-    ``_NODES`` items (counted through its nested containers) is written a run of members at a
+    ``NODES`` items (counted through its nested containers) is written a run of members at a
     time, each run in one C call."""
     parts: list[str] = []
     _write(obj, parts)
@@ -233,11 +264,11 @@ def dumps(obj: Json) -> str:
 
 
 #: items (of containers, however nested) one C call writes at most, about 0.3 ms of work
-_NODES = 2048
+NODES = 2048
 
 
 def _write(obj: Json, parts: list[str]) -> None:
-    if _weight(obj) <= _NODES:
+    if weight(obj) <= NODES:
         parts.append(compact(obj))
         return
     is_dict = type(obj) is dict
@@ -246,11 +277,11 @@ def _write(obj: Json, parts: list[str]) -> None:
     run: list[Any] = []
     size, first = 0, True
     for m in members:
-        w = _weight(m[1] if is_dict else m)
-        if run and (w > _NODES or size + w > _NODES):
+        w = weight(m[1] if is_dict else m)
+        if run and (w > NODES or size + w > NODES):
             first = _flush(run, is_dict, parts, first)
             run, size = [], 0
-        if w <= _NODES:
+        if w <= NODES:
             run.append(m)
             size += w
             continue
@@ -274,13 +305,13 @@ def _flush(run: list[Any], is_dict: bool, parts: list[str], first: bool) -> bool
     return False
 
 
-def _weight(obj: Json) -> int:
-    """Items in ``obj`` and the containers in it, counted until past ``_NODES`` (a scalar: 1)."""
+def weight(obj: Json) -> int:
+    """Items in ``obj`` and the containers in it, counted until past ``NODES`` (a scalar: 1)."""
     kind = type(obj)
     if kind is not list and kind is not dict:
         return 1
     stack, n = [obj], 1
-    while stack and n <= _NODES:
+    while stack and n <= NODES:
         x = stack.pop()
         kids = x.values() if type(x) is dict else x
         n += len(kids)

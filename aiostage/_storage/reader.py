@@ -112,7 +112,9 @@ async def load(
         storage, target, manifest, rank if rank < manifest.world_size else 0, rank, after
     )
     file, info = where.file(where.home)
-    with contextlib.ExitStack() as whole:
+    # no automatic collection until the per-tensor objects (header, key paths, leaves) are
+    # freed: only the loaded state dict is left for the young collection that follows
+    with gc_pause.paused(), contextlib.ExitStack() as whole:
         # the home file is read whole, unless resharding (known for sure only from its header:
         # then ``_load_into`` drops the download before reading other files)
         if (into is None or manifest.world_size == world) and isinstance(storage, ReadsWhole):
@@ -251,8 +253,48 @@ async def _map_data(
         raise PersistenceError(f"cannot map {file}: {exc}", path=file) from exc
     if only is not None and not verify:
         return data, []
-    bad = await mismatched_entries(data, header, only)
+    bad = await _mismatched(data, header, only)
     return data, bad if verify else []
+
+
+#: bytes below which the entries are paged in and hashed by one thread, not two
+_SPLIT = 64 << 20
+
+
+async def _mismatched(data: memoryview, header: Header, only: Collection[int] | None) -> list[int]:
+    """``mismatched_entries``, the entries cut in two runs of about equal bytes hashed at once:
+    two threads page in (and hash) where one would leave the disk or a core idle."""
+    halves = await anyio.to_thread.run_sync(_halves, header, only)
+    if len(halves) == 1:
+        return await mismatched_entries(data, header, halves[0])
+    found: list[list[int]] = [[], []]
+
+    async def check(k: int) -> None:
+        found[k] = await mismatched_entries(data, header, halves[k])
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(check, 0)
+        tg.start_soon(check, 1)
+    return found[0] + found[1]  # each in file order, the first half before the second
+
+
+def _halves(header: Header, only: Collection[int] | None) -> list[Collection[int] | None]:
+    """The entries (of ``only``, or all) in file order, cut where half their bytes lie before
+    (worker thread); one run when they are few bytes."""
+    entries = header.entries
+    with gc_pause.paused():
+        order = sorted(
+            range(len(entries)) if only is None else only, key=lambda i: entries[i].begin
+        )
+        total = sum(entries[i].end - entries[i].begin for i in order)
+        if total < _SPLIT or len(order) < 2:
+            return [only]
+        at, half = 0, total // 2
+        for k, i in enumerate(order):
+            at += entries[i].end - entries[i].begin
+            if at >= half:
+                return [order[: k + 1], order[k + 1 :]] if k + 1 < len(order) else [only]
+    return [only]
 
 
 async def _verified_data(
@@ -309,8 +351,9 @@ def _mapped_tensors(data: memoryview, header: Header) -> list[torch.Tensor]:
     """The records as CPU tensors over the mapped ``data``, no copy (worker thread).
 
     Each entry is its own storage, so tensors alias exactly as they did when saved. An entry
-    that one record uses (most of them) becomes that tensor in two calls; the storage of an
-    entry that several records share is made once and viewed by each.
+    that one record uses (most of them) becomes that tensor in two calls and one Python object
+    (the collection after a load walks each); the storage of an entry that several records
+    share is made once and viewed by each.
     """
     entries, records = header.entries, header.records
     users = Counter(r.entry for r in records)
@@ -324,15 +367,21 @@ def _mapped_tensors(data: memoryview, header: Header) -> list[torch.Tensor]:
                 shared[r.entry] = flat.untyped_storage()
             view = View(0, r.offset, r.shape, r.stride, r.dtype)
             out.append(view_tensor(view, [shared[r.entry]]))
-        elif r.numel:
+        elif r.numel:  # one Tensor object, over ``data`` itself (no memoryview per tensor)
             e, size = entries[r.entry], r.dtype.itemsize
-            whole = torch.frombuffer(
-                data[e.begin : e.end - (e.end - e.begin) % size], dtype=r.dtype
+            t = torch.frombuffer(
+                data, dtype=r.dtype, count=(e.end - e.begin) // size, offset=e.begin
             )
-            out.append(whole.as_strided(r.shape, r.stride, r.offset))
+            out.append(t.as_strided_(r.shape, r.stride, r.offset))
         else:
             out.append(torch.empty_strided(r.shape, r.stride, dtype=r.dtype))
+        if not len(out) % _BREATHE:
+            gc_pause.hand_over()
     return out
+
+
+#: tensors built between two hand-overs of the GIL (well under a millisecond)
+_BREATHE = 256
 
 
 def _build(data: memoryview, parts: list[Any], file: Path, device: torch.device) -> Any:
@@ -341,7 +390,11 @@ def _build(data: memoryview, parts: list[Any], file: Path, device: torch.device)
     header, root, paths = parts
     parts.clear()
     with gc_pause.paused():
-        leaves = [_leaf(p, r) for p, r in zip(paths, header.records, strict=True)]
+        leaves = []
+        for p, r in zip(paths, header.records, strict=True):
+            leaves.append(_leaf(p, r))
+            if not len(leaves) % _BREATHE:
+                gc_pause.hand_over()
         tensors = _tensors(data, header, device)
         out = unflatten(Tree(root, tuple(leaves)), tensors, copy_values=False)
         doomed = [*_parts(header), paths, leaves, tensors]

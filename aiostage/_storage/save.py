@@ -18,7 +18,7 @@ from datetime import timedelta
 from pathlib import Path, PurePath
 from typing import Any
 
-from .._core import dist
+from .._core import dist, gc_pause
 from .._core.timeouts import DEFAULT_TIMEOUT, seconds
 from .._format.codec import (
     MANIFEST,
@@ -101,9 +101,13 @@ async def save(
     meta = check_metadata(metadata)
     request = _Request(DurableWriter(storage, write_options), target, overwrite, meta, stager)
     state_dict = await as_state_dict(state_dict)
-    if pg is None:
-        return await _save_alone(request, state_dict)
-    return await _save_together(request, state_dict, pg, limit)
+    # no automatic collection from the walk until the per-tensor objects are freed: they are
+    # born and die in the young generation, never walked (a collection while they live holds
+    # the GIL for tens of ms at thousands of tensors, and promotes them towards full ones)
+    with gc_pause.paused():
+        if pg is None:
+            return await _save_alone(request, state_dict)
+        return await _save_together(request, state_dict, pg, limit)
 
 
 @dataclass(frozen=True, slots=True)
