@@ -14,7 +14,9 @@ stage) is retired: kept, never reused nor freed, until its copies are done.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
+import os
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -205,6 +207,39 @@ def copy_chunks(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], chunk: int) 
                 since_check = 0
             b = min(a + chunk, n)
             copy_bytes(src[a:b], dst[a:b])
+            since_check += b - a
+
+
+#: spans of at least this many bytes are copied by ``move_chunks`` where ``one_thread()``: torch
+#: splits a copy of 32768 elements or more (64 KiB of a 2-byte dtype) over its intra-op threads
+ONE_THREAD_BYTES = 64 * 1024
+
+
+def one_thread() -> bool:
+    """Whether host copies run in the calling thread alone (``move_chunks``): torch's parallel
+    copies would take every CPU this process may run on, and an event loop woken meanwhile then
+    waits milliseconds for the scheduler (2-4 ms on 2 cores). A memory-bound copy is about as
+    fast in one thread there. ``torch.set_num_threads`` is no way to do it per call: it also
+    sets process-wide state (the default for new threads, a shared pool, oneDNN's cache)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return torch.get_num_threads() >= cpus
+
+
+def move_chunks(moves: Sequence[tuple[int, int, int]], chunk: int) -> None:
+    """Copy each (destination address, source address, bytes) of CPU memory in this thread with
+    the GIL released (``ctypes.memmove``), checking for cancellation per ``chunk`` bytes; the
+    caller keeps both memories alive."""
+    since_check = 0
+    for dst, src, n in moves:
+        for a in range(0, n, chunk):
+            if since_check >= chunk:
+                anyio.from_thread.check_cancelled()
+                since_check = 0
+            b = min(a + chunk, n)
+            ctypes.memmove(dst + a, src + a, b - a)
             since_check += b - a
 
 

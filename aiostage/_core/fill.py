@@ -6,8 +6,9 @@ the plan depends on (types, object identities, ``requires_grad``, storage addres
 shapes, strides, dtypes, devices). A later state dict is walked along the skeleton and stamped by
 C-level maps; an equal stamp reuses the recipe. Buffers keep the staged tensors built over them,
 so refilling them is a few ``torch._foreach_copy_`` calls (one per chunk of small tensors) and a
-rebuild of the containers, not Python per tensor. All of it runs in worker threads: the loop
-only hands small objects along.
+rebuild of the containers, not Python per tensor. Where torch's copy threads would fill every
+CPU, large spans are copied in the worker thread alone (``buffers.move_chunks``), leaving the
+event loop a CPU. All of it runs in worker threads: the loop only hands small objects along.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from . import cuda, gc_pause
 from .breath import breathe, rested
-from .buffers import Buffers, copy_chunks, source_bytes
+from .buffers import ONE_THREAD_BYTES, Buffers, copy_chunks, move_chunks, one_thread, source_bytes
 from .skeleton import Skeleton, rebuild, regather, skeleton
 from .storages import (
     SLICE,
@@ -67,7 +68,8 @@ class Recipe:
     ``skeleton`` is ``None`` where the structure is planned again on every stage (a
     ShardedTensor, or tensors with Python attributes). ``batches`` pick the leaves whose host
     tensors are copied together; ``bytewise`` lists the (span, leaf holding it) copied as bytes:
-    aliased, strided, larger than a chunk, or on a device.
+    aliased, strided, larger than a chunk, on a device, or (where host copies run in one thread,
+    ``buffers.one_thread``) large enough for torch to split its copy over threads.
     """
 
     leaves: tuple[TensorLeaf, ...]  # without their data: the wrapper each staged tensor gets
@@ -232,10 +234,11 @@ def _program(
     batches: list[list[int]] = [[]]
     bytewise: list[tuple[int, int]] = []
     size = 0
+    most = ONE_THREAD_BYTES - 1 if one_thread() else chunk  # larger: copied as bytes
     for k, span in enumerate(plan.spans):
         if not k % _STEP:
             breathe()
-        if not (exact[k] and span.device.type == "cpu" and span.nbytes <= chunk):
+        if not (exact[k] and span.device.type == "cpu" and span.nbytes <= most):
             bytewise.append((k, owner[k]))
             continue
         if size + span.nbytes > chunk or len(batches[-1]) >= _BATCH:
@@ -370,10 +373,16 @@ class Fill:
     ) -> None:
         """Queue the CUDA copies, copy the batches, then the spans copied as bytes."""
         host: list[tuple[torch.Tensor, torch.Tensor]] = []
+        moves: list[tuple[int, int, int]] = []  # (to, from, bytes): CPU bytes, one thread
         by_device: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        single = one_thread()
         for k, j in recipe.bytewise:
-            span = recipe.spans[k]
-            pair = (source_bytes(datas[j].untyped_storage(), span), self.buffers.flats[k])
+            span, flat = recipe.spans[k], self.buffers.flats[k]
+            source = datas[j].untyped_storage()
+            if single and span.device.type == "cpu":
+                moves.append((flat.data_ptr(), source.data_ptr() + span.start, span.nbytes))
+                continue
+            pair = (source_bytes(source, span), flat)
             if self.cuda is not None and span.device.type == "cuda":
                 by_device.setdefault(span.device, []).append(pair)
             else:
@@ -387,6 +396,7 @@ class Fill:
                 anyio.from_thread.check_cancelled()
                 torch._foreach_copy_(dst, _listed(pick(datas), n))
         copy_chunks(host, self.chunk)
+        move_chunks(moves, self.chunk)
 
 
 def prime(recipe: Recipe, buffers: Buffers) -> None:
