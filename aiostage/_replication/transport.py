@@ -211,8 +211,15 @@ def _post_sums(link: Link, peer: int, posted: _Posted) -> int:
     sums = torch.tensor([as_int64(s) for s in digests], dtype=torch.int64)
     posted.msgs.append(sums.to(link.device))
     posted.works.append(dist.post_send(posted.msgs[-1], peer, link.pg, link.tag))
-    dist.wait_works(posted.works, link.backstop)
+    dist.wait_works(_last_first(posted.works), link.backstop)
     return posted.nbytes
+
+
+def _last_first(works: list[Any]) -> list[Any]:
+    """``works`` with the last one first: a pair's messages complete in order, so once it is
+    done the others are, and the waiter sleeps once, not once per message (each wake-up of a
+    thread that then takes the GIL back costs CPU an exchange is short of)."""
+    return works[-1:] + works[:-1]
 
 
 def encoded(link: Link, header: Header) -> bytes:
@@ -307,15 +314,18 @@ async def _land(
 
 
 async def _recv_header(link: Link, peer: int, limits: Limits) -> Header | None:
-    head = await _recv_one(link, peer, torch.zeros(5, dtype=torch.int64))
-    magic, version, header_len, data_len, n_entries = (int(v) for v in head.tolist())
-    if (magic, version, header_len, data_len, n_entries) == (MAGIC, WIRE_VERSION, 0, 0, 0):
+    try:
+        got = await anyio.to_thread.run_sync(
+            cuda.bound(link.device, _head_and_header), link, peer, limits,
+            abandon_on_cancel=True,
+        )  # fmt: skip
+    except RuntimeError as exc:
+        raise ReplicationError(f"receiving failed: {exc}", peer=peer, phase="header") from exc
+    if isinstance(got, str):
+        raise ReplicationError(got, peer=peer, phase="header")
+    if got is None:
         return None
-    problem = check_head(magic, version, header_len, data_len, n_entries, limits)
-    if problem:
-        raise ReplicationError(problem, peer=peer, phase="header")
-    raw = await _recv_one(link, peer, torch.empty(header_len, dtype=torch.uint8))
-    body = raw.numpy().tobytes()
+    body, data_len, n_entries = got
     known = link.known.get(peer)
     if known is not None and known[:2] == (body, data_len):
         return known[2]
@@ -333,6 +343,9 @@ def _receive(
     on the CPU (worker thread, on ``link.device``)."""
     works = [dist.post_recv(t, peer, link.pg, link.tag) for t in targets]
     works.append(dist.post_recv(sums, peer, link.pg, link.tag))
+    if landing.on_cpu and landing.hasher is None:  # nothing to do as each message lands
+        dist.wait_works(_last_first(works), link.backstop)
+        return sums
 
     def landed(i: int) -> None:
         if i < len(targets):
@@ -342,15 +355,20 @@ def _receive(
     return sums.cpu()
 
 
-async def _recv_one(link: Link, peer: int, t: torch.Tensor) -> torch.Tensor:
-    """Receive one message into (a copy on ``link.device`` of) ``t``; it on the CPU."""
-    try:
-        return await anyio.to_thread.run_sync(
-            cuda.bound(link.device, _exchange_one), link, peer, t, False,
-            abandon_on_cancel=True,
-        )  # fmt: skip
-    except RuntimeError as exc:
-        raise ReplicationError(f"receiving failed: {exc}", peer=peer, phase="header") from exc
+def _head_and_header(link: Link, peer: int, limits: Limits) -> tuple[bytes, int, int] | str | None:
+    """A frame's first message and, if it is sound and within ``limits``, its header bytes,
+    received in one worker-thread call (no trip through the loop between them; the peer's data
+    waits for this rank's receives): ``(header bytes, data length, entries)``, what is wrong
+    with the first message, or ``None`` for ``send_nothing`` (worker thread)."""
+    head = _exchange_one(link, peer, torch.zeros(5, dtype=torch.int64), False)
+    magic, version, header_len, data_len, n_entries = (int(v) for v in head.tolist())
+    if (magic, version, header_len, data_len, n_entries) == (MAGIC, WIRE_VERSION, 0, 0, 0):
+        return None
+    problem = check_head(magic, version, header_len, data_len, n_entries, limits)
+    if problem:
+        return problem
+    raw = _exchange_one(link, peer, torch.empty(header_len, dtype=torch.uint8), False)
+    return raw.numpy().tobytes(), data_len, n_entries
 
 
 @dataclass(slots=True)

@@ -66,8 +66,9 @@ def test_without_storage_and_4096_tiny_tensors() -> None:
     error = rank1["mixed_error"]
     _assert_raised("rank 1", error, "ReplicationError", phase="verify")
     assert "verify=False" in error["message"], error
-    # The target (the anchor needs ~5 s): the best of three rounds, worst rank.
-    assert max(r["seconds"] for r in results) < 0.5, results
+    # 4096 tensors travel packed in a few messages, not one message (and one wait) each
+    for rank, r in enumerate(results):
+        assert max(r["sends"]) <= 8, f"rank {rank}: messages sent per round {r['sends']}"
 
 
 @pytest.mark.timeout(90)
