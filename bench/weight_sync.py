@@ -3,20 +3,24 @@
 Run: ``.venv/bin/python bench/weight_sync.py [--gib 1] [--reps 3] [--runs K] [--no-verify] [--shared-memory] [--copy] [--stalls]``. Three gloo
 ranks on loopback; rank 0 publishes, ranks 1 and 2 answer a request (a few matmuls that read the
 weights) every ``--interval-ms`` the whole time. Contenders, in rounds: raw ``dist.broadcast``
-of one flat tensor of the same bytes; ``WeightPublisher.publish`` (staging + both sends; and
-until both subscribers installed it); ``torch.save`` to a file + ``torch.load`` and copy into the
+of one flat tensor of the same bytes; a raw copy of the state dict into that (warm) flat tensor,
+then its raw broadcast (what a publish that copies cannot avoid); ``WeightPublisher.publish``
+(staging + both sends; and until both subscribers installed it); ``torch.save`` to a file + ``torch.load`` and copy into the
 target on both subscribers. Then an idle period. The first two rounds are dropped (page faults of
 fresh buffers). Times are medians over rounds; request latencies include queueing. Requests
 read the weights inside ``sub.reading()``; install is double-buffered (the default) or by copy
 (``--copy``). ``--runs K`` repeats the whole measurement and prints, per run, publish beside the
 raw broadcast and the serving p99 ratio beside the raw broadcast's, with the median and worst
-of each ratio. ``--stalls`` samples the publisher's loop thread during each publish, and each subscriber's
+of each ratio (also against the raw copy + raw broadcast). Each rank counts its CPU seconds
+(every thread) between the barriers that bound each phase: on a CPU-bound host a phase cannot end
+sooner than its CPU over the cores. ``--stalls`` samples the publisher's loop thread during each publish, and each subscriber's
 during each update, while its heartbeat is more than 2 ms overdue (``LoopLag(stalls=...)``).
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -83,46 +87,99 @@ def _took(out: dict[str, list[float]], name: str, began: float) -> None:
     out.setdefault(name, []).append(time.perf_counter() - began)
 
 
+#: the phases whose CPU seconds every rank counts (between the same barriers)
+CPU_PHASES = ("raw broadcast", "raw copy + raw broadcast", "aiostage publish + install")
+
+
+def _cpu() -> float:
+    """This process's CPU seconds so far (every thread, gloo's included)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+async def _mark(cpu: list[float]) -> None:
+    """A barrier, then this rank's CPU seconds at it (phase boundaries every rank shares)."""
+    await anyio.to_thread.run_sync(barrier)
+    cpu.append(_cpu())
+
+
+def _phase_cpu(marks: list[float], into: dict[str, list[float]]) -> None:
+    """One round's marks (four barriers) as the CPU seconds of each of ``CPU_PHASES``."""
+    for name, a, b in zip(CPU_PHASES, marks, marks[1:], strict=False):
+        into.setdefault(name, []).append(b - a)
+
+
 async def _publisher(sd: dict[str, Any], args: argparse.Namespace, tmp: str) -> dict[str, Any]:
     n = shapes.unique_bytes(sd)
     flat = torch.ones(n // 4)
+    into = _into_flat(sd, flat)
     await anyio.to_thread.run_sync(lambda: dist.broadcast(torch.tensor([n]), 0))
     out: dict[str, list[float]] = {}
     async with aiostage.WeightPublisher(
         subscribers=[1, 2], timeout=600, verify=args.verify, shared_memory=args.shared_memory
     ) as pub:
         await pub.wait_for_subscribers()  # none is "absent" from the first report
-        stalls = []
+        stalls, cpu = [], {}
         for version in range(1, args.reps + WARMUP + 1):
+            marks: list[float] = []
             async with Heartbeat(stalls=0.002 if args.stalls else None) as lag:
-                await _publisher_round(pub, sd, flat, version, Path(tmp) / "handoff.pt", out)
+                await _publisher_round(
+                    pub, sd, flat, into, version, Path(tmp) / "handoff.pt", out, marks
+                )
             stalls.append(stalls_seen(lag.stalls))
+            if version > WARMUP:
+                _phase_cpu(marks, cpu)
         await anyio.to_thread.run_sync(barrier)  # idle period
         await anyio.to_thread.run_sync(barrier)
     times = {k: v[WARMUP:] for k, v in out.items()}
     flags = {"shared": args.shared_memory, "swap": not args.copy, "verify": args.verify}
-    return {"times": times, "bytes": n, "stalls": stalls[WARMUP:] if args.stalls else [], **flags}
+    stalled = stalls[WARMUP:] if args.stalls else []
+    return {"times": times, "bytes": n, "stalls": stalled, "cpu": cpu, **flags}
+
+
+def _into_flat(sd: dict[str, Any], flat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(source, destination)`` byte views: each unique storage of ``sd`` to its slice of
+    ``flat`` (the raw copy a copying publish cannot avoid, before the raw broadcast)."""
+    pairs, at, out = [], 0, flat.view(torch.uint8)
+    for s in shapes.unique_storages(sd):
+        src = torch.empty(0, dtype=torch.uint8).set_(s)
+        pairs.append((src, out[at : at + s.nbytes()]))
+        at += s.nbytes()
+    return pairs
+
+
+def _raw_copy(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for src, dst in pairs:
+        dst.copy_(src)
 
 
 async def _publisher_round(
     pub: aiostage.WeightPublisher,
     sd: dict[str, Any],
     flat: torch.Tensor,
+    into: list[tuple[torch.Tensor, torch.Tensor]],
     version: int,
     path: Path,
     out: dict[str, list[float]],
+    cpu: list[float],
 ) -> None:
-    await anyio.to_thread.run_sync(barrier)
+    await _mark(cpu)
     began = time.perf_counter()
     await anyio.to_thread.run_sync(lambda: dist.broadcast(flat, 0))
     _took(out, "raw dist.broadcast (one flat tensor)", began)
-    await anyio.to_thread.run_sync(barrier)
+    await _mark(cpu)
+    began = time.perf_counter()
+    await anyio.to_thread.run_sync(_raw_copy, into)
+    _took(out, "raw copy only (into a warm flat buffer)", began)
+    await anyio.to_thread.run_sync(lambda: dist.broadcast(flat, 0))
+    _took(out, "raw copy + raw dist.broadcast of it", began)
+    await _mark(cpu)
     began = time.perf_counter()
     report = await pub.publish(sd, version)
     _took(out, "aiostage publish (stage + send to both)", began)
     assert report.delivered == [1, 2], report
     out.setdefault("aiostage stage only", []).append(report.stage_seconds)
-    await anyio.to_thread.run_sync(barrier)  # both installed it
+    await _mark(cpu)  # both installed it
     _took(out, "aiostage publish + install on both", began)
     await anyio.to_thread.run_sync(barrier)
     began = time.perf_counter()
@@ -148,19 +205,24 @@ async def _subscriber(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
         publisher=0, target=target, timeout=600, verify=args.verify, swap=not args.copy
     ) as sub:
         serving = Serving(sub, weights, args.interval_ms / 1e3)
-        stalls = []
+        stalls, cpu = [], {}
         async with anyio.create_task_group() as tg:
             tg.start_soon(serving.run)
             for version in range(1, args.reps + WARMUP + 1):
-                seen = await _round(serving, version, flat, target, Path(tmp) / "handoff.pt", args)
+                marks: list[float] = []
+                seen = await _round(
+                    serving, version, flat, target, Path(tmp) / "handoff.pt", args, marks
+                )
                 stalls += [seen] if seen is not None and version > WARMUP else []
+                if version > WARMUP:
+                    _phase_cpu(marks, cpu)
             await anyio.to_thread.run_sync(barrier)
             serving.phase = "idle"
             await anyio.sleep(args.idle_s)  # a measurement period, not synchronisation
             serving.phase = "done"
             await anyio.to_thread.run_sync(barrier)
             serving.stop = True
-    return {"samples": serving.samples, "stalls": stalls}
+    return {"samples": serving.samples, "stalls": stalls, "cpu": cpu}
 
 
 async def _round(
@@ -170,19 +232,23 @@ async def _round(
     target: dict[str, torch.Tensor],
     path: Path,
     args: argparse.Namespace,
+    cpu: list[float],
 ) -> dict[str, Any] | None:
     """One round on a subscriber; its loop's stalls during the update (``--stalls``)."""
     first = version <= WARMUP
-    await anyio.to_thread.run_sync(barrier)
+    await _mark(cpu)
     serving.phase = "warmup" if first else "raw broadcast"
     await anyio.to_thread.run_sync(lambda: dist.broadcast(flat, 0))
-    await anyio.to_thread.run_sync(barrier)
+    await _mark(cpu)
+    serving.phase = "warmup" if first else "raw copy + raw broadcast"
+    await anyio.to_thread.run_sync(lambda: dist.broadcast(flat, 0))
+    await _mark(cpu)
     serving.phase = "warmup" if first else "aiostage update"
     serving.want, serving.applied = version, anyio.Event()
     async with Heartbeat(stalls=0.002 if args.stalls else None) as lag:
         if serving.sub.version != version:
             await serving.applied.wait()
-    await anyio.to_thread.run_sync(barrier)
+    await _mark(cpu)
     await anyio.to_thread.run_sync(barrier)
     serving.phase = "warmup" if first else "torch.save/load hand-off"
     await anyio.to_thread.run_sync(barrier)
@@ -238,9 +304,11 @@ def _run_figures(results: list[dict[str, Any]]) -> list[Figure]:
     med = {k: statistics.median(v) for k, v in results[0]["times"].items()}
     bcast = med["raw dist.broadcast (one flat tensor)"]
     pub = med["aiostage publish (stage + send to both)"]
+    both = med["raw copy + raw dist.broadcast of it"]
     ours, raw = _p99_ratios(results)
     return [
         Figure("raw broadcast / publish (throughput), ms", 1e3 * pub, 1e3 * bcast, bcast / pub, 0.85),
+        Figure("(raw copy + raw broadcast) / publish (throughput), ms", 1e3 * pub, 1e3 * both, both / pub),
         Figure("serving p99/idle during an update / the raw broadcast's", ours, raw, ours / raw, 1.2, False),
     ]  # fmt: skip
 
@@ -256,6 +324,19 @@ def _ratios(
         Ratio("serving p99 during an update / idle p99 (worse subscriber)", worst),
         Ratio("reference: serving p99 during the raw broadcast / idle p99 (worse)", floor),
     ]
+
+
+def _cpu_rows(results: list[dict[str, Any]]) -> list[list[Any]]:
+    """Each phase's CPU seconds per rank and over all three (the medians over rounds): on a
+    CPU-bound host a phase cannot end sooner than its CPU over the cores."""
+    rows = []
+    for phase in CPU_PHASES:
+        each = [statistics.median(r["cpu"][phase]) for r in results]
+        total = statistics.median(
+            sum(v) for v in zip(*(r["cpu"][phase] for r in results), strict=True)
+        )
+        rows.append([phase, *(f"{x:.3f}" for x in each), f"{total:.3f}"])
+    return rows
 
 
 def _report(results: list[dict[str, Any]], report: Report) -> None:
@@ -282,6 +363,11 @@ def _report(results: list[dict[str, Any]], report: Report) -> None:
     title = f"{n / GB:.3f} GB unique, 1 publisher -> 2 subscribers, aiostage via {via}"
     report.add(title, ["figure", "min ms", "median ms", "GB/s (median)"], rows)
     report.add("serving latency", ["subscriber", "phase", "requests", "p50 ms", "p99 ms"], lat_rows)
+    report.add(
+        "CPU seconds per phase, median over rounds (subscribers' include their serving)",
+        ["phase", "publisher", "subscriber 1", "subscriber 2", "all ranks"],
+        _cpu_rows(results),
+    )
     report.figures["weight_sync"] = {
         k: {"seconds": v, "median_s": med[k], "bytes": n} for k, v in times.items()
     }

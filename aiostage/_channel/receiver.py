@@ -43,6 +43,7 @@ from .notes import (
     send_note,
 )
 from .shm import PeerRegion, host_token, recv_description
+from .verify import check_landed
 
 __all__ = ["Receiver"]
 
@@ -133,8 +134,17 @@ class Receiver:
         return True
 
     async def _recv_plain(self) -> tuple[Header, torch.Tensor] | None:
-        got = await recv_frame(self.link, self.pub, self._buffer, limits=self.gate.limits)
-        return got[:2] if got is not None else None
+        """Land a frame, then (``verify``) check it against its digests: hashed once it has
+        landed, at a lower CPU priority, so the hashing does not compete with the transfer."""
+        got = await recv_frame(
+            self.link, self.pub, self._buffer, limits=self.gate.limits, check=False
+        )
+        if got is None:
+            return None
+        header, data, digests = got
+        if self.link.verify:
+            await check_landed(header, data, digests, self.pub)
+        return header, data
 
     async def _admit(self, note: Note, header: Header, data: torch.Tensor, seconds: float) -> None:
         """Hand a landed version to ``land`` if it passes the gate, else refuse it."""
