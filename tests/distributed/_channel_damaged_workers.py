@@ -5,13 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import anyio
 import torch
-from _hostile_workers import Publisher, barrier, held, state_of
+from _hostile_workers import Publisher, barrier, refusing_subscriber, state_of
 
-import aiostage
 from aiostage._channel import notes as wire
-from aiostage._core.completion import wait_until
 from aiostage._replication import transport
 from aiostage._replication.frames import plan_cpu_frame
 from aiostage._storage.digests import source_digests
@@ -41,16 +38,5 @@ async def damaged_bytes(rank: int, world: int) -> dict[str, Any]:
         await pub.close()
         await barrier()
         return {}
-    target = {"w": torch.zeros(64)}
-    async with aiostage.WeightSubscriber(target=target, timeout=20) as sub:
-        with anyio.fail_after(20):
-            await (await sub.wait_for(10)).apply()
-            await barrier()  # A
-            await wait_until(lambda: len(sub.refused) == 1 or sub.received_version != 10)
-            after_11 = held(sub, target)
-            await barrier()  # B
-            await (await sub.wait_for(12)).apply()
-            await wait_until(lambda: sub.ended)
-        seen = {"after_11": after_11, "end": held(sub, target)}
-    await barrier()
-    return seen
+    after_11, _, end = await refusing_subscriber(12)
+    return {"after_11": after_11, "end": end}

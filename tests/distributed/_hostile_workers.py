@@ -354,20 +354,29 @@ async def versions_going_back(rank: int, world: int) -> dict[str, Any]:
             await pub.offer(version)
         await barrier()
         return {}
+    refused, after_11, end = await refusing_subscriber(11)
+    return {"after_5": refused, "after_11": after_11, "end": end}
+
+
+async def refusing_subscriber(then: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Rank 1 of a run where the hand-made publisher offers 10, then a version to refuse, then
+    ``then``: install 10 (barrier A), wait for the refusal (or a change), look (barrier B),
+    install ``then``, wait for the publisher's end. What it held after the refusal, after
+    ``then`` and at the end."""
     target = {"w": torch.zeros(64)}
     async with aiostage.WeightSubscriber(target=target, timeout=20) as sub:
         with anyio.fail_after(20):
             await (await sub.wait_for(10)).apply()
             await barrier()  # A
             await wait_until(lambda: len(sub.refused) == 1 or sub.received_version != 10)
-            after_5 = held(sub, target)
+            refused = held(sub, target)
             await barrier()  # B
-            await (await sub.wait_for(11)).apply()
-            after_11 = held(sub, target)
+            await (await sub.wait_for(then)).apply()
+            after = held(sub, target)
             await wait_until(lambda: sub.ended)
-        seen = {"after_5": after_5, "after_11": after_11, "end": held(sub, target)}
+        end = held(sub, target)
     await barrier()
-    return seen
+    return refused, after, end
 
 
 def bent(header: Header, **changes: Any) -> Header:
