@@ -15,8 +15,8 @@ import torch
 
 from .._format.codec import Header, Source
 from .._replication.frames import frame_sources
+from .._replication.wire import check_digests
 from .._storage.digests import source_digests
-from ..errors import ReplicationError
 
 __all__ = ["NICE", "check_landed"]
 
@@ -33,14 +33,7 @@ async def check_landed(
     that differs. Blocks on nothing; a cancelled check leaves its thread to finish reading."""
     sources = frame_sources(header, data)
     got = await anyio.to_thread.run_sync(_hash_yielding, sources, abandon_on_cancel=True)
-    for entry, mine, sent in zip(header.entries, got, digests, strict=True):
-        if mine != sent:
-            raise ReplicationError(
-                f"checksum mismatch in entry {entry.name!r}: the bytes were damaged on the way "
-                "(or the publisher was built with verify=False)",
-                peer=peer,
-                phase="verify",
-            )
+    check_digests(header.entries, got, digests, peer, "the publisher")
 
 
 def _hash_yielding(sources: Sequence[Source]) -> list[int]:

@@ -25,6 +25,7 @@ from .._format.codec import (
     decode_header,
     decode_layout,
 )
+from .._format.records import Entry
 from ..errors import ReplicationError
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "SMALL",
     "Limits",
     "RefusedAfterLanding",
+    "check_digests",
     "check_head",
     "check_lengths",
     "decode_frame_header",
@@ -291,11 +293,23 @@ class Hasher:
 
     def check(self, sums: Sequence[int], peer: int) -> None:
         """Compare with the sender's checksums; ``ReplicationError(peer, "verify")`` on a mismatch."""
-        for e, got, want in zip(self.entries, self.digests(), sums, strict=True):
-            if got != want:
-                raise ReplicationError(
-                    f"checksum mismatch in entry {e.name!r}: the bytes were damaged on the way "
-                    "(or the peer's stager was built with verify=False)",
-                    peer=peer,
-                    phase="verify",
-                )
+        check_digests(self.entries, self.digests(), sums, peer)
+
+
+def check_digests(
+    entries: Sequence[Entry],
+    got: Sequence[int],
+    sums: Sequence[int],
+    peer: int,
+    sender: str = "the peer's stager",
+) -> None:
+    """Compare the digests of the landed ``entries`` with the ones ``sender`` sent;
+    ``ReplicationError(peer, "verify")`` naming the first entry that differs."""
+    for e, mine, want in zip(entries, got, sums, strict=True):
+        if mine != want:
+            raise ReplicationError(
+                f"checksum mismatch in entry {e.name!r}: the bytes were damaged on the way "
+                f"(or {sender} was built with verify=False)",
+                peer=peer,
+                phase="verify",
+            )
