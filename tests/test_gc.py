@@ -67,35 +67,65 @@ def test_dismantle_frees_big_containers_it_owns_and_leaves_shared_ones_whole() -
     assert shared == list(range(5000))  # still referenced here: never mutated
 
 
+class _Clock:
+    """``gc_pause``'s clock, moved by hand: the cap is tested without waiting for it."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
 def test_a_pause_runs_out_after_max_pause(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(gc_pause, "MAX_PAUSE", 0.05)
-    ran_out = threading.Event()
-    original = gc_pause._run_out
-
-    def run_out() -> None:
-        original()
-        ran_out.set()
-
-    monkeypatch.setattr(gc_pause, "_run_out", run_out)
+    clock = _Clock()
+    monkeypatch.setattr(gc_pause, "_now", clock)
     with gc_pause.paused():
-        assert not gc.isenabled()
-        assert ran_out.wait(10)
+        clock.t += gc_pause.MAX_PAUSE - 0.001
+        gc_pause.hand_over()
+        with gc_pause.paused():
+            pass
+        assert not gc.isenabled()  # not yet
+        clock.t += 0.001
+        gc_pause.hand_over()  # a worker's next hand-over ends it
         assert gc.isenabled()  # collection is back on inside the pause
         with gc_pause.paused():  # a nested pause does not turn it off again
             assert gc.isenabled()
         assert gc.isenabled()
     assert gc.isenabled()
-    with gc_pause.paused():  # the next pause is a pause again
+    with gc_pause.paused():  # the next pause is a pause again, timed from its own start
+        assert not gc.isenabled()
+        clock.t += gc_pause.MAX_PAUSE / 2
+        gc_pause.hand_over()
         assert not gc.isenabled()
     assert gc.isenabled()
 
 
-def test_a_pause_that_ends_in_time_cancels_its_timer() -> None:
+@pytest.mark.parametrize("where", ["nested start", "nested end"])
+def test_back_to_back_nested_pauses_run_out_too(
+    monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """Overlapping saves keep the outermost pause open: each nested one's start or end is a check."""
+    clock = _Clock()
+    monkeypatch.setattr(gc_pause, "_now", clock)
     with gc_pause.paused():
-        timer = gc_pause._timer
-        assert timer is not None
-        assert timer.is_alive()
-    timer.join(10)
-    assert not timer.is_alive()
-    assert gc_pause._timer is None
+        if where == "nested start":
+            clock.t += gc_pause.MAX_PAUSE
+            with gc_pause.paused():
+                assert gc.isenabled()
+        else:
+            with gc_pause.paused():
+                clock.t += gc_pause.MAX_PAUSE
+                assert not gc.isenabled()
+            assert gc.isenabled()
+    assert gc.isenabled()
+
+
+def test_a_pause_starts_no_thread() -> None:
+    """Nothing of a pause outlives it (a timer thread per pause did, for a moment)."""
+    before = set(threading.enumerate())
+    with gc_pause.paused():
+        assert not gc.isenabled()
+        assert set(threading.enumerate()) == before
+    assert set(threading.enumerate()) == before
     assert gc.isenabled()

@@ -8,9 +8,11 @@ thread. ``paused()`` turns collection off for the duration and back on after (if
 nested and concurrent uses share one pause. ``save`` and ``load`` hold one for their whole run,
 so that their per-tensor objects are freed before any collection could walk them (walking
 tens of thousands of them is tens of ms with the GIL held, and promotes them towards full
-collections). A pause never lasts longer than ``MAX_PAUSE`` seconds: the program's own cyclic
-garbage is collected at least that often, however long or back to back the saves (a pause
-that runs out ends as before: one collection walks what is alive then). Freeing a list of tens of thousands of tensors or
+collections). A pause runs out after ``MAX_PAUSE`` seconds, so the program's own cyclic garbage
+is collected however long or back to back the saves: the clock is read where pauses begin and
+end and at every ``hand_over`` (a worker's, every millisecond or so of its work), with no thread
+of its own (one per pause would outlive it and cost a thread start per staging). A pause that
+runs out ends as before: one collection walks what is alive then. Freeing a list of tens of thousands of tensors or
 records is one C call of milliseconds that holds the GIL; ``dismantle`` frees them in slices.
 """
 
@@ -35,52 +37,52 @@ _PIECE = 1024
 
 _lock = threading.Lock()
 _depth = 0
-_resume = False
-_timer: threading.Timer | None = None  # ends the pause at ``MAX_PAUSE``
+_resume = False  # collection was on when the outermost pause began, and is off still
+_since = 0.0  # when the outermost pause began (``_now``)
+_now = time.monotonic
 
 
 @contextlib.contextmanager
 def paused() -> Iterator[None]:
-    """No automatic collection inside the block (reference counting still frees memory), for
-    at most ``MAX_PAUSE`` seconds from the start of the outermost pause."""
-    global _depth, _resume, _timer
+    """No automatic collection inside the block (reference counting still frees memory), until
+    ``MAX_PAUSE`` seconds after the start of the outermost pause."""
+    global _depth, _resume, _since
     with _lock:
         if _depth == 0:
             _resume = gc.isenabled()
             gc.disable()
-            if _resume:
-                _timer = threading.Timer(MAX_PAUSE, _run_out)
-                _timer.daemon = True
-                _timer.start()
+            _since = _now()
         _depth += 1
+    _run_out_if_due()  # a nested pause in one past its time
     try:
         yield
     finally:
         with _lock:
             _depth -= 1
             if _depth == 0:
-                if _timer is not None:
-                    _timer.cancel()
-                    _timer = None
                 if _resume and not gc.isenabled():
                     gc.enable()
                 _resume = False
+    _run_out_if_due()  # an enclosing pause may be over its time
 
 
-def _run_out() -> None:
-    """``MAX_PAUSE`` is over: collection on again until the last pause ends (the timer's
-    thread; a later pause nested in this one does not turn it off)."""
+def _run_out_if_due() -> None:
+    """Collection on again if the pause has lasted ``MAX_PAUSE``: until the outermost pause
+    ends, later nested pauses do not turn it off (one clock read when nothing is due)."""
     global _resume
-    with _lock:
-        if _depth and _resume:
-            _resume = False  # the end of the pause has nothing left to turn on
-            gc.enable()
+    if _resume and _now() - _since >= MAX_PAUSE:
+        with _lock:
+            if _depth and _resume:
+                _resume = False  # the end of the pause has nothing left to turn on
+                gc.enable()
 
 
 def hand_over() -> None:
     """Let a thread waiting for the GIL (an event loop) take it: the call a worker makes every
     millisecond or so of Python work. Nothing on an event loop's own thread (a small header
-    decoded there), which has no one to hand over to and must not sleep."""
+    decoded there), which has no one to hand over to and must not sleep. Either way, a pause
+    past ``MAX_PAUSE`` runs out here."""
+    _run_out_if_due()
     if asyncio._get_running_loop() is None:
         time.sleep(0)
 
