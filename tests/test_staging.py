@@ -13,10 +13,10 @@ import anyio
 import psutil
 import pytest
 import torch
+from _loopwork import LoopWork
 
 import aiostage
 from aiostage.errors import AiostageWarning, ClosedError, LeaseTimeout, StagingError, UsageError
-from aiostage.testing import LoopLag
 
 MiB = 1 << 20
 
@@ -593,40 +593,36 @@ async def test_aclose_waits_for_in_flight_and_wakes_waiters() -> None:
 
 
 async def test_loop_keeps_ticking_while_256_mib_stage(stager: aiostage.DefaultStager) -> None:
-    """A 1 ms heartbeat keeps ticking; a copy on the loop thread would stall it ~20-300 ms.
-
-    Cold stages page-fault fresh memory (in this VM, host-side faults too), which lets the
-    heartbeat slip more than warm ones, hence the looser bound for them.
+    """The copies run off the loop's thread, warm and cold: no loop iteration spends more than
+    a few ms of that thread's CPU (copying one of these 64 MiB tensors there takes 5-20 ms, the
+    whole 256 MiB 20-80 ms). CPU time, not a heartbeat's wall-clock lag: a loaded machine
+    stretches the latter whatever runs where.
     """
     sd = {f"w{i}": torch.randn(16 * MiB) for i in range(4)}  # 256 MiB
     stager.release(await stager.stage(sd))
-    async with LoopLag() as warm:
+    async with LoopWork() as warm:
         stager.release(await stager.stage(sd))
-    async with aiostage.DefaultStager() as fresh, LoopLag() as cold:
+    async with aiostage.DefaultStager() as fresh, LoopWork() as cold:
         await fresh.stage(sd)
-    for lag, bound in ((warm, 15), (cold, 60)):
-        assert lag.beats >= 3, "the heartbeat never ran during the stage"
-        assert lag.max_ms < bound, f"loop blocked {lag.max_ms:.1f} ms"
+    for work in (warm, cold):
+        assert work.iterations >= 3, "the stage never let the loop run"
+        assert work.max_cpu < 0.005, f"{work.max_cpu * 1e3:.1f} ms of CPU in one loop iteration"
+        assert work.max_calls < 1000, work
 
 
 async def test_a_dict_of_4096_small_tensors_does_not_stall_the_loop(
     stager: aiostage.DefaultStager,
 ) -> None:
-    """Walking and planning run in the worker thread too, not only the copy.
-
-    The collector is frozen first: a full collection of torch's heap stops every thread for
-    ~100 ms whoever triggers it (docs/staging.md advises ``gc.freeze()`` after start-up).
+    """Walking and planning run in the worker thread too, not only the copy: no loop iteration
+    makes anything like a call per leaf (about 100 calls at most, whatever the leaf count).
     """
     sd = {"layers": [{"w": torch.randn(4), "step": i} for i in range(4096)]}
-    gc.collect()
-    gc.freeze()
-    try:
-        async with LoopLag() as lag:
-            out = await stager.stage(sd)
-    finally:
-        gc.unfreeze()
+    async with LoopWork() as work:
+        out = await stager.stage(sd)
     assert torch.equal(out["layers"][4095]["w"], sd["layers"][4095]["w"])
-    assert lag.max_ms < 25, f"loop blocked {lag.max_ms:.1f} ms"
+    assert work.iterations >= 2, "the stage never let the loop run"
+    assert work.max_calls < 1000, f"{work.max_calls} calls in one loop iteration"
+    assert work.max_cpu < 0.005, f"{work.max_cpu * 1e3:.1f} ms of CPU in one loop iteration"
 
 
 async def test_reserve_prepares_the_first_stage() -> None:
