@@ -13,6 +13,7 @@ event loop a CPU. All of it runs in worker threads: the loop only hands small ob
 
 from __future__ import annotations
 
+import array
 import functools
 import operator
 from collections.abc import Callable, Iterable, Sequence
@@ -314,8 +315,10 @@ def _seal(made: _Made) -> tuple[Any, ...]:
     return (*kinds, *read_all(_SEALED_DATA, _data_of(made.recipe.local, made.outs)))
 
 
-def _versions(made: _Made) -> list[int]:
-    return versions(_data_of(made.recipe.local, made.outs))
+def _versions(made: _Made) -> array.array[int]:
+    """``versions`` of the handed-out tensors, kept in the seal as an array: no collection
+    ever walks it (a list of them is new at every stage, walked by the young pass after)."""
+    return array.array("q", versions(_data_of(made.recipe.local, made.outs)))
 
 
 def versions(datas: list[torch.Tensor]) -> list[int]:
@@ -361,12 +364,17 @@ class Fill:
                 plains = _plains(recipe, self.buffers)
                 targets = [_listed(pick(plains), n) for pick, n in recipe.batches]
                 self._copy(recipe, datas, targets)
-                return unflatten(tree, plains)
-            assert recipe.skeleton is not None
-            made = _made(recipe, self.buffers)
-            self._copy(recipe, datas, made.targets)
-            made.seal = (*made.seal[:-1], _versions(made))  # the copy bumped them
-            return rebuild(recipe.skeleton, made.outs, values)
+                staged = unflatten(tree, plains)
+            else:
+                assert recipe.skeleton is not None
+                made = _made(recipe, self.buffers)
+                self._copy(recipe, datas, made.targets)
+                made.seal = (*made.seal[:-1], _versions(made))  # the copy bumped them
+                staged = rebuild(recipe.skeleton, made.outs, values)
+            # this stage's per-tensor lists die inside the pause, unwalked: the young collection
+            # that follows it (the GIL held) walks only the staged copy's containers
+            del datas, values, tree
+            return staged
 
     def _copy(
         self, recipe: Recipe, datas: list[torch.Tensor], targets: list[list[torch.Tensor]]

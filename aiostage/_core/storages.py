@@ -182,19 +182,25 @@ def read_all(readers: Sequence[Reader], items: list[Any]) -> list[list[Any]]:
     return out
 
 
-def matches(readers: Sequence[Reader], items: list[Any], expected: Sequence[list[Any]]) -> bool:
-    """Whether ``read_all(readers, items) == expected``, read and compared a slice at a time
-    (``breathe`` between slices) and stopping at the first difference: no list of the whole is
-    built, so none is freed in one long C call either."""
+def matches(readers: Sequence[Reader], items: list[Any], expected: Sequence[Sequence[Any]]) -> bool:
+    """Whether ``read_all(readers, items) == expected`` (each expected a list, or an ``array``
+    of what its reader reads), read and compared a slice at a time (``breathe`` between
+    slices) and stopping at the first difference: no list of the whole is built, so none is
+    freed in one long C call either."""
     if any(len(want) != len(items) for want in expected):
         return False
     for at in range(0, len(items), SLICE):
         part = items[at : at + SLICE]
         for want, read in zip(expected, readers, strict=True):
             breathe()
-            if list(read(part)) != want[at : at + SLICE]:
+            if not _same(read(part), want[at : at + SLICE]):
                 return False
     return True
+
+
+def _same(got: Iterable[Any], want: Sequence[Any]) -> bool:
+    """Whether ``got`` holds the items of ``want`` (a list, or an array of numbers)."""
+    return list(got) == (want if type(want) is list else list(want))
 
 
 def fits(tensors: list[torch.Tensor], stamped: Sequence[list[Any]]) -> bool:
