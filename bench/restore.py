@@ -1,31 +1,34 @@
 """Restore benchmark: two gloo ranks on loopback bring a ~1 GiB state dict per rank back from each
 tier of a tiered ``Checkpointer`` (docs/tiers.md), against ``dcp.load`` of the same state.
 
-Run: ``.venv/bin/python bench/restore.py [--gib 1] [--reps 3] [--no-s3] [--json PATH]``. Each rank
-saves its state (``flat``: ~200 tensors) to every tier: the partner's memory, the node-local
-directory, the durable root on local disk, and (with ``obstore`` and ``moto``) a durable root on
-moto's S3 server in a child process on 127.0.0.1; and once with ``dcp.save``. Then, per rep,
-``Checkpointer.restore`` into the same preallocated state dict, each source forced the way a
-failure forces it: the partner's memory (rank 1 a new Checkpointer with an empty local directory,
-rank 0 keeping its memory through ``rejoin``), the local directory (both new, their local
-directories kept: a whole-job restart), the durable root (both new, local directories empty), and
-``dcp.load`` from local disk. The page cache of every file read is dropped first (cold reads, as
-on a fresh node). Times are the whole ``restore`` call, the max over both ranks per rep, after a
-barrier; GB/s is one rank's unique tensor bytes per second. Two raw anchors bound what the
-tiers can reach here: the same bytes sent over gloo from rank 0 straight into rank 1's
-tensors (one transfer, nothing else), and, with S3, each rank's bytes as one object fetched
-with obstore's plain GET (moto's own speed). Also the training-visible stall of
-a fast-tier save (memory + local, ``durable=False``) against a plain ``Checkpointer.save`` to the
-durable root, both reserved first, the first two saves of each dropped, in turns whose order
-alternates (at least twelve of each: on a shared host the stall is mostly the staging copy's wait
-for a core), with the process's CPU time during each save (the work the caller waited for).
-Besides the ratio of the medians it prints the median of the per-turn ratios (each fast-tier
-save against the plain save next to it): the host's drift between turns cancels in a pair.
+Run: ``.venv/bin/python bench/restore.py [--gib 1] [--reps 3] [--no-s3] [--only-stalls] [--held]
+[--json PATH]``. Each rank saves its state (``flat``: ~200 tensors) to every tier: the partner's
+memory, the node-local directory, the durable root on local disk, and (with ``obstore`` and
+``moto``) a durable root on moto's S3 server in a child process on 127.0.0.1; and once with
+``dcp.save``. Then, per rep, ``Checkpointer.restore`` into the same preallocated state dict, each
+source forced the way a failure forces it: the partner's memory (rank 1 a new Checkpointer with an
+empty local directory, rank 0 keeping its memory through ``rejoin``), the local directory (both new,
+their local directories kept: a whole-job restart), the durable root (both new, local directories
+empty), and ``dcp.load`` from local disk. The page cache of every file read is dropped first (cold
+reads, as on a fresh node). Times are the whole ``restore`` call, the max over both ranks per rep,
+after a barrier; GB/s is one rank's unique tensor bytes per second. Two raw anchors bound what the
+tiers can reach here: the same bytes sent over gloo from rank 0 straight into rank 1's tensors (one
+transfer, nothing else), and, with S3, each rank's bytes as one object fetched with obstore's plain
+GET (moto's own speed). Also the training-visible stall of a fast-tier save (memory + local,
+``durable=False``) against a plain ``Checkpointer.save`` to the durable root, both reserved first,
+the first two saves of each dropped, in turns whose order rotates (at least twelve of each: on a
+shared host the stall is mostly the staging copy's wait for a core), with the process's CPU time
+during each save (the work the caller waited for). Besides the ratio of the medians it prints the
+median of the per-turn ratios (each fast-tier save against the plain save next to it): the host's
+drift between turns cancels in a pair. ``--held`` adds a plain save whose last copy is held until
+the next save (two buffers staged into in turn, as the fast tier's memory tier makes it: it keeps
+the newest copy while the next is staged); ``--only-stalls`` runs the stall turns alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import resource
 import statistics
@@ -57,6 +60,8 @@ MEMORY, LOCAL, DURABLE, S3, DCP = (
 RAW_GLOO = "raw gloo send, rank 0 into rank 1's tensors"
 RAW_S3 = "raw S3 GET of each rank's bytes (obstore)"
 FAST_STALL, PLAIN_STALL = "stall: fast-tier save (memory + local)", "stall: plain Checkpointer.save"
+HELD_STALL = "stall: plain Checkpointer.save, its last copy held (2 buffers in turn)"
+STALLS = (FAST_STALL, PLAIN_STALL, HELD_STALL)
 CPU = "CPU during the "  # + a stall's name: the process's CPU seconds while ``save`` ran
 TIMEOUT = 600.0
 
@@ -70,6 +75,30 @@ def _tiered(root: str | Path, local: Path, replicate: bool = True) -> aiostage.C
 
 async def _barrier() -> None:
     await anyio.to_thread.run_sync(dist.barrier)
+
+
+class _HoldLast:
+    """A ``DefaultStager`` of two buffers whose ``release`` lets go of the copy before the
+    given one, holding the given one (as the memory tier holds the newest save's copy): a
+    plain Checkpointer over it stages into the two buffers in turn, as a tiered one does."""
+
+    def __init__(self) -> None:
+        self.inner = aiostage.DefaultStager(pool_size=2)
+        self.held: Any = None
+
+    async def stage(self, state_dict: Any) -> Any:
+        return await self.inner.stage(state_dict)
+
+    async def reserve(self, state_dict: Any, copies: int = 1) -> None:
+        await self.inner.reserve(state_dict, 2)
+
+    def release(self, staged: Any) -> None:
+        old, self.held = self.held, staged
+        if old is not None:
+            self.inner.release(old)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 class _Rank:
@@ -97,16 +126,16 @@ class _Rank:
         await ckpt.__aenter__()
 
     async def stalls(
-        self, tiered: aiostage.Checkpointer, plain: aiostage.Checkpointer, reps: int
+        self, kinds: list[tuple[aiostage.Checkpointer, str, bool | None]], reps: int
     ) -> None:
-        """``reps`` stalls of a fast-tier save and of a plain one, in turns whose order
-        alternates (after two of each dropped), each committed before the next."""
-        for ckpt in (tiered, plain):
+        """``reps`` stalls of each of ``kinds`` (a fast-tier save first), in turns whose order
+        rotates (after two of each dropped), each committed before the next."""
+        for ckpt, _, _ in kinds:
             await ckpt.reserve(self.sd)
-        turns = [(tiered, FAST_STALL, False), (plain, PLAIN_STALL, None)]
         for i in range(reps + 2):
             self.step += 1
-            for ckpt, name, durable in turns if i % 2 == 0 else turns[::-1]:
+            turn = kinds[i % len(kinds) :] + kinds[: i % len(kinds)]  # each kind first in turn
+            for ckpt, name, durable in turn:
                 await _barrier()
                 cpu = _cpu_seconds()
                 handle = await ckpt.save(self.step, self.sd, durable=durable)
@@ -167,15 +196,38 @@ _SOURCE_CODE = {"memory": 1, "local": 2, "peer_memory": 3, "peer_local": 4, "dur
 _SOURCE_NAME = {v: k for k, v in _SOURCE_CODE.items()}
 
 
-async def _rank(rank: int, world: int, gib: float, reps: int, bucket: str, tmp: str) -> Results:
+async def _stall_turns(me: _Rank, kept: aiostage.Checkpointer, held: bool, reps: int) -> None:
+    """The stall turns: ``kept`` (fast tiers) against a plain Checkpointer and, with ``held``,
+    a plain one whose last copy is held (``_HoldLast``: two buffers in turn, as ``kept``)."""
+    holder = _HoldLast()
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            root, pg = me.base / "plain", dist.group.WORLD
+            plain = await stack.enter_async_context(aiostage.Checkpointer(root, pg=pg, keep_last=1))
+            kinds = [(kept, FAST_STALL, False), (plain, PLAIN_STALL, None)]
+            if held:
+                root = me.base / "held"
+                ckpt = aiostage.Checkpointer(root, pg=pg, keep_last=1, stager=holder)
+                kinds.append((await stack.enter_async_context(ckpt), HELD_STALL, None))
+            await me.stalls(kinds, reps)
+    finally:
+        await holder.aclose()
+
+
+async def _rank(
+    rank: int, world: int, gib: float, reps: int, bucket: str, stalls: str, tmp: str
+) -> Results:
+    """``stalls``: "only" (no restores) and/or "held" (the held plain save too), comma-joined."""
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=UserWarning)  # DCP's notes on the process group
     me = _Rank(rank, gib, Path(tmp))
     durable, node = me.base / "durable", me.base / f"node{rank}"
     kept = _tiered(durable, node)
     await me.enter(kept)
-    async with aiostage.Checkpointer(me.base / "plain", pg=dist.group.WORLD, keep_last=1) as plain:
-        await me.stalls(kept, plain, max(4 * reps, 12))
+    await _stall_turns(me, kept, "held" in stalls, max(4 * reps, 12))
+    if "only" in stalls:
+        await kept.aclose()
+        return me.out
     me.step += 1
     await (await kept.save(me.step, me.sd, durable=True)).committed  # every tier has it
     for _ in range(reps):  # rank 1 comes back with nothing, rank 0 keeps its memory
@@ -243,6 +295,29 @@ def _report(results: list[Results], report: Report) -> None:
     n = results[0]["bytes"][0]
     worst = _worst(results)
     med = {k: statistics.median(v) for k, v in worst.items()}
+    if DCP in med:  # restores were run (not --only-stalls)
+        _restores(results, worst, med, report)
+    stalls = [
+        [k, f"{1e3 * min(worst[k]):.1f}", f"{1e3 * med[k]:.1f}", f"{1e3 * med[CPU + k]:.1f}"]
+        for k in STALLS
+        if k in med
+    ]
+    report.add(
+        "training-visible stall of a save (staging), max over the ranks per save",
+        ["save", "min ms", "median ms", "median CPU ms"],
+        stalls,
+    )
+    report.figures["restore"] = {
+        k: {"seconds": worst[k], "median_s": med[k], "bytes": n} for k in worst
+    }
+    report.ratios += _stall_ratios(med, worst)
+
+
+def _restores(
+    results: list[Results], worst: dict[str, list[float]], med: dict[str, float], report: Report
+) -> None:
+    """The restore table and the restore targets."""
+    n = results[0]["bytes"][0]
     restores = [k for k in (MEMORY, LOCAL, DURABLE, S3, DCP, RAW_GLOO, RAW_S3) if k in med]
     rows = []
     for k in restores:
@@ -256,25 +331,6 @@ def _report(results: list[Results], report: Report) -> None:
         ["from", "source (rank 0 / rank 1)", "min s", "median s", "GB/s", "speed-up vs dcp.load"],
         rows,
     )
-    stalls = [
-        [k, f"{1e3 * min(worst[k]):.1f}", f"{1e3 * med[k]:.1f}", f"{1e3 * med[CPU + k]:.1f}"]
-        for k in (FAST_STALL, PLAIN_STALL)
-    ]
-    report.add(
-        "training-visible stall of a save (staging), max over the ranks per save",
-        ["save", "min ms", "median ms", "median CPU ms"],
-        stalls,
-    )
-    report.figures["restore"] = {
-        k: {"seconds": worst[k], "median_s": med[k], "bytes": n} for k in worst
-    }
-    report.ratios += _ratios(med, worst)
-
-
-def _ratios(med: dict[str, float], worst: dict[str, list[float]]) -> list[Ratio]:
-    """The tiered-checkpoint issue's targets."""
-    turns = zip(worst[FAST_STALL], worst[PLAIN_STALL], strict=True)
-    paired = statistics.median(fast / plain for fast, plain in turns)
     out = [Ratio(f"restore from {MEMORY}: time vs the {RAW_GLOO}", med[MEMORY] / med[RAW_GLOO])]
     if S3 in med:
         out += [
@@ -287,12 +343,42 @@ def _ratios(med: dict[str, float], worst: dict[str, list[float]]) -> list[Ratio]
         Ratio(f"restore from {MEMORY}: speed-up vs {DCP}", med[DCP] / med[MEMORY], 1.5),
         Ratio(f"restore from {LOCAL}: speed-up vs {DCP}", med[DCP] / med[LOCAL]),
         Ratio(f"restore from {DURABLE}: speed-up vs {DCP}", med[DCP] / med[DURABLE]),
-        Ratio(f"{FAST_STALL} / {PLAIN_STALL}", med[FAST_STALL] / med[PLAIN_STALL], 1.0, False),
-        Ratio(f"{FAST_STALL} / {PLAIN_STALL}, median of the per-turn ratios", paired, 1.0, False),
-        Ratio(
-            f"{CPU}{FAST_STALL} / the plain save's", med[CPU + FAST_STALL] / med[CPU + PLAIN_STALL]
-        ),
     ]
+    report.ratios += out
+
+
+def _paired(worst: dict[str, list[float]], ours: str, theirs: str) -> float:
+    """The median of the per-turn ratios ``ours / theirs`` (the host's drift cancels in a turn)."""
+    return statistics.median(a / b for a, b in zip(worst[ours], worst[theirs], strict=True))
+
+
+def _stall_ratios(med: dict[str, float], worst: dict[str, list[float]]) -> list[Ratio]:
+    """The stall target (the fast-tier save against today's plain save) and, with the held
+    plain save (``--held``), what two buffers in turn cost it: the memory tier holds the newest
+    copy while the next is staged, so fast-tier saves stage into two buffers in turn."""
+    cpu = CPU + FAST_STALL
+    out = [
+        Ratio(f"{FAST_STALL} / {PLAIN_STALL}", med[FAST_STALL] / med[PLAIN_STALL], 1.0, False),
+        Ratio(
+            f"{FAST_STALL} / {PLAIN_STALL}, median of the per-turn ratios",
+            _paired(worst, FAST_STALL, PLAIN_STALL),
+            1.0,
+            False,
+        ),
+        Ratio(f"{cpu} / the plain save's", med[cpu] / med[CPU + PLAIN_STALL]),
+    ]
+    if HELD_STALL in med:
+        out += [
+            Ratio(
+                f"{FAST_STALL} / {HELD_STALL}, median of the per-turn ratios",
+                _paired(worst, FAST_STALL, HELD_STALL),
+            ),
+            Ratio(
+                f"{HELD_STALL} / {PLAIN_STALL}, median of the per-turn ratios",
+                _paired(worst, HELD_STALL, PLAIN_STALL),
+            ),
+            Ratio(f"{cpu} / the held plain save's", med[cpu] / med[CPU + HELD_STALL]),
+        ]
     return out
 
 
@@ -321,14 +407,23 @@ def main() -> None:
     parser.add_argument("--gib", type=float, default=1.0, help="state per rank, GiB (1)")
     parser.add_argument("--reps", type=int, default=3, help="restores per source (3)")
     parser.add_argument("--no-s3", action="store_true", help="leave out the S3 durable root")
+    parser.add_argument("--only-stalls", action="store_true", help="the save stalls alone")
+    parser.add_argument(
+        "--held", action="store_true",
+        help="also a plain save whose last copy is held (two buffers in turn, as the fast tier)",
+    )  # fmt: skip
     add_report_arguments(parser)
     args = parser.parse_args()
     report = start("restore", args)
     report.children = True
     report.shape = shapes.flat(args.gib).describe()
-    bucket, server = ("", None) if args.no_s3 else _s3_bucket(report)
+    stalls = ",".join(k for k, on in (("only", args.only_stalls), ("held", args.held)) if on)
+    skip_s3 = args.no_s3 or args.only_stalls
+    bucket, server = ("", None) if skip_s3 else _s3_bucket(report)
     try:
-        results, report.background = run_spawned("restore_", 2, _rank, args.gib, args.reps, bucket)
+        results, report.background = run_spawned(
+            "restore_", 2, _rank, args.gib, args.reps, bucket, stalls
+        )
     finally:
         if server is not None:
             server.__exit__(None, None, None)
