@@ -10,6 +10,8 @@ barrier; the first two rounds (page faults of fresh buffers, for every contender
 GB/s are per direction (unique bytes of the state dict). ``--runs K`` repeats the whole
 measurement (a fresh world each time) and prints, per run, aiostage's loop lag and exchange time
 beside the raw transfer's in the same run, and the median and worst of each difference / ratio.
+The CPU rows are each rank's process CPU (every thread, gloo's included) per raw exchange and
+per stage: on a host of few cores, what aiostage adds competes with gloo's own threads.
 ``--stalls`` also samples, in one more exchange per run, what each rank's loop thread ran while
 its heartbeat was more than 2 ms overdue (``LoopLag(stalls=...)``).
 """
@@ -49,9 +51,10 @@ def _raw(out: Results, rank: int, flat: torch.Tensor, into: torch.Tensor) -> Non
         dist.recv(into, peer)
     _timed(out, "raw send/recv, one flat tensor, one way", time.perf_counter() - began)
     dist.barrier()
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     _both_ways(rank, flat, into)
     _timed(out, "raw isend+irecv, one flat tensor, both ways (limit)", time.perf_counter() - began)
+    _timed(out, CPU_RAW, time.process_time() - cpu)
 
 
 def _both_ways(rank: int, flat: torch.Tensor, into: torch.Tensor) -> None:
@@ -74,10 +77,11 @@ async def _ours(
 ) -> None:
     dist.barrier()
     async with Heartbeat() as lag:
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.process_time()
         replica = await stager.stage(sd)
-        took = time.perf_counter() - began
+        took, cpu = time.perf_counter() - began, time.process_time() - cpu
     stager.release(replica)
+    _timed(out, f"{CPU_STAGE}{tag}", cpu)
     stats = stager.statistics()
     _timed(out, f"aiostage stage: snapshot + exchange{tag}", took)
     _timed(out, f"aiostage exchange only (both ways){tag}", stats.last_exchange_seconds)
@@ -149,6 +153,9 @@ async def _rank(
 
 #: the tag of the exchange without checksums: what hashing costs, in the same run
 NO_SUMS = " (verify=False: no checksums)"
+#: CPU seconds of the whole process (every thread, gloo's included) per rank
+CPU_RAW = "CPU: raw both ways"
+CPU_STAGE = "CPU: aiostage stage (snapshot + exchange)"
 LAGS = (
     "aiostage loop max lag ms",
     "aiostage loop max lag ms (verify_on_arrival)",
@@ -189,7 +196,11 @@ LIMIT = "raw isend+irecv, one flat tensor, both ways (limit)"
 
 def _report(results: list[Results], report: Report) -> None:
     n = results[0]["bytes"][0]
-    names = [k for k in results[0] if k not in ("bytes", "stalls") and k not in LAGS]
+    names = [
+        k
+        for k in results[0]
+        if k not in ("bytes", "stalls") and k not in LAGS and not k.startswith("CPU: ")
+    ]
     worst, med = _medians(results)
     rows = [
         [k, f"{1e3 * min(worst[k]):.1f}", f"{1e3 * med[k]:.1f}", f"{n / med[k] / GB:.2f}"]
@@ -226,6 +237,9 @@ def _ratios(med: dict[str, float]) -> list[Ratio]:
         Ratio("aiostage loop max lag during stage (median over reps of the worse rank)", med[LAGS[0]], unit=" ms"),
         Ratio("aiostage loop max lag, verify_on_arrival (same statistic)", med[LAGS[1]], unit=" ms"),
         Ratio("reference: loop max lag, raw both ways from a worker thread (same statistic)", med[LAGS[2]], unit=" ms"),
+        Ratio("CPU per exchange, raw both ways (whole process, worse rank)", 1e3 * med[CPU_RAW], unit=" ms"),
+        Ratio("CPU per stage, aiostage (same statistic)", 1e3 * med[CPU_STAGE], unit=" ms"),
+        Ratio("CPU per stage, aiostage verify=False (same statistic)", 1e3 * med[CPU_STAGE + NO_SUMS], unit=" ms"),
     ]  # fmt: skip
 
 

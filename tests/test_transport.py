@@ -36,12 +36,15 @@ from aiostage._replication.wire import (
     MAGIC,
     PARSE_BUDGET,
     Limits,
+    Packs,
     check_head,
     decode_frame_header,
     limits_like,
     limits_of,
+    messages,
     parse_cost,
     plan_messages,
+    spans,
     unknown_limits,
 )
 from aiostage._storage.digests import source_digests
@@ -92,6 +95,43 @@ def test_large_entries_go_alone_and_small_ones_share() -> None:
         (4116, 5020),
         (5020, 5030),
     ]
+
+
+def _packed(state: dict[str, Any], packs: Packs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The data region of ``state``'s frame as its messages would rebuild it, and the packing
+    buffers ``packs`` gave them."""
+    planned = plan_cpu_frame(state)
+    ranges = plan_messages(spans(planned.header), bucket=4096, small=1024)
+    taken: list[torch.Tensor] = []
+
+    def pack(n: int) -> torch.Tensor:
+        taken.append(packs.take(n))
+        return taken[-1]
+
+    data = torch.empty(planned.header.data_bytes, dtype=torch.uint8)
+    for (a, b), m in zip(
+        ranges, messages(planned.header, planned.sources, ranges, pack), strict=True
+    ):
+        data[a:b].copy_(m)
+    return data, taken
+
+
+def test_packing_buffers_are_reused_only_once_their_frame_is_done() -> None:
+    packs = Packs()
+    state = {f"t{i}": torch.full((10 + i,), float(i)) for i in range(40)}
+    first, taken = _packed(state, packs)
+    again, meanwhile = _packed(state, packs)  # the first frame's sends are not done yet
+    assert taken
+    assert {t.data_ptr() for t in taken}.isdisjoint(t.data_ptr() for t in meanwhile)
+    packs.keep(taken)
+    state = {k: v + 100 for k, v in state.items()}  # new bytes, the same layout
+    second, reused = _packed(state, packs)
+    assert [t.data_ptr() for t in reused] == [t.data_ptr() for t in taken]
+    planned = plan_cpu_frame(state)
+    for e, (src, _) in zip(planned.header.entries, planned.sources, strict=True):
+        assert torch.equal(second[e.begin : e.begin + src.numel()], src), e.name
+    assert torch.equal(first, again)
+    assert not torch.equal(first, second)
 
 
 #: limits a receiver might hold a peer to: 1 TiB of data, a 1 MiB header

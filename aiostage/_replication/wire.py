@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -34,6 +34,7 @@ __all__ = [
     "PARSE_BUDGET",
     "SMALL",
     "Limits",
+    "Packs",
     "RefusedAfterLanding",
     "check_digests",
     "check_head",
@@ -148,9 +149,13 @@ def spans(header: Header) -> list[tuple[int, int]]:
 
 
 def messages(
-    header: Header, sources: Sequence[Source], ranges: list[tuple[int, int]]
+    header: Header,
+    sources: Sequence[Source],
+    ranges: list[tuple[int, int]],
+    pack: Callable[[int], torch.Tensor] | None = None,
 ) -> Iterator[torch.Tensor]:
-    """One uint8 tensor per range: a slice of an entry's memory, or a packed copy."""
+    """One uint8 tensor per range: a slice of an entry's memory, or a copy packed into
+    ``pack(n)`` (a uint8 tensor of ``n`` bytes; default: a new one)."""
     entries = header.entries
     k = 0
     for a, b in ranges:
@@ -160,12 +165,36 @@ def messages(
         if e.begin <= a and b <= e.begin + data.numel():
             yield data[a - e.begin : b - e.begin]
             continue
-        buf = torch.empty(b - a, dtype=torch.uint8)
+        buf = pack(b - a) if pack is not None else torch.empty(b - a, dtype=torch.uint8)
         j = k
         while j < len(entries) and entries[j].begin < b:
             _pack(buf, a, entries[j].begin, sources[j], b)
             j += 1
         yield buf
+
+
+class Packs:
+    """Packing buffers kept from one frame to the next: a repeated layout packs its runs of
+    small entries into memory already faulted in (new buffers cost as much in page faults as
+    the copy itself). Safe to share between threads: each frame takes its own buffers."""
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[torch.Tensor]] = {}
+
+    def take(self, n: int) -> torch.Tensor:
+        """A uint8 tensor of ``n`` bytes, one a finished frame left if there is one."""
+        try:
+            return self._free[n].pop()
+        except (KeyError, IndexError):
+            return torch.empty(n, dtype=torch.uint8)
+
+    def keep(self, done: Sequence[torch.Tensor]) -> None:
+        """Keep the buffers of a frame whose sends are ``done`` for the next frame (those kept
+        before are dropped: only the latest layout's are worth keeping)."""
+        free: dict[int, list[torch.Tensor]] = {}
+        for t in done:
+            free.setdefault(t.numel(), []).append(t)
+        self._free = free
 
 
 def _pack(buf: torch.Tensor, a: int, begin: int, source: Source, b: int) -> None:
