@@ -60,7 +60,7 @@ async def offer(
     end, or did not take it."""
     if peer.limit and snap.header.data_bytes > peer.limit:
         await _too_big(pg, peer, snap)
-    if peer.shm and await _offer_shared(pg, peer, snap):
+    if peer.shm and snap.region is not None and await _offer_shared(pg, peer, snap):
         return
     await send_note(pg, peer.rank, OFFER_TAG, Note(OFFER, snap.version, snap.seq))
     # the digests go last: hashed (once, for every subscriber) while the data is on the wire

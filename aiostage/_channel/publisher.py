@@ -327,9 +327,10 @@ class WeightPublisher:
     # -- outcomes and buffers
 
     def _delivered(self, peer: Peer, snap: Snapshot, seconds: float) -> None:
+        shared = peer.shm and snap.region is not None  # a version staged in private memory
         for sending in self._pending:
             if sending.seq == snap.seq:
-                sending.decide(Delivery(peer.rank, "delivered", seconds, shared_memory=peer.shm))
+                sending.decide(Delivery(peer.rank, "delivered", seconds, shared_memory=shared))
             elif sending.seq < snap.seq:
                 sending.decide(Delivery(peer.rank, "superseded"))
         self._prune()

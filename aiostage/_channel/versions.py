@@ -110,7 +110,7 @@ class Snapshots:
         if isinstance(planned, NeedsStaging):
             return await self._stage_private(state_dict, version, seq)
         header = planned.header
-        flat = await self._lease(header.data_bytes, Flat.create)
+        flat = await self._lease(header.data_bytes, Flat.create, Flat)
         assert isinstance(flat, Flat)
         data = flat.data[: header.data_bytes]
         snap = Snapshot(version, seq, header, frame_sources(header, data), flat=flat)
@@ -143,8 +143,7 @@ class Snapshots:
                 planned = await anyio.to_thread.run_sync(plan_cpu_frame, staged)
             assert not isinstance(planned, NeedsStaging)
             header, sources = planned.header, planned.sources
-            region = await self._lease(header.data_bytes, Region.create)
-            assert isinstance(region, Region)
+            region = await self._lease(header.data_bytes, _region_or_flat, Region)
             fill = Fill(header, sources, region.data[: header.data_bytes], hashing=self.verify)
             try:
                 await anyio.to_thread.run_sync(fill.run)
@@ -155,7 +154,11 @@ class Snapshots:
             if staged is not None:
                 self.stager.release(staged)
         data = region.data[: header.data_bytes]
-        snap = Snapshot(version, seq, header, frame_sources(header, data), region=region)
+        sources = frame_sources(header, data)
+        if isinstance(region, Flat):  # no shared memory this time: sent as plain frames
+            snap = Snapshot(version, seq, header, sources, flat=region)
+        else:
+            snap = Snapshot(version, seq, header, sources, region=region)
         snap.digests = fill.digests  # hashed while copied (``verify``)
         snap.written.set()
         return snap
@@ -185,11 +188,14 @@ class Snapshots:
         snap.written.set()
         return snap
 
-    async def _lease(self, nbytes: int, create: Callable[[int], Region | Flat]) -> Region | Flat:
-        """A free buffer of at least ``nbytes`` (two at most; waits for a release)."""
+    async def _lease(
+        self, nbytes: int, create: Callable[[int], Region | Flat], kind: type[Region | Flat]
+    ) -> Region | Flat:
+        """A free buffer of ``kind`` and at least ``nbytes`` (two at most; waits for a release;
+        an idle one of another kind, a fallback's, is made room of like a small one)."""
         while True:
             idle = [r for r in self.regions if not r.busy]
-            fit = next((r for r in idle if r.nbytes >= nbytes), None)
+            fit = next((r for r in idle if r.nbytes >= nbytes and isinstance(r, kind)), None)
             if fit is not None:
                 fit.busy = True
                 await anyio.lowlevel.checkpoint()
@@ -236,3 +242,13 @@ class Snapshots:
             for stager in [self.stager, *self.retired]:
                 await stager.aclose()
         self.regions.clear()
+
+
+def _region_or_flat(nbytes: int) -> Region | Flat:
+    """A shared-memory region, or a private buffer when torch's shared-memory manager fails
+    (it answers within 1 s or not at all, which a loaded host can miss): that version goes
+    as plain frames, and the next one tries shared memory again (worker thread)."""
+    try:
+        return Region.create(nbytes)
+    except RuntimeError:
+        return Flat.create(nbytes)

@@ -29,6 +29,7 @@ from _seen import error_seen, raised
 
 import aiostage
 from aiostage._channel import notes as wire
+from aiostage._channel.shm import Region
 from aiostage.errors import ClosedError, UsageError
 
 #: the publisher's timeout in ``frozen_mid_transfer``: how long it waits for the frozen rank
@@ -409,6 +410,42 @@ async def shared_memory_fallback(rank: int, world: int) -> dict[str, Any]:
     return {
         "delivered": [r.delivered for r in reports],
         "shared": [[r.deliveries[p].shared_memory for p in (1, 2)] for r in reports],
+    }
+
+
+async def shared_memory_unavailable(rank: int, world: int) -> dict[str, Any]:
+    """Rank 0 publishes versions 1-3 through shared memory, but torch's shared-memory manager
+    fails (as it does when it misses its 1 s answer on a loaded host) for the region version 2
+    would take: that version goes as plain frames and version 3 through shared memory again.
+    Rank 0 returns who got each version and how; rank 1 what it served."""
+    model = make_model(256)
+    if rank:
+        async with aiostage.WeightSubscriber(target=model, timeout=20) as sub:
+            served = await serve(sub, model, last=3)
+        return {"served": served, "version": request(model)}
+    made = 0
+    create = Region.create
+
+    def fails_once(nbytes: int) -> Region:
+        nonlocal made
+        made += 1
+        if made == 2:  # the second buffer the pool makes: version 2's (1's is still held)
+            raise RuntimeError("Shared memory manager connection has timed out")
+        return create(nbytes)
+
+    Region.create = fails_once  # type: ignore[method-assign]
+    reports = []
+    try:
+        async with aiostage.WeightPublisher(subscribers=[1], timeout=20, shared_memory=True) as pub:
+            await all_live(pub)
+            for v in (1, 2, 3):
+                set_version(model, v)
+                reports.append(await pub.publish(model.state_dict(), v))
+    finally:
+        Region.create = create  # type: ignore[method-assign]
+    return {
+        "delivered": [r.delivered for r in reports],
+        "shared": [r.deliveries[1].shared_memory for r in reports],
     }
 
 

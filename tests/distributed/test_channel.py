@@ -226,6 +226,18 @@ def test_a_subscriber_that_cannot_map_the_shared_memory_gets_frames_instead() ->
 
 
 @pytest.mark.timeout(90)
+def test_a_version_without_shared_memory_goes_as_plain_frames() -> None:
+    """torch's shared-memory manager failing for one region costs that version its fast
+    path, not the publish: it is delivered over gloo, and the next one shares memory again."""
+    pub, sub = run_world(workers.shared_memory_unavailable, 2, timeout=WORLD_TIMEOUT)
+    assert pub["delivered"] == [[1], [1], [1]], pub
+    assert pub["shared"] == [True, False, True], pub
+    assert_served(sub["served"], "rank 1")
+    assert sub["served"]["versions"][-1] == 3, sub
+    assert sub["version"] == [3.0], sub
+
+
+@pytest.mark.timeout(90)
 def test_nothing_outlives_a_subscriber_or_a_stager() -> None:
     """A WeightSubscriber and a ReplicationStager that really exchanges leave no task, no
     thread and no busy worker behind once closed (in-process objects: tests/test_ownership.py)."""
