@@ -19,7 +19,7 @@ import mmap
 import os
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -196,18 +196,25 @@ _RETIRED: list[Buffers] = []
 _RETIRED_LOCK = threading.Lock()
 
 
-def copy_chunks(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], chunk: int) -> None:
-    """Copy each ``src`` into ``dst`` in a worker thread, checking for cancellation per chunk."""
+def _pieces(sizes: Iterable[int], chunk: int) -> Iterator[tuple[int, int, int]]:
+    """``(item, start, end)`` of each piece of at most ``chunk`` bytes of items of ``sizes``
+    bytes, in order, checking for the worker's cancellation once per ``chunk`` handed out."""
     since_check = 0
-    for src, dst in pairs:
-        n = src.numel()
+    for k, n in enumerate(sizes):
         for a in range(0, n, chunk):
             if since_check >= chunk:
                 anyio.from_thread.check_cancelled()
                 since_check = 0
             b = min(a + chunk, n)
-            copy_bytes(src[a:b], dst[a:b])
+            yield k, a, b
             since_check += b - a
+
+
+def copy_chunks(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], chunk: int) -> None:
+    """Copy each ``src`` into ``dst`` in a worker thread, checking for cancellation per chunk."""
+    for k, a, b in _pieces([src.numel() for src, _ in pairs], chunk):
+        src, dst = pairs[k]
+        copy_bytes(src[a:b], dst[a:b])
 
 
 #: spans of at least this many bytes are copied by ``move_chunks`` where ``one_thread()``: torch
@@ -232,15 +239,9 @@ def move_chunks(moves: Sequence[tuple[int, int, int]], chunk: int) -> None:
     """Copy each (destination address, source address, bytes) of CPU memory in this thread with
     the GIL released (``ctypes.memmove``), checking for cancellation per ``chunk`` bytes; the
     caller keeps both memories alive."""
-    since_check = 0
-    for dst, src, n in moves:
-        for a in range(0, n, chunk):
-            if since_check >= chunk:
-                anyio.from_thread.check_cancelled()
-                since_check = 0
-            b = min(a + chunk, n)
-            ctypes.memmove(dst + a, src + a, b - a)
-            since_check += b - a
+    for k, a, b in _pieces([n for _, _, n in moves], chunk):
+        dst, src, _ = moves[k]
+        ctypes.memmove(dst + a, src + a, b - a)
 
 
 async def run_whole(func: Callable[..., _T], *args: Any) -> _T:
