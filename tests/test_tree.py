@@ -69,11 +69,16 @@ def test_views_rebuild_over_new_storages_with_mixed_dtypes() -> None:
     as_int = raw[4:].view(torch.int32)  # offset 1 in int32 elements
     tail = raw[61:]
     plan = plan_storages([as_int, tail])
-    copies = [src.clone() for src in plan.sources]  # type: ignore[no-untyped-call]
+    copies = [plan.source(s).clone() for s in range(len(plan.spans))]  # type: ignore[no-untyped-call]
     rebuilt = [view_tensor(v, copies) for v in plan.views]
     assert torch.equal(rebuilt[0], as_int)
     assert torch.equal(rebuilt[1], tail)
     assert rebuilt[0].untyped_storage().data_ptr() == rebuilt[1].untyped_storage().data_ptr()
+    flats = [torch.frombuffer(bytearray(c), dtype=torch.uint8) for c in copies]
+    over = [view_tensor(v, flats) for v in plan.views]  # tensors in place of storages
+    assert torch.equal(over[0], as_int)
+    assert torch.equal(over[1], tail)
+    assert over[0].untyped_storage().data_ptr() == flats[0].data_ptr()
 
 
 def test_layout_depends_only_on_span_sizes() -> None:

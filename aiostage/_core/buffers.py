@@ -64,9 +64,6 @@ class Buffers:
             self.settled = None
         return self.settled is None
 
-    def storages(self) -> list[torch.UntypedStorage]:
-        return [f.untyped_storage() for f in self.flats]
-
 
 def allocate(
     layout: Sequence[tuple[str, int]], share: bool, pin: bool, huge: bool, device: Any = None
@@ -110,14 +107,22 @@ def _arena(
         arena.madvise(mmap.MADV_HUGEPAGE)
     if pin and hasattr(mmap, "MADV_DONTFORK"):  # a fork()ed child's copy-on-write must never
         arena.madvise(mmap.MADV_DONTFORK)  # move a page the GPU writes to
+    # one memoryview for all: each span's storage starts at its offset of it (a memoryview per
+    # span would be one more object the collector walks per tensor of a state dict)
     view = memoryview(arena)
-    views = [view[o : o + n] for o, n in zip(offsets, sizes, strict=True)] + [view]
-    tensors = [torch.frombuffer(v, dtype=torch.uint8) for v in views]
+    flats = tuple(_span(view, o, n) for o, n in zip(offsets, sizes, strict=True))
+    whole = torch.frombuffer(view, dtype=torch.uint8)
     if pin:
-        whole = tensors[-1]
         cuda.REGISTERED.add(whole.data_ptr(), whole.nbytes, device)
-        _Unpin(arena, whole.data_ptr(), views)
-    return tuple(tensors[:-1]), tensors[-1]
+        _Unpin(arena, whole.data_ptr(), [view])
+    return flats, whole
+
+
+def _span(view: memoryview, offset: int, n: int) -> torch.Tensor:
+    """A uint8 tensor of its own storage over ``view[offset:offset + n]``."""
+    if n == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(view, dtype=torch.uint8, count=n, offset=offset)
 
 
 class _Unpin:

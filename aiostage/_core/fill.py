@@ -293,8 +293,8 @@ _SEALED_DATA = (_ADDRESS, _VERSIONS)
 
 def _plains(recipe: Recipe, buffers: Buffers) -> list[torch.Tensor]:
     """A plain tensor over ``buffers`` per view of ``recipe`` (``breathe`` between a few)."""
-    storages = buffers.storages()
-    return each(lambda v: view_tensor(v, storages), recipe.views)
+    flats = buffers.flats  # not their storages: a storage object made per span would live on
+    return each(lambda v: view_tensor(v, flats), recipe.views)
 
 
 def each(func: Callable[[Any], _R], items: Iterable[Any]) -> list[_R]:

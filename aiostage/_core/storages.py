@@ -72,10 +72,15 @@ class StoragePlan:
     bytes to copy (each shared storage once), ``layout``: the buffers it needs."""
 
     spans: tuple[Span, ...]
-    sources: tuple[torch.UntypedStorage, ...]
+    holders: tuple[torch.Tensor, ...]  # a tensor over each span's storage (``source``)
     views: tuple[View, ...]
     layout: Layout
     nbytes: int
+
+    def source(self, span: int) -> torch.UntypedStorage:
+        """The storage span ``span`` is part of. Asked only where needed: the object made for a
+        tensor's storage lives as long as the storage does, walked by every full collection."""
+        return self.holders[span].untyped_storage()
 
 
 def plan_storages(tensors: Sequence[torch.Tensor]) -> StoragePlan:
@@ -93,10 +98,10 @@ def plan_storages(tensors: Sequence[torch.Tensor]) -> StoragePlan:
         extents.append((lo, hi))
         if hi > lo:
             dev = t.device
-            key = (dev.type, dev.index, t.untyped_storage().data_ptr())
+            key = (dev.type, dev.index, t.data_ptr() - lo)  # its storage's address, no object
             groups.setdefault(key, []).append(i)
     spans: list[Span] = []
-    sources: list[torch.UntypedStorage] = []
+    holders: list[torch.Tensor] = []
     views: list[View | None] = [None] * len(tensors)
     for members in groups.values():
         breathe()
@@ -104,7 +109,7 @@ def plan_storages(tensors: Sequence[torch.Tensor]) -> StoragePlan:
         end = max(extents[i][1] for i in members)
         first = tensors[members[0]]
         spans.append(Span(first.device, start, end - start))
-        sources.append(first.untyped_storage())
+        holders.append(first)
         for i in members:
             t = tensors[i]
             views[i] = View(
@@ -121,7 +126,7 @@ def plan_storages(tensors: Sequence[torch.Tensor]) -> StoragePlan:
             views[i] = View(-1, 0, tuple(t.shape), tuple(t.stride()), t.dtype)
     layout = Layout((s.device.type, s.nbytes) for s in spans)
     done = tuple(v for v in views if v is not None)
-    return StoragePlan(tuple(spans), tuple(sources), done, layout, layout.nbytes)
+    return StoragePlan(tuple(spans), tuple(holders), done, layout, layout.nbytes)
 
 
 def _byte_extent(t: torch.Tensor) -> tuple[int, int]:
@@ -137,12 +142,16 @@ def _byte_extent(t: torch.Tensor) -> tuple[int, int]:
     return (start, start + (last + 1) * size)
 
 
-def view_tensor(view: View, storages: Sequence[torch.UntypedStorage]) -> torch.Tensor:
-    """Build the tensor ``view`` describes over ``storages[view.span]`` (a fresh empty if -1)."""
+def view_tensor(
+    view: View, storages: Sequence[torch.UntypedStorage | torch.Tensor]
+) -> torch.Tensor:
+    """Build the tensor ``view`` describes over ``storages[view.span]`` (a storage, or a tensor
+    whose storage it is; a fresh empty if -1)."""
     if view.span < 0:
         return torch.empty_strided(view.shape, view.stride, dtype=view.dtype)
-    out = torch.empty(0, dtype=view.dtype, device=storages[view.span].device)
-    return out.set_(storages[view.span], view.offset, view.shape, view.stride)
+    source: Any = storages[view.span]  # torch's stubs lack ``set_(Tensor, offset, size, stride)``
+    out = torch.empty(0, dtype=view.dtype, device=source.device)
+    return out.set_(source, view.offset, view.shape, view.stride)
 
 
 #: what a plan of a tensor depends on, each read by a C method (address and offset give the

@@ -180,7 +180,7 @@ def _span_entries(plan: StoragePlan, spans: list[int]) -> tuple[list[Entry], lis
     sources: list[Source] = []
     at = 0
     for s in spans:
-        data = source_bytes(plan.sources[s], plan.spans[s])
+        data = source_bytes(plan.source(s), plan.spans[s])
         size = round_up(data.numel(), _SPAN_PAD)
         entries.append(Entry(f"{_RESERVED}span/{s}", "U8", (size,), at, at + size))
         sources.append((data, size - data.numel()))
