@@ -45,9 +45,10 @@ from .tree import NO_DATA, TensorLeaf, Tree, flatten, unflatten, wrap_leaf
 
 __all__ = []
 
-#: the most tensors one ``_foreach_copy_`` call copies (a cancellation check between two; the
-#: call reads its lists of tensors holding the GIL, a fraction of a millisecond per thousand)
-_BATCH = 2048
+#: the most tensors one ``_foreach_copy_`` call copies (a cancellation check between two). The
+#: call reads its lists holding the GIL: a thread waiting for it (the event loop) was up to
+#: 0.34 ms late at 2048 tensors per call, 0.17 ms (its floor) at 512, for 5% more copy time
+_BATCH = 512
 #: staged tensors built between two looks at the clock (``breathe``)
 _STEP = 32
 _ATTRS = operator.attrgetter("__dict__")
