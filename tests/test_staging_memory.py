@@ -136,3 +136,17 @@ async def test_a_first_stage_makes_no_storage_or_memoryview_object_per_tensor() 
             staged["t5"].untyped_storage().data_ptr() != staged["t6"].untyped_storage().data_ptr()
         )
         stager.release(staged)
+
+
+async def test_a_save_makes_no_storage_object_for_the_callers_tensors(tmp_path: Path) -> None:
+    """Saving groups tensors by their storage's address read from the tensor: a storage object
+    made for each would stay as long as the caller's tensors, for every full collection to walk."""
+    sd = {f"t{i}": torch.randn(3) for i in range(3000)}
+    sd["view"] = sd["t7"][1:]  # shares a storage: still found to
+    before = _kinds(torch.UntypedStorage)
+    await aiostage.save(sd, tmp_path / "ckpt")
+    made = _kinds(torch.UntypedStorage) - before
+    assert made < 50, f"{made} storage objects for 3001 tensors"
+    back = await aiostage.load(tmp_path / "ckpt")
+    assert torch.equal(back["t2999"], sd["t2999"])
+    assert back["view"].untyped_storage().data_ptr() == back["t7"].untyped_storage().data_ptr()

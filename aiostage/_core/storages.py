@@ -129,6 +129,19 @@ def plan_storages(tensors: Sequence[torch.Tensor]) -> StoragePlan:
     return StoragePlan(tuple(spans), tuple(holders), done, layout, layout.nbytes)
 
 
+def storage_addresses(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """The address of each tensor's storage, from the tensor alone (C-level maps): asking for
+    ``untyped_storage()`` makes an object that lives as long as the storage's memory, which every
+    full collection then walks (one per tensor of a model, for the rest of its life)."""
+    ptrs = map(torch.Tensor.data_ptr, tensors)
+    offsets = map(
+        operator.mul,
+        map(torch.Tensor.storage_offset, tensors),
+        map(torch.Tensor.element_size, tensors),
+    )
+    return list(map(operator.sub, ptrs, offsets))
+
+
 def _byte_extent(t: torch.Tensor) -> tuple[int, int]:
     """The [start, end) bytes of ``t``'s storage that its elements touch (empty if no elements)."""
     n = int(t.numel())

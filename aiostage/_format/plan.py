@@ -19,7 +19,7 @@ import torch
 
 from .._core.buffers import source_bytes
 from .._core.dtypes import ST_DTYPES
-from .._core.storages import StoragePlan, View, plan_storages
+from .._core.storages import StoragePlan, View, plan_storages, storage_addresses
 from .._core.tree import TensorLeaf, Tree
 from .codec import Entry, Header, Record, Source, round_up
 from .placements import encode_placements, shard_box
@@ -144,7 +144,7 @@ def _alone(tensors: list[torch.Tensor]) -> list[bool]:
     """Which tensors are stored as themselves: a safetensors dtype, and no elements or alone in
     a contiguous storage. Gathered by ``map`` over C methods, no Python frame per tensor."""
     numels = list(map(torch.Tensor.numel, tensors))
-    ptrs = list(map(torch.UntypedStorage.data_ptr, map(torch.Tensor.untyped_storage, tensors)))
+    ptrs = storage_addresses(tensors)  # no storage object made per tensor
     users = Counter(p for p, n in zip(ptrs, numels, strict=True) if n)
     contiguous = map(torch.Tensor.is_contiguous, tensors)
     dtypes = map(_DTYPE, tensors)

@@ -42,7 +42,8 @@ def _apart(tensors: list[torch.Tensor]) -> dict[int, torch.Tensor]:
     groups: dict[int, list[int]] = {}
     for i, t in enumerate(tensors):
         if t.device.type == "cpu" and t.numel():
-            groups.setdefault(t.untyped_storage().data_ptr(), []).append(i)
+            at = t.data_ptr() - int(t.storage_offset()) * t.element_size()  # no storage object
+            groups.setdefault(at, []).append(i)
     out: dict[int, torch.Tensor] = {}
     for members in groups.values():
         if any(tensors[i].nbytes >= SMALL for i in members):
