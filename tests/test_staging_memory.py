@@ -150,3 +150,35 @@ async def test_a_save_makes_no_storage_object_for_the_callers_tensors(tmp_path: 
     back = await aiostage.load(tmp_path / "ckpt")
     assert torch.equal(back["t2999"], sd["t2999"])
     assert back["view"].untyped_storage().data_ptr() == back["t7"].untyped_storage().data_ptr()
+
+
+def _full_collections() -> int:
+    return int(gc.get_stats()[2]["collections"])
+
+
+async def test_reserve_runs_the_full_collection_a_new_plan_calls_for() -> None:
+    """A new plan's objects would tip the collector into a full collection during the first
+    training steps; ``reserve`` runs it itself, once per new plan, and never while the program
+    has automatic collection off."""
+    sd = {f"t{i}": torch.randn(3) for i in range(500)}
+    async with aiostage.DefaultStager(pool_size=1) as stager:
+        was = gc.isenabled()
+        gc.enable()
+        try:
+            before = _full_collections()
+            await stager.reserve(sd)
+            assert _full_collections() > before
+            gc.disable()
+            other = {f"u{i}": torch.randn(2) for i in range(500)}
+            before = _full_collections()
+            await stager.reserve(other)  # a new plan, but the program turned collection off
+            assert _full_collections() == before
+            assert not gc.isenabled()
+        finally:
+            if was:
+                gc.enable()
+            else:
+                gc.disable()
+        staged = await stager.stage(other)
+        assert torch.equal(staged["u499"], other["u499"])
+        stager.release(staged)
