@@ -39,6 +39,7 @@ from .storages import (
     plan_storages,
     read_all,
     stamp,
+    storage_address,
     view_tensor,
 )
 from .tree import NO_DATA, TensorLeaf, Tree, flatten, unflatten, wrap_leaf
@@ -387,11 +388,11 @@ class Fill:
         single = one_thread()
         for k, j in recipe.bytewise:
             span, flat = recipe.spans[k], self.buffers.flats[k]
-            source = datas[j].untyped_storage()
-            if single and span.device.type == "cpu":
-                moves.append((flat.data_ptr(), source.data_ptr() + span.start, span.nbytes))
+            if single and span.device.type == "cpu":  # by address: no storage object made
+                at = storage_address(datas[j]) + span.start
+                moves.append((flat.data_ptr(), at, span.nbytes))
                 continue
-            pair = (source_bytes(source, span), flat)
+            pair = (source_bytes(datas[j].untyped_storage(), span), flat)
             if self.cuda is not None and span.device.type == "cuda":
                 by_device.setdefault(span.device, []).append(pair)
             else:

@@ -129,10 +129,15 @@ def plan_storages(tensors: Sequence[torch.Tensor]) -> StoragePlan:
     return StoragePlan(tuple(spans), tuple(holders), done, layout, layout.nbytes)
 
 
+def storage_address(t: torch.Tensor) -> int:
+    """The address of ``t``'s storage, from the tensor alone: asking for ``untyped_storage()``
+    makes an object that lives as long as the storage's memory, which every full collection
+    then walks (one per tensor of a model, for the rest of its life)."""
+    return t.data_ptr() - int(t.storage_offset()) * t.element_size()
+
+
 def storage_addresses(tensors: Sequence[torch.Tensor]) -> list[int]:
-    """The address of each tensor's storage, from the tensor alone (C-level maps): asking for
-    ``untyped_storage()`` makes an object that lives as long as the storage's memory, which every
-    full collection then walks (one per tensor of a model, for the rest of its life)."""
+    """``storage_address`` of each tensor, by C-level maps (no Python frame per tensor)."""
     ptrs = map(torch.Tensor.data_ptr, tensors)
     offsets = map(
         operator.mul,

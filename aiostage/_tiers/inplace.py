@@ -11,6 +11,7 @@ from typing import Any
 import anyio.to_thread
 import torch
 
+from .._core.storages import storage_address
 from .._core.tree import flatten, unflatten
 from .._format.codec import Header
 from .._replication.frames import Planned, frame_leaves, plan_cpu_frame
@@ -42,8 +43,7 @@ def _apart(tensors: list[torch.Tensor]) -> dict[int, torch.Tensor]:
     groups: dict[int, list[int]] = {}
     for i, t in enumerate(tensors):
         if t.device.type == "cpu" and t.numel():
-            at = t.data_ptr() - int(t.storage_offset()) * t.element_size()  # no storage object
-            groups.setdefault(at, []).append(i)
+            groups.setdefault(storage_address(t), []).append(i)
     out: dict[int, torch.Tensor] = {}
     for members in groups.values():
         if any(tensors[i].nbytes >= SMALL for i in members):
