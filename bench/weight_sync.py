@@ -60,6 +60,10 @@ class Serving:
     stop: bool = False
 
     def request(self, x: torch.Tensor) -> None:
+        # one thread, as the rank set for itself: torch's thread count is per thread for MKL,
+        # and a worker left at the default keeps an OpenMP thread spinning (a whole core of
+        # this host) between requests, in whichever phase it happens to start
+        torch.set_num_threads(1)
         for w in self.weights:
             (x @ w[: x.shape[1]]).sum()
 
