@@ -192,12 +192,23 @@ def _run_figures(results: list[Results]) -> list[Figure]:
     ex, limit = med["aiostage exchange only (both ways)"], med[LIMIT]
     bare = med[f"aiostage exchange only (both ways){NO_SUMS}"]
     hashed = med[HASHED_LIMIT]
+    # on a host whose cores the transfer keeps busy, time follows CPU: both near the core count
+    cpu = {k: _summed(results, k) for k in (CPU_RAW, CPU_STAGE)}
+    busy_raw = cpu[CPU_RAW] / limit
+    busy_ours = cpu[CPU_STAGE] / med["aiostage stage: snapshot + exchange"]
     return [
         Figure("added loop lag: aiostage max lag - raw's, ms", lag, raw_lag, lag - raw_lag, 2, False, " ms"),
         Figure("raw limit / aiostage exchange (throughput), ms", 1e3 * ex, 1e3 * limit, limit / ex, 0.85),
         Figure("raw limit / aiostage exchange without checksums (what hashing costs), ms", 1e3 * bare, 1e3 * limit, limit / bare),
         Figure("raw limit with checksums / aiostage exchange (same integrity work), ms", 1e3 * ex, 1e3 * hashed, hashed / ex, 0.85),
+        Figure("CPU of both ranks: raw exchange's / aiostage stage's, ms", 1e3 * cpu[CPU_STAGE], 1e3 * cpu[CPU_RAW], cpu[CPU_RAW] / cpu[CPU_STAGE]),
+        Figure("cores busy (both ranks' CPU / wall): aiostage stage, raw exchange", busy_ours, busy_raw, busy_ours / busy_raw),
     ]  # fmt: skip
+
+
+def _summed(results: list[Results], key: str) -> float:
+    """The median over reps of ``key`` summed over the ranks (CPU seconds of every process)."""
+    return statistics.median(sum(v) for v in zip(*(r[key] for r in results), strict=True))
 
 
 def _worst_lags(runs: list[list[Figure]]) -> Ratio:

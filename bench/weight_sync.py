@@ -310,11 +310,23 @@ def _run_figures(results: list[dict[str, Any]]) -> list[Figure]:
     pub = med["aiostage publish (stage + send to both)"]
     both = med["raw copy + raw dist.broadcast of it"]
     ours, raw = _p99_ratios(results)
+    # on a host whose cores the transfer keeps busy, time follows CPU: both near the core count
+    cpu_raw, cpu_ours = (_all_ranks_cpu(results, phase) for phase in (CPU_PHASES[0], CPU_PHASES[2]))
+    installed = med["aiostage publish + install on both"]
+    busy_raw, busy_ours = cpu_raw / bcast, cpu_ours / installed
     return [
         Figure("raw broadcast / publish (throughput), ms", 1e3 * pub, 1e3 * bcast, bcast / pub, 0.85),
         Figure("(raw copy + raw broadcast) / publish (throughput), ms", 1e3 * pub, 1e3 * both, both / pub),
         Figure("serving p99/idle during an update / the raw broadcast's", ours, raw, ours / raw, 1.2, False),
+        Figure("raw broadcast / (publish + install on both), ms", 1e3 * installed, 1e3 * bcast, bcast / installed),
+        Figure("CPU of all ranks: raw broadcast's / publish + install's, s", cpu_ours, cpu_raw, cpu_raw / cpu_ours),
+        Figure("cores busy (all ranks' CPU / wall): publish + install, raw broadcast", busy_ours, busy_raw, busy_ours / busy_raw),
     ]  # fmt: skip
+
+
+def _all_ranks_cpu(results: list[dict[str, Any]], phase: str) -> float:
+    """The median over rounds of ``phase``'s CPU seconds summed over the ranks."""
+    return statistics.median(sum(v) for v in zip(*(r["cpu"][phase] for r in results), strict=True))
 
 
 def _ratios(
