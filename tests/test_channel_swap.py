@@ -9,6 +9,7 @@ import anyio
 import anyio.to_thread
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from aiostage._channel.install import Installer, Received
 from aiostage._core.completion import wait_until
@@ -132,6 +133,25 @@ async def test_copy_installs_into_the_targets_own_memory() -> None:
     assert a.data_ptr() == own
     assert torch.equal(a, torch.ones(4))
     assert torch.equal(c, torch.full((2, 3), 2.0))
+
+
+async def test_a_swap_lets_go_of_the_memory_it_replaced_and_nothing_else() -> None:
+    a, b = torch.zeros(1024), torch.zeros(16)
+    kept = b[4:8]  # the caller's own view of b's memory
+    replaced = StorageWeakRef(a.untyped_storage())
+    installer = Installer({"a": a, "b": b}, swap=True)
+    assert await installer.install(
+        await _received(1, {"a": torch.ones(1024), "b": torch.ones(16)}), {}
+    )
+    assert torch.equal(a, torch.ones(1024))
+    assert torch.equal(b, torch.ones(16))
+    assert replaced.expired()  # only the target viewed it: freed, nothing of ours keeps it
+    assert torch.equal(kept, torch.zeros(4))  # the caller's view keeps its memory and values
+    assert await installer.install(
+        await _received(2, {"a": torch.full((1024,), 2.0), "b": torch.full((16,), 2.0)}), {}
+    )
+    assert torch.equal(a, torch.full((1024,), 2.0))
+    assert torch.equal(kept, torch.zeros(4))
 
 
 @pytest.mark.parametrize("swap", [True, False], ids=["swap", "copy"])

@@ -160,14 +160,18 @@ class Installer:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._fill_spares, plan.devices, streams)
         self._changing = True
+        replaced: list[torch.Tensor] = []
         try:
             while self.readers:
                 await self._changed.wait()
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._change, plan, streams)
+                replaced = await anyio.to_thread.run_sync(self._change, plan, streams)
         finally:
             self._changing = False
             self._notify()
+        if replaced:  # once readers are back, and off the loop
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_let_go, replaced)
         return self.swap and bool(plan.here)
 
     def _plan(self, received: Received) -> _Plan:
@@ -205,19 +209,32 @@ class Installer:
 
         self._streams.ordered({d.device for d, _ in pairs}, streams, fill)
 
-    def _change(self, plan: _Plan, streams: Mapping[torch.device, list[Any]]) -> None:
-        """Re-point (swap) or copy every target tensor (worker thread, no reader open)."""
+    def _change(self, plan: _Plan, streams: Mapping[torch.device, list[Any]]) -> list[torch.Tensor]:
+        """Re-point (swap) or copy every target tensor (worker thread, no reader open); the
+        aliases of the memory the CPU targets viewed before a swap, for ``_let_go``."""
         with torch.no_grad():
             if not self.swap:
                 devices = {d.device for d, _ in plan.here if d.device.type != "cpu"}
                 self._streams.ordered(devices, streams, lambda: _copy(plan.here))
-                return
+                return []
+            replaced = [dst.data for dst, _ in plan.here]  # keeps that memory until _let_go
             for dst, src in plan.here:
                 dst.data = src
             for dst, _ in plan.devices:
                 spare = self._spares[id(dst)]
                 self._spares[id(dst)] = dst.data
                 dst.data = spare
+            return replaced
+
+
+def _let_go(replaced: list[torch.Tensor]) -> None:
+    """Drop our aliases of the memory a swap replaced (worker thread). Where they are its last
+    references (the target's own tensors, at the first install), torch frees it inside ``set_``,
+    which releases the GIL: dropped by ``tensor.data =`` instead, a 1 GiB target was freed with
+    the GIL held, stalling the loop and the requests of that first update. A tensor the caller
+    kept of that memory is another alias: it keeps its memory and its values."""
+    for t in replaced:
+        t.set_(torch.empty(0, dtype=torch.uint8, device=t.device).untyped_storage())
 
 
 def _copy(pairs: Pairs) -> None:
