@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -158,6 +160,21 @@ async def test_a_region_too_small_makes_room() -> None:
         assert _same(_received(big), _state(3, n=4096))
         fits = await snaps.stage(_state(4, n=8), 4, 4)  # the small region left is reused
         assert fits.region is small[1].region
+    finally:
+        await snaps.aclose()
+
+
+async def test_a_buffer_too_small_is_freed_off_the_loop() -> None:
+    snaps, freed_in = Snapshots(shared=False), []
+    try:
+        small = [await snaps.stage(_state(i, n=8), i, i) for i in (1, 2)]
+        for s in small:
+            snaps.release(s)
+        weakref.finalize(small[0].flat, lambda: freed_in.append(threading.current_thread()))
+        del small, s
+        await snaps.stage(_state(3, n=4096), 3, 3)
+        assert len(freed_in) == 1
+        assert freed_in[0] is not threading.current_thread()  # not on the loop
     finally:
         await snaps.aclose()
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 import tracemalloc
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -402,3 +404,19 @@ async def test_replica_writes_persist_and_report_a_digest_mismatch(tmp_path: Pat
         await writes.check()
     assert (caught.value.peer, caught.value.phase) == (1, "verify")
     assert torch.equal((await aiostage.load(tmp_path / "replica"))["w"], torch.arange(8.0))
+
+
+async def test_a_receive_buffer_of_another_size_is_freed_off_the_loop() -> None:
+    from aiostage._replication.receive import ReceiveBuffers
+
+    buffers, freed_in = ReceiveBuffers(), []
+    first = await buffers.get(1 << 20, "receiving")
+    weakref.finalize(first, lambda: freed_in.append(threading.current_thread()))
+    second = await buffers.get(2 << 20, "receiving")
+    buffers.drop(first, "receiving")
+    buffers.drop(second, "receiving")
+    del first
+    third = await buffers.get(3 << 20, "receiving")  # two kept and idle: the older one goes
+    assert third.numel() == 3 << 20
+    assert len(freed_in) == 1
+    assert freed_in[0] is not threading.current_thread()  # not on the loop: unmapping takes time

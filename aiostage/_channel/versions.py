@@ -23,7 +23,7 @@ import anyio.lowlevel
 import anyio.to_thread
 import torch
 
-from .._core.buffers import allocate
+from .._core.buffers import allocate, let_go
 from .._format.codec import Header, Source
 from .._replication.frames import NeedsStaging, frame_sources, plan_cpu_frame, plan_frame
 from .._staging import DefaultStager, StagingOptions
@@ -200,8 +200,12 @@ class Snapshots:
                 fit.busy = True
                 await anyio.lowlevel.checkpoint()
                 return fit
-            if len(self.regions) >= 2 and idle:
-                self.regions.remove(idle[0])  # too small: make room
+            if len(self.regions) >= 2 and idle:  # too small: make room, freed off the loop
+                doomed: list[Any] = [idle.pop(0)]
+                idle.clear()
+                self.regions.remove(doomed[0])
+                await let_go(doomed)
+                continue
             if len(self.regions) < 2:
                 made = await anyio.to_thread.run_sync(create, nbytes)
                 self.regions.append(made)

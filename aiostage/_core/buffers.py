@@ -175,6 +175,14 @@ def free(doomed: list[Buffers]) -> None:
     doomed.clear()
 
 
+async def let_go(doomed: list[Any]) -> None:
+    """Drop ``doomed`` (emptied: the caller's only references to large buffers) in a worker
+    thread, shielded: the last reference frees the memory (unmapping a GiB takes ~0.1-0.2 s),
+    which must not run on the loop."""
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(doomed.clear)
+
+
 def retire(buffers: Buffers) -> None:
     """Keep ``buffers``, whose copies may still be running, until they are ``ready``."""
     with _RETIRED_LOCK:

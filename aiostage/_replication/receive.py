@@ -8,7 +8,7 @@ import anyio.lowlevel
 import anyio.to_thread
 import torch
 
-from .._core.buffers import allocate
+from .._core.buffers import allocate, let_go
 
 __all__ = ["Hold", "ReceiveBuffers"]
 
@@ -41,8 +41,8 @@ class ReceiveBuffers:
                 await anyio.lowlevel.checkpoint()
                 return data
         idle = [i for i, (_, why) in enumerate(self.held) if not why]
-        if len(self.held) >= _KEEP and idle:
-            del self.held[idle[0]]
+        if len(self.held) >= _KEEP and idle:  # another size: its memory goes, off the loop
+            await let_go([self.held.pop(idle[0])[0]])
         flats = (await anyio.to_thread.run_sync(allocate, (("cpu", n),), False, False, True)).flats
         self.allocations += 1
         self.held.append((flats[0], {reason}))
