@@ -348,9 +348,7 @@ def _cpu_rows(results: list[dict[str, Any]]) -> list[list[Any]]:
     rows = []
     for phase in CPU_PHASES:
         each = [statistics.median(r["cpu"][phase]) for r in results]
-        total = statistics.median(
-            sum(v) for v in zip(*(r["cpu"][phase] for r in results), strict=True)
-        )
+        total = _all_ranks_cpu(results, phase)
         rows.append([phase, *(f"{x:.3f}" for x in each), f"{total:.3f}"])
     return rows
 

@@ -201,7 +201,7 @@ class Snapshots:
                 await anyio.lowlevel.checkpoint()
                 return fit
             if len(self.regions) >= 2 and idle:  # too small: make room, freed off the loop
-                doomed: list[Any] = [idle.pop(0)]
+                doomed: list[Any] = [idle[0]]
                 idle.clear()
                 self.regions.remove(doomed[0])
                 await let_go(doomed)
